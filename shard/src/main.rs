@@ -1,0 +1,2 @@
+//! `tessera-shard`: the shard process entry point.
+fn main() {}
