@@ -1,1 +1,6 @@
 //! Model files shared by router and shard: GGUF containers, tokenizers (HF folder or GGUF), chat templates.
+
+pub mod error;
+pub mod gguf;
+
+pub use error::{Error, Result};

@@ -1,0 +1,173 @@
+//! Dequantization of ggml blocks to f32, following ggml-quants.c `dequantize_row_*` exactly
+//! (same operation order, so results are bit-identical to ggml and gguf-py).
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use super::types::GgmlType;
+
+/// Blocks handed to one rayon task: big enough to amortize scheduling, small enough to balance.
+const BLOCKS_PER_TASK: usize = 1024;
+
+type BlockFn = fn(&[u8], &mut [f32]);
+
+/// Dequantizes `data` (whole blocks of `ty`) into `n` f32 values.
+/// Errors (as a message) for a type without a dequantizer or a size mismatch.
+pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, String> {
+    let f = block_fn(ty).ok_or_else(|| format!("dequantizing ggml type {ty} is not supported"))?;
+    let l = ty.layout();
+    if n % l.block_elems != 0 || data.len() != n / l.block_elems * l.block_bytes {
+        return Err(format!(
+            "{} bytes of {ty} do not hold {n} elements",
+            data.len()
+        ));
+    }
+    let mut out = vec![0f32; n];
+    data.par_chunks(l.block_bytes * BLOCKS_PER_TASK)
+        .zip(out.par_chunks_mut(l.block_elems * BLOCKS_PER_TASK))
+        .for_each(|(src, dst)| {
+            for (b, o) in src.chunks_exact(l.block_bytes).zip(dst.chunks_exact_mut(l.block_elems)) {
+                f(b, o);
+            }
+        });
+    Ok(out)
+}
+
+/// Whether [`dequantize`] handles `ty`.
+pub fn can_dequantize(ty: GgmlType) -> bool {
+    block_fn(ty).is_some()
+}
+
+fn block_fn(ty: GgmlType) -> Option<BlockFn> {
+    Some(match ty {
+        GgmlType::F32 => |b, o| o[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        GgmlType::F16 => |b, o| o[0] = half_at(b, 0),
+        GgmlType::BF16 => |b, o| o[0] = bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+        GgmlType::Q8_0 => q8_0,
+        GgmlType::Q4_0 => q4_0,
+        GgmlType::Q4_1 => q4_1,
+        GgmlType::Q4_K => q4_k,
+        GgmlType::Q6_K => q6_k,
+        _ => return None,
+    })
+}
+
+/// The f16 stored little-endian at `b[at..at + 2]`, widened.
+fn half_at(b: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+/// block_q8_0 { f16 d; i8 qs[32]; }
+fn q8_0(b: &[u8], o: &mut [f32]) {
+    let d = half_at(b, 0);
+    for (y, &q) in o.iter_mut().zip(&b[2..34]) {
+        *y = (q as i8) as f32 * d;
+    }
+}
+
+/// block_q4_0 { f16 d; u8 qs[16]; }: low nibbles are elements 0..16, high nibbles 16..32.
+fn q4_0(b: &[u8], o: &mut [f32]) {
+    let d = half_at(b, 0);
+    for (j, &q) in b[2..18].iter().enumerate() {
+        o[j] = ((q & 0x0F) as i32 - 8) as f32 * d;
+        o[j + 16] = ((q >> 4) as i32 - 8) as f32 * d;
+    }
+}
+
+/// block_q4_1 { f16 d; f16 m; u8 qs[16]; }
+fn q4_1(b: &[u8], o: &mut [f32]) {
+    let d = half_at(b, 0);
+    let m = half_at(b, 2);
+    for (j, &q) in b[4..20].iter().enumerate() {
+        o[j] = (q & 0x0F) as f32 * d + m;
+        o[j + 16] = (q >> 4) as f32 * d + m;
+    }
+}
+
+/// The 6-bit scale and min of sub-block `j` packed in Q4_K/Q5_K's 12 scale bytes.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// block_q4_K { f16 d; f16 dmin; u8 scales[12]; u8 qs[128]; } — 8 sub-blocks of 32.
+fn q4_k(b: &[u8], o: &mut [f32]) {
+    let d = half_at(b, 0);
+    let min = half_at(b, 2);
+    let scales = &b[4..16];
+    let qs = &b[16..144];
+    for (chunk, (q, y)) in qs.chunks_exact(32).zip(o.chunks_exact_mut(64)).enumerate() {
+        let (sc1, m1) = scale_min_k4(2 * chunk, scales);
+        let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
+        let (d1, m1) = (d * sc1 as f32, min * m1 as f32);
+        let (d2, m2) = (d * sc2 as f32, min * m2 as f32);
+        for l in 0..32 {
+            y[l] = d1 * (q[l] & 0x0F) as f32 - m1;
+            y[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
+        }
+    }
+}
+
+/// block_q6_K { u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d; } — two halves of 128.
+fn q6_k(b: &[u8], o: &mut [f32]) {
+    let d = half_at(b, 208);
+    for half in 0..2 {
+        let ql = &b[64 * half..64 * half + 64];
+        let qh = &b[128 + 32 * half..128 + 32 * half + 32];
+        let sc = &b[192 + 8 * half..192 + 8 * half + 8];
+        let y = &mut o[128 * half..128 * half + 128];
+        for l in 0..32 {
+            let is = l / 16;
+            let q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i32 - 32;
+            let q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+            y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+            y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+            y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+            y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_0_block() {
+        let mut b = vec![0u8; 34];
+        b[..2].copy_from_slice(&f16::from_f32(0.5).to_bits().to_le_bytes());
+        for i in 0..32 {
+            b[2 + i] = (i as i8 - 16) as u8;
+        }
+        let v = dequantize(GgmlType::Q8_0, &b, 32).unwrap();
+        assert_eq!(v[0], -8.0);
+        assert_eq!(v[31], 7.5);
+    }
+
+    #[test]
+    fn q4_1_block_nibble_order() {
+        let mut b = vec![0u8; 20];
+        b[..2].copy_from_slice(&f16::from_f32(2.0).to_bits().to_le_bytes());
+        b[2..4].copy_from_slice(&f16::from_f32(1.0).to_bits().to_le_bytes());
+        b[4] = 0x3A; // element 0 = 0xA, element 16 = 0x3
+        let v = dequantize(GgmlType::Q4_1, &b, 32).unwrap();
+        assert_eq!((v[0], v[16], v[1]), (21.0, 7.0, 1.0));
+    }
+
+    #[test]
+    fn unsupported_and_mismatched_sizes_are_errors() {
+        assert!(dequantize(GgmlType::Q5_K, &[0u8; 176], 256)
+            .unwrap_err()
+            .contains("Q5_K"));
+        assert!(dequantize(GgmlType::Q8_0, &[0u8; 33], 32).is_err());
+        assert!(!can_dequantize(GgmlType::IQ2_XXS));
+    }
+}
