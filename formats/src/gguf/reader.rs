@@ -74,7 +74,7 @@ impl<'a> Reader<'a> {
         let fits = (n as u128) * (min_item_bytes as u128) <= self.remaining() as u128;
         if !fits {
             return Err(self.err(format!(
-                "{what} is {n} at offset {}, more than the {} bytes left can hold",
+                "{what} is {n} at offset {}, more than the {} bytes left in the file can hold (truncated or corrupt)",
                 self.pos - 8,
                 self.remaining()
             )));

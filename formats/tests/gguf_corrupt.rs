@@ -1,0 +1,224 @@
+//! Corrupt GGUF files, written by code into a temp dir: each must give an Error naming the file
+//! and the problem, never a panic.
+
+use std::path::{Path, PathBuf};
+
+use tessera_formats::gguf::{GgmlType, Gguf};
+use tessera_formats::Error;
+
+/// A minimal GGUF writer for building valid and deliberately broken files.
+#[derive(Default)]
+struct Builder {
+    kv: Vec<u8>,
+    n_kv: u64,
+    infos: Vec<u8>,
+    n_tensors: u64,
+    data: Vec<u8>,
+}
+
+fn put_str(buf: &mut Vec<u8>, s: &str) {
+    buf.extend((s.len() as u64).to_le_bytes());
+    buf.extend(s.as_bytes());
+}
+
+impl Builder {
+    fn kv_u32(mut self, key: &str, v: u32) -> Self {
+        put_str(&mut self.kv, key);
+        self.kv.extend(4u32.to_le_bytes());
+        self.kv.extend(v.to_le_bytes());
+        self.n_kv += 1;
+        self
+    }
+
+    fn kv_str(mut self, key: &str, v: &str) -> Self {
+        put_str(&mut self.kv, key);
+        self.kv.extend(8u32.to_le_bytes());
+        put_str(&mut self.kv, v);
+        self.n_kv += 1;
+        self
+    }
+
+    fn kv_raw(mut self, key: &str, ty: u32, raw: &[u8]) -> Self {
+        put_str(&mut self.kv, key);
+        self.kv.extend(ty.to_le_bytes());
+        self.kv.extend(raw);
+        self.n_kv += 1;
+        self
+    }
+
+    /// A tensor header with raw type id and offset; data is appended separately.
+    fn tensor(mut self, name: &str, dims: &[u64], ty: u32, offset: u64) -> Self {
+        put_str(&mut self.infos, name);
+        self.infos.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            self.infos.extend(d.to_le_bytes());
+        }
+        self.infos.extend(ty.to_le_bytes());
+        self.infos.extend(offset.to_le_bytes());
+        self.n_tensors += 1;
+        self
+    }
+
+    fn data(mut self, bytes: &[u8]) -> Self {
+        self.data.extend(bytes);
+        self
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut out = b"GGUF".to_vec();
+        out.extend(3u32.to_le_bytes());
+        out.extend(self.n_tensors.to_le_bytes());
+        out.extend(self.n_kv.to_le_bytes());
+        out.extend(&self.kv);
+        out.extend(&self.infos);
+        while out.len() % 32 != 0 {
+            out.push(0);
+        }
+        out.extend(&self.data);
+        out
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// A valid file: one string key and a 2x3 f32 tensor.
+fn valid() -> Builder {
+    Builder::default()
+        .kv_str("general.architecture", "llama")
+        .tensor("w", &[3, 2], 0, 0)
+        .data(&f32_bytes(&[1., 2., 3., 4., 5., 6.]))
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// Opens the file expecting an error that names the file and contains `needle`.
+fn expect_err(path: &Path, needle: &str) -> Error {
+    let e = Gguf::open(path).expect_err("corrupt file must not open");
+    let msg = e.to_string();
+    assert!(msg.contains(&*path.to_string_lossy()), "error does not name the file: {msg}");
+    assert!(msg.contains(needle), "error {msg:?} does not mention {needle:?}");
+    e
+}
+
+#[test]
+fn valid_file_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "ok.gguf", &valid().kv_u32("n", 7).bytes());
+    let g = Gguf::open(&p).unwrap();
+    assert_eq!(g.get_str("general.architecture"), Some("llama"));
+    assert_eq!(g.get_u64("n"), Some(7));
+    assert_eq!(g.tensors()[0].ggml_type, GgmlType::F32);
+    let (shape, v) = g.tensor_f32("w").unwrap();
+    assert_eq!(shape, vec![2, 3]);
+    assert_eq!(v, vec![1., 2., 3., 4., 5., 6.]);
+}
+
+#[test]
+fn truncated_anywhere_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = valid().kv_u32("n", 7).bytes();
+    for len in 0..full.len() {
+        let p = write(dir.path(), "cut.gguf", &full[..len]);
+        let e = Gguf::open(&p).expect_err("truncated file must not open");
+        assert!(e.to_string().contains("cut.gguf"), "{e}");
+    }
+    expect_err(&write(dir.path(), "t.gguf", &full[..20]), "truncated");
+}
+
+#[test]
+fn bad_magic_and_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = valid().bytes();
+    b[..4].copy_from_slice(b"GGML");
+    expect_err(&write(dir.path(), "magic.gguf", &b), "bad magic");
+    let mut b = valid().bytes();
+    b[4..8].copy_from_slice(&9u32.to_le_bytes());
+    expect_err(&write(dir.path(), "ver.gguf", &b), "unsupported version 9");
+}
+
+#[test]
+fn tensor_offset_past_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Builder::default().tensor("w", &[3, 2], 0, 1 << 20).data(&[0; 24]).bytes();
+    expect_err(&write(dir.path(), "off.gguf", &b), "runs past the end");
+    let b = Builder::default().tensor("w", &[3, 2], 0, u64::MAX - 31).data(&[0; 24]).bytes();
+    expect_err(&write(dir.path(), "wrap.gguf", &b), "runs past the end");
+    let b = Builder::default().tensor("w", &[3, 2], 0, 8).data(&[0; 64]).bytes();
+    expect_err(&write(dir.path(), "misaligned.gguf", &b), "not a multiple of the alignment");
+    let b = Builder::default().tensor("w", &[u64::MAX, 2], 0, 0).bytes();
+    expect_err(&write(dir.path(), "huge.gguf", &b), "overflow");
+}
+
+#[test]
+fn string_length_past_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut raw = (1u64 << 40).to_le_bytes().to_vec();
+    raw.extend(b"abc");
+    let b = Builder::default().kv_raw("k", 8, &raw).bytes();
+    expect_err(&write(dir.path(), "str.gguf", &b), "runs past the end");
+}
+
+#[test]
+fn absurd_counts_do_not_allocate() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = valid().bytes();
+    b[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    expect_err(&write(dir.path(), "nt.gguf", &b), "tensor count");
+    let mut b = valid().bytes();
+    b[16..24].copy_from_slice(&(1u64 << 62).to_le_bytes());
+    expect_err(&write(dir.path(), "nkv.gguf", &b), "metadata key/value count");
+    // An array of 2^60 u32 claimed in a tiny file.
+    let mut raw = 4u32.to_le_bytes().to_vec();
+    raw.extend((1u64 << 60).to_le_bytes());
+    let b = Builder::default().kv_raw("arr", 9, &raw).bytes();
+    expect_err(&write(dir.path(), "arr.gguf", &b), "array length");
+}
+
+#[test]
+fn unknown_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Builder::default().tensor("w", &[32], 99, 0).data(&[0; 64]).bytes();
+    expect_err(&write(dir.path(), "ty.gguf", &b), "unknown ggml type 99");
+    let b = Builder::default().kv_raw("k", 42, &[0; 8]).bytes();
+    expect_err(&write(dir.path(), "vt.gguf", &b), "unknown value type 42");
+}
+
+#[test]
+fn unsupported_dequantization_names_tensor_and_type() {
+    let dir = tempfile::tempdir().unwrap();
+    // One Q5_K block (id 13, 256 elements in 176 bytes): readable raw, not dequantizable here.
+    let b = Builder::default().tensor("q5", &[256], 13, 0).data(&[0; 176]).bytes();
+    let p = write(dir.path(), "q5k.gguf", &b);
+    let g = Gguf::open(&p).unwrap();
+    assert_eq!(g.tensor_data("q5").unwrap().len(), 176);
+    let msg = g.tensor_f32("q5").unwrap_err().to_string();
+    assert!(msg.contains("q5k.gguf") && msg.contains("'q5'") && msg.contains("Q5_K"), "{msg}");
+}
+
+#[test]
+fn missing_tensor_and_bad_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "ok.gguf", &valid().bytes());
+    let g = Gguf::open(&p).unwrap();
+    let msg = g.tensor_data("absent").unwrap_err().to_string();
+    assert!(msg.contains("ok.gguf") && msg.contains("absent"), "{msg}");
+    // Q8_0 rows must be whole 32-element blocks.
+    let b = Builder::default().tensor("w", &[30], 8, 0).data(&[0; 64]).bytes();
+    expect_err(&write(dir.path(), "blk.gguf", &b), "block size");
+    let b = Builder::default().tensor("w", &[1, 1, 1, 1, 1], 0, 0).data(&[0; 4]).bytes();
+    expect_err(&write(dir.path(), "dims.gguf", &b), "5 dimensions");
+    let b = valid().kv_u32("general.alignment", 3).bytes();
+    expect_err(&write(dir.path(), "align.gguf", &b), "general.alignment");
+}
+
+#[test]
+fn missing_file_names_the_path() {
+    let msg = Gguf::open(Path::new("/nonexistent/x.gguf")).unwrap_err().to_string();
+    assert!(msg.contains("/nonexistent/x.gguf"), "{msg}");
+}
