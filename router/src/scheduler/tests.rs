@@ -1,0 +1,351 @@
+//! Scheduler unit tests driven by a fabricated shard: budgets, chunking, prefix reuse, eviction,
+//! filter/clear, cancellation, failures and long generations.
+
+use super::*;
+use std::collections::BTreeMap;
+use tessera_proto::v3::{self, GeneratedText, Tokens};
+
+/// A stand-in for the shards' batch bookkeeping: what a TGI-compatible shard answers, without a model.
+#[derive(Default)]
+struct FakeShard {
+    batches: BTreeMap<u64, Vec<Seq>>,
+    /// Prompt tokens the shard computes per forward when continuing a chunked prefill.
+    chunk: u32,
+}
+
+#[derive(Clone)]
+struct Seq {
+    id: u64,
+    to_prefill: u32,
+    generated: u32,
+    max_new: u32,
+}
+
+impl FakeShard {
+    fn run(&mut self, step: &Step) -> Outcome {
+        match step {
+            Step::Prefill { batch, cached, .. } => {
+                let mut seqs = cached.as_ref().map(|c| self.batches.remove(&c.id).unwrap()).unwrap_or_default();
+                let fresh: Vec<Seq> = batch
+                    .requests
+                    .iter()
+                    .map(|r| Seq {
+                        id: r.id,
+                        to_prefill: r.inputs.len() as u32 - r.cache_len,
+                        generated: 0,
+                        max_new: r.stopping_parameters.as_ref().unwrap().max_new_tokens,
+                    })
+                    .collect();
+                let chunks: HashMap<u64, u32> =
+                    batch.requests.iter().filter_map(|r| r.chunk_len.map(|c| (r.id, c))).collect();
+                seqs.extend(fresh);
+                self.forward(batch.id, seqs, &chunks)
+            }
+            Step::Decode { batches } => {
+                let seqs = batches.iter().flat_map(|b| self.batches.remove(&b.id).unwrap()).collect();
+                self.forward(batches[0].id, seqs, &HashMap::new())
+            }
+            Step::Filter { batch_id, request_ids } => {
+                let mut seqs = self.batches.remove(batch_id).unwrap();
+                seqs.retain(|s| request_ids.contains(&s.id));
+                let cached = Self::cached(*batch_id, &seqs);
+                self.batches.insert(*batch_id, seqs);
+                Outcome::Filtered(Some(cached))
+            }
+            Step::Clear { batch_id } => {
+                self.batches.remove(batch_id);
+                Outcome::Cleared
+            }
+        }
+    }
+
+    fn forward(&mut self, id: u64, mut seqs: Vec<Seq>, chunks: &HashMap<u64, u32>) -> Outcome {
+        let mut generations = Vec::new();
+        for seq in seqs.iter_mut().filter(|s| s.generated < s.max_new) {
+            if seq.to_prefill > 0 {
+                let step = chunks.get(&seq.id).copied().unwrap_or(if self.chunk > 0 { self.chunk } else { u32::MAX });
+                seq.to_prefill = seq.to_prefill.saturating_sub(step);
+                if seq.to_prefill > 0 {
+                    continue;
+                }
+            }
+            seq.generated += 1;
+            let done = seq.generated == seq.max_new;
+            generations.push(Generation {
+                request_id: seq.id,
+                tokens: Some(Tokens { ids: vec![7], logprobs: vec![-0.5], texts: vec!["x".into()], is_special: vec![false] }),
+                generated_text: done.then(|| GeneratedText {
+                    text: "x".repeat(seq.generated as usize),
+                    generated_tokens: seq.generated,
+                    finish_reason: v3::FinishReason::Length as i32,
+                    seed: None,
+                }),
+                ..Default::default()
+            });
+        }
+        if seqs.iter().all(|s| s.generated == s.max_new) {
+            return Outcome::Forward { generations, batch: None };
+        }
+        let cached = Self::cached(id, &seqs);
+        self.batches.insert(id, seqs);
+        Outcome::Forward { generations, batch: Some(cached) }
+    }
+
+    fn cached(id: u64, seqs: &[Seq]) -> CachedBatch {
+        let current = seqs.iter().filter(|s| s.generated < s.max_new).map(|s| if s.to_prefill > 0 { s.to_prefill } else { 1 });
+        CachedBatch {
+            id,
+            request_ids: seqs.iter().map(|s| s.id).collect(),
+            size: seqs.len() as u32,
+            max_tokens: 0,
+            current_tokens: current.sum(),
+        }
+    }
+}
+
+fn config(chunking: bool) -> SchedulerConfig {
+    SchedulerConfig {
+        block_size: 4,
+        num_blocks: 64,
+        max_batch_prefill_tokens: 16,
+        max_batch_size: None,
+        support_chunking: chunking,
+        prefix_caching: true,
+        speculate: 0,
+        waiting_served_ratio: 0.0,
+        max_waiting_tokens: 20,
+    }
+}
+
+/// A request whose prompt ids are `prompt`; `inputs` carries one char per token so the fake shard
+/// knows the prompt length.
+fn request(id: u64, prompt: &[u32], max_new: u32) -> NewRequest {
+    NewRequest {
+        id: RequestId(id),
+        input_ids: prompt.to_vec(),
+        max_new_tokens: max_new,
+        prefill_logprobs: false,
+        request: v3::Request {
+            id,
+            inputs: "p".repeat(prompt.len()),
+            stopping_parameters: Some(v3::StoppingCriteriaParameters { max_new_tokens: max_new, ..Default::default() }),
+            ..Default::default()
+        },
+    }
+}
+
+/// Run steps until idle; returns every step and event.
+fn drive(s: &mut Scheduler, shard: &mut FakeShard) -> (Vec<Step>, Vec<Event>) {
+    let (mut steps, mut events) = (Vec::new(), Vec::new());
+    while let Some(step) = s.schedule(Instant::now()) {
+        let outcome = shard.run(&step);
+        events.extend(s.update(outcome));
+        steps.push(step);
+        assert!(steps.len() < 10_000, "scheduler does not converge");
+    }
+    (steps, events)
+}
+
+fn finished(events: &[Event]) -> Vec<u64> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Generation(g) if g.generated_text.is_some() => Some(g.request_id),
+            _ => None,
+        })
+        .collect()
+}
+
+fn prompt(start: u32, len: u32) -> Vec<u32> {
+    (start..start + len).collect()
+}
+
+#[test]
+fn chunking_merges_new_prefills_and_chunks_the_last_one_to_the_budget() {
+    let mut s = Scheduler::new(config(true));
+    let now = Instant::now();
+    for id in 0..3 {
+        s.enqueue(request(id, &prompt(100 * id as u32, 6), 3), now);
+    }
+    let Some(Step::Prefill { batch, cached: None, admitted }) = s.schedule(now) else { panic!("prefill") };
+    assert_eq!(admitted.len(), 3);
+    let chunks: Vec<Option<u32>> = batch.requests.iter().map(|r| r.chunk_len).collect();
+    assert_eq!(chunks, vec![None, None, Some(4)], "6 + 6 + 4 = the 16-token budget");
+    let mut shard = FakeShard { chunk: 16, ..Default::default() };
+    let outcome = shard.run(&Step::Prefill { batch, cached: None, admitted });
+    s.update(outcome);
+    let (_, events) = drive(&mut s, &mut shard);
+    let mut done = finished(&events);
+    done.sort();
+    assert_eq!(done, vec![0, 1, 2]);
+    assert_eq!(s.stats().running, 0);
+}
+
+#[test]
+fn new_requests_join_the_running_batch_in_one_forward() {
+    let mut s = Scheduler::new(config(true));
+    let mut shard = FakeShard::default();
+    s.enqueue(request(0, &prompt(0, 4), 10), Instant::now());
+    let step = s.schedule(Instant::now()).unwrap();
+    s.update(shard.run(&step));
+    s.enqueue(request(1, &prompt(50, 4), 2), Instant::now());
+    let Some(Step::Prefill { cached: Some(cached), .. }) = s.schedule(Instant::now()) else { panic!("merged prefill") };
+    assert_eq!(cached.request_ids, vec![0]);
+}
+
+#[test]
+fn non_chunking_prefills_separately_then_decodes_both_batches() {
+    let mut s = Scheduler::new(config(false));
+    let mut shard = FakeShard::default();
+    s.enqueue(request(0, &prompt(0, 10), 5), Instant::now());
+    s.enqueue(request(1, &prompt(50, 10), 5), Instant::now());
+    let Some(Step::Prefill { batch, .. }) = s.schedule(Instant::now()) else { panic!() };
+    assert_eq!(batch.requests.len(), 1, "the second prompt exceeds the remaining budget");
+    let step = Step::Prefill { batch, cached: None, admitted: vec![] };
+    s.update(shard.run(&step));
+    let step = s.schedule(Instant::now()).unwrap();
+    assert!(matches!(step, Step::Prefill { cached: None, .. }));
+    s.update(shard.run(&step));
+    let Some(Step::Decode { batches }) = s.schedule(Instant::now()) else { panic!("decode") };
+    assert_eq!(batches.len(), 2);
+}
+
+#[test]
+fn a_shared_prefix_reuses_cached_blocks() {
+    let mut s = Scheduler::new(config(true));
+    let mut shard = FakeShard::default();
+    let system = prompt(0, 9);
+    s.enqueue(request(0, &system, 2), Instant::now());
+    drive(&mut s, &mut shard);
+    let used_by_cache = s.stats().blocks_used;
+    assert_eq!(used_by_cache, 2, "the two full prompt blocks stay cached");
+
+    let mut longer = system.clone();
+    longer.extend([500, 501]);
+    s.enqueue(request(1, &longer, 2), Instant::now());
+    let Some(Step::Prefill { batch, .. }) = s.schedule(Instant::now()) else { panic!() };
+    let r = &batch.requests[0];
+    assert_eq!(r.cache_len, 8);
+    assert_eq!(r.slots.len(), 12);
+    assert_eq!(r.slots[..8], (0..8).map(|t| r.blocks[t / 4] * 4 + t as u32 % 4).collect::<Vec<_>>()[..]);
+}
+
+#[test]
+fn a_fully_cached_prompt_still_computes_its_last_block() {
+    let mut s = Scheduler::new(config(true));
+    let mut shard = FakeShard::default();
+    s.enqueue(request(0, &prompt(0, 8), 1), Instant::now());
+    drive(&mut s, &mut shard);
+    s.enqueue(request(1, &prompt(0, 8), 1), Instant::now());
+    let Some(Step::Prefill { batch, .. }) = s.schedule(Instant::now()) else { panic!() };
+    assert_eq!(batch.requests[0].cache_len, 4);
+}
+
+#[test]
+fn cached_prefixes_are_evicted_lru_when_blocks_run_out() {
+    let mut cfg = config(true);
+    cfg.num_blocks = 5; // 4 usable
+    let mut s = Scheduler::new(cfg);
+    let mut shard = FakeShard::default();
+    s.enqueue(request(0, &prompt(0, 8), 1), Instant::now());
+    drive(&mut s, &mut shard);
+    assert_eq!(s.stats().blocks_used, 2);
+    s.enqueue(request(1, &prompt(100, 12), 4), Instant::now());
+    let Some(Step::Prefill { batch, .. }) = s.schedule(Instant::now()) else { panic!("evicts and admits") };
+    assert_eq!(batch.requests[0].blocks.len(), 4);
+    assert_eq!(batch.requests[0].cache_len, 0);
+}
+
+#[test]
+fn without_free_blocks_the_head_waits_for_a_finish() {
+    let mut cfg = config(true);
+    cfg.num_blocks = 4; // 3 usable
+    let mut s = Scheduler::new(cfg);
+    let mut shard = FakeShard::default();
+    s.enqueue(request(0, &prompt(0, 4), 5), Instant::now());
+    s.enqueue(request(1, &prompt(50, 4), 5), Instant::now());
+    let Some(Step::Prefill { batch, .. }) = s.schedule(Instant::now()) else { panic!() };
+    assert_eq!(batch.requests.len(), 1);
+    assert_eq!(s.stats().queued, 1);
+    let step = Step::Prefill { batch, cached: None, admitted: vec![] };
+    s.update(shard.run(&step));
+    let (_, events) = drive(&mut s, &mut shard);
+    assert_eq!(finished(&events), vec![0, 1]);
+}
+
+#[test]
+fn finished_requests_are_filtered_and_cancelled_batches_cleared() {
+    let mut s = Scheduler::new(config(true));
+    let mut shard = FakeShard::default();
+    s.enqueue(request(0, &prompt(0, 4), 1), Instant::now());
+    s.enqueue(request(1, &prompt(50, 4), 6), Instant::now());
+    let step = s.schedule(Instant::now()).unwrap();
+    let events = s.update(shard.run(&step));
+    assert_eq!(finished(&events), vec![0]);
+    let Some(Step::Filter { request_ids, .. }) = s.schedule(Instant::now()) else { panic!("filter") };
+    assert_eq!(request_ids, vec![1]);
+    let step = Step::Filter { batch_id: 0, request_ids };
+    s.update(shard.run(&step));
+
+    assert!(s.cancel(RequestId(1)));
+    assert_eq!(s.stats().running, 0);
+    assert!(matches!(s.schedule(Instant::now()), Some(Step::Clear { batch_id: 0 })));
+    s.update(Outcome::Cleared);
+    assert!(s.is_idle());
+    assert_eq!(s.stats().blocks_used, 2, "both prefilled prompts keep their full block cached; the rest is free");
+}
+
+#[test]
+fn cancelling_a_queued_request_removes_it() {
+    let mut s = Scheduler::new(config(true));
+    s.enqueue(request(0, &prompt(0, 4), 1), Instant::now());
+    assert!(s.cancel(RequestId(0)));
+    assert!(s.schedule(Instant::now()).is_none());
+    assert!(!s.cancel(RequestId(0)));
+}
+
+#[test]
+fn a_failed_forward_fails_only_its_requests_and_clears_the_batch() {
+    let mut s = Scheduler::new(config(false));
+    s.enqueue(request(0, &prompt(0, 4), 3), Instant::now());
+    let step = s.schedule(Instant::now()).unwrap();
+    let events = s.update(Outcome::Failed("boom".into()));
+    assert_eq!(events, vec![Event::Failed { id: RequestId(0), message: "boom".into() }]);
+    let Some(Step::Clear { batch_id }) = s.schedule(Instant::now()) else { panic!("clear") };
+    let Step::Prefill { batch, .. } = step else { panic!() };
+    assert_eq!(batch_id, batch.id);
+    s.update(Outcome::Cleared);
+    assert_eq!(s.stats().blocks_used, 0);
+
+    // The router keeps serving.
+    let mut shard = FakeShard::default();
+    s.enqueue(request(1, &prompt(9, 4), 2), Instant::now());
+    let (_, events) = drive(&mut s, &mut shard);
+    assert_eq!(finished(&events), vec![1]);
+}
+
+#[test]
+fn long_generations_are_scheduled_whole() {
+    let mut cfg = config(true);
+    cfg.num_blocks = 1024;
+    let mut s = Scheduler::new(cfg);
+    let mut shard = FakeShard::default();
+    s.enqueue(request(0, &prompt(0, 4), 1500), Instant::now());
+    let (steps, events) = drive(&mut s, &mut shard);
+    let prefills = steps.iter().filter(|s| matches!(s, Step::Prefill { .. })).count();
+    assert_eq!(prefills, 1, "no re-queue at 1024 tokens");
+    let Some(Event::Generation(last)) = events.last() else { panic!() };
+    assert_eq!(last.generated_text.as_ref().unwrap().generated_tokens, 1500);
+}
+
+#[test]
+fn max_batch_size_caps_admission() {
+    let mut cfg = config(true);
+    cfg.max_batch_size = Some(2);
+    let mut s = Scheduler::new(cfg);
+    for id in 0..4 {
+        s.enqueue(request(id, &prompt(10 * id as u32, 2), 2), Instant::now());
+    }
+    let Some(Step::Prefill { batch, .. }) = s.schedule(Instant::now()) else { panic!() };
+    assert_eq!(batch.requests.len(), 2);
+}
