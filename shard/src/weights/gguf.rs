@@ -1,0 +1,127 @@
+//! GGUF weights under Hugging Face names: tensors are dequantized to f32 at load (kept quantized in
+//! a later version), and llama.cpp's q/k row permutation is undone so HF's rotate-half RoPE applies.
+
+use std::path::PathBuf;
+
+use tessera_formats::gguf::Gguf;
+
+use super::{DType, HostTensor, TensorData, WeightSource};
+use crate::{Error, Result};
+
+/// A GGUF file seen as a weight source.
+pub struct GgufSource<'a> {
+    gguf: &'a Gguf,
+    /// llama.cpp permutes q/k rows only for the `llama` architecture (qwen2 uses NEOX rotary).
+    unpermute: bool,
+    num_heads: usize,
+    num_kv_heads: usize,
+}
+
+impl<'a> GgufSource<'a> {
+    pub fn new(gguf: &'a Gguf, num_heads: usize, num_kv_heads: usize) -> Self {
+        let unpermute = gguf.get_str("general.architecture") == Some("llama");
+        GgufSource { gguf, unpermute, num_heads, num_kv_heads }
+    }
+}
+
+/// Maps an HF tensor name to its GGUF name; `None` if it has no counterpart.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+/// Undoes llama.cpp's `permute`: within each head, GGUF row `2j + t` is HF row `t * hd/2 + j`.
+fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Result<Vec<f32>, String> {
+    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+        return Err(format!("{rows} rows cannot be split into {heads} heads of even size"));
+    }
+    let hd = rows / heads;
+    let mut out = vec![0.0; data.len()];
+    for h in 0..heads {
+        for j in 0..hd / 2 {
+            for t in 0..2 {
+                let src = (h * hd + 2 * j + t) * cols;
+                let dst = (h * hd + t * hd / 2 + j) * cols;
+                out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl WeightSource for GgufSource<'_> {
+    fn tensor(&self, name: &str) -> Result<HostTensor> {
+        let path = self.gguf.path();
+        let g = gguf_name(name).ok_or_else(|| Error::tensor(path, name, "has no GGUF counterpart"))?;
+        let (shape, mut data) = self.gguf.tensor_f32(&g)?;
+        let heads = if g.ends_with("attn_q.weight") || g.ends_with("attn_q.bias") {
+            Some(self.num_heads)
+        } else if g.ends_with("attn_k.weight") || g.ends_with("attn_k.bias") {
+            Some(self.num_kv_heads)
+        } else {
+            None
+        };
+        if let (true, Some(heads)) = (self.unpermute, heads) {
+            let cols = if shape.len() == 2 { shape[1] } else { 1 };
+            data = unpermute_rows(&data, shape[0], cols, heads).map_err(|m| Error::tensor(path, &g, m))?;
+        }
+        Ok(HostTensor { shape, data: TensorData::F32(data) })
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        gguf_name(name).is_some_and(|g| self.gguf.tensors().iter().any(|t| t.name == g))
+    }
+
+    fn file_of(&self, _name: &str) -> PathBuf {
+        self.gguf.path().to_path_buf()
+    }
+
+    /// Quantized tensors are dequantized exactly to f32, so f32 is the lossless choice.
+    fn native_dtype(&self) -> DType {
+        DType::F32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_gguf() {
+        assert_eq!(gguf_name("model.layers.3.self_attn.q_proj.weight").unwrap(), "blk.3.attn_q.weight");
+        assert_eq!(gguf_name("model.layers.0.mlp.down_proj.weight").unwrap(), "blk.0.ffn_down.weight");
+        assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
+        assert!(gguf_name("model.rotary.inv_freq").is_none());
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // One head of 4 rows: HF rows [a, b, c, d] are stored by llama.cpp as [a, c, b, d].
+        let gguf = [0.0, 2.0, 1.0, 3.0];
+        assert_eq!(unpermute_rows(&gguf, 4, 1, 1).unwrap(), vec![0.0, 1.0, 2.0, 3.0]);
+        assert!(unpermute_rows(&gguf, 4, 1, 3).is_err());
+    }
+}
