@@ -1,0 +1,155 @@
+//! Child command lines, built from the children's own argument structs (`tessera_router::args::RouterArgs`,
+//! the shard's serve args) so each flag is defined once; the launcher parses each argv back with the
+//! child's parser before spawning, so a bad value fails here, naming the flag, not in a child.
+
+use crate::args::{Device, Dtype, LauncherArgs};
+use crate::model::ResolvedModel;
+use crate::process::ChildSpec;
+use clap::Parser;
+use std::path::{Path, PathBuf};
+use tessera_router::args::{Cli as RouterCli, RouterArgs, ShardArgs as RouterShardArgs};
+
+/// The socket of shard `rank`: `{shard_uds_path}-{rank}` (TGI's layout).
+pub fn shard_socket(base: &Path, rank: usize) -> PathBuf {
+    let mut path = base.as_os_str().to_owned();
+    path.push(format!("-{rank}"));
+    PathBuf::from(path)
+}
+
+/// The router's arguments: the launcher's router groups plus the shard socket and tokenizer.
+pub fn router_args(args: &LauncherArgs, model: &ResolvedModel) -> RouterArgs {
+    let mut server = args.server.clone();
+    // Children always log JSON: the launcher parses each line and re-emits it in its own format.
+    server.json_output = true;
+    RouterArgs {
+        shard: RouterShardArgs {
+            master_shard_uds_path: shard_socket(&args.sharding.shard_uds_path, 0),
+            tokenizer_name: model.path.clone(),
+            model_id: Some(model.name.clone()),
+        },
+        server,
+        limits: args.limits.clone(),
+        batching: args.batching.clone(),
+    }
+}
+
+/// The router's argv, checked by the router's own parser.
+pub fn router_argv(router: &RouterArgs) -> Result<Vec<String>, String> {
+    let argv = router.to_argv();
+    let parsed = RouterCli::try_parse_from(
+        std::iter::once("tessera-router".to_string()).chain(argv.iter().cloned()),
+    )
+    .map_err(|e| format!("router arguments: {e}"))?;
+    if parsed.router != *router {
+        return Err(format!("router arguments do not round-trip: {argv:?}"));
+    }
+    Ok(argv)
+}
+
+/// Everything a shard rank needs to know.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardLaunch {
+    pub model: PathBuf,
+    pub socket_base: PathBuf,
+    pub rank: usize,
+    pub world_size: usize,
+    pub device: Device,
+    pub dtype: Option<Dtype>,
+    pub kv_cache_memory: Option<u64>,
+}
+
+/// The shard's argv for one rank.
+pub fn shard_argv(shard: &ShardLaunch) -> Vec<String> {
+    let mut argv = vec!["serve".to_string()];
+    let mut push = |flag: &str, value: String| argv.extend([format!("--{flag}"), value]);
+    push("model-id", shard.model.display().to_string());
+    push("uds-path", shard.socket_base.display().to_string());
+    push("rank", shard.rank.to_string());
+    push("world-size", shard.world_size.to_string());
+    push("device", value_name(shard.device));
+    if let Some(dtype) = shard.dtype {
+        push("dtype", value_name(dtype));
+    }
+    if let Some(bytes) = shard.kv_cache_memory {
+        push("kv-cache-memory", bytes.to_string());
+    }
+    argv
+}
+
+/// A clap value enum's command-line spelling.
+fn value_name(value: impl clap::ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
+/// The environment of shard `rank`: the communicator's rendezvous, as TGI sets it.
+pub fn shard_env(args: &LauncherArgs, rank: usize, world_size: usize) -> Vec<(String, String)> {
+    vec![
+        ("RANK".into(), rank.to_string()),
+        ("WORLD_SIZE".into(), world_size.to_string()),
+        ("MASTER_ADDR".into(), args.sharding.master_addr.clone()),
+        ("MASTER_PORT".into(), args.sharding.master_port.to_string()),
+    ]
+}
+
+/// A sibling binary of the launcher (`cargo build` puts them together), else one found on `PATH`.
+pub fn sibling_binary(name: &str) -> PathBuf {
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)));
+    match sibling {
+        Some(path) if path.is_file() => path,
+        _ => PathBuf::from(name),
+    }
+}
+
+/// Every child of a launch: one spec per shard rank (with its socket), then the router.
+pub fn plan_children(
+    args: &LauncherArgs,
+    model: &ResolvedModel,
+    world_size: usize,
+) -> Result<(Vec<(ChildSpec, PathBuf)>, ChildSpec), String> {
+    let shard_bin = sibling_binary("tessera-shard");
+    let shards = (0..world_size)
+        .map(|rank| {
+            let launch = ShardLaunch {
+                model: model.path.clone(),
+                socket_base: args.sharding.shard_uds_path.clone(),
+                rank,
+                world_size,
+                device: args.model.device,
+                dtype: args.model.dtype,
+                kv_cache_memory: args.model.kv_cache_memory,
+            };
+            let spec = ChildSpec {
+                name: format!("shard {rank}"),
+                program: shard_bin.clone(),
+                args: shard_argv(&launch),
+                env: shard_env(args, rank, world_size),
+            };
+            (spec, shard_socket(&args.sharding.shard_uds_path, rank))
+        })
+        .collect();
+    let router = ChildSpec {
+        name: "router".into(),
+        program: sibling_binary("tessera-router"),
+        args: router_argv(&router_args(args, model))?,
+        env: Vec::new(),
+    };
+    Ok((shards, router))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_follow_tgi_layout() {
+        assert_eq!(
+            shard_socket(Path::new("/tmp/s"), 3),
+            PathBuf::from("/tmp/s-3")
+        );
+    }
+}

@@ -1,0 +1,320 @@
+//! The lifecycle: start every shard, wait until each answers Health, start the router, wait for /health 200,
+//! then supervise. Any child exiting stops the rest (non-zero exit naming it); SIGINT/SIGTERM drains the
+//! router within the graceful timeout, then stops the shards (exit 0). Polling every 100 ms keeps every
+//! failure visible within a fraction of a second and no wait unbounded.
+
+use crate::health;
+use crate::process::{describe, Child, ChildSpec};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+const TICK: Duration = Duration::from_millis(100);
+/// How long shards (and a router whose shards are gone) get between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+/// How often a slow startup says what it is waiting for.
+const WAIT_NOTICE: Duration = Duration::from_secs(10);
+
+/// Everything the supervisor runs, already validated.
+pub struct Plan {
+    /// One per rank, in rank order, each with the socket it serves on.
+    pub shards: Vec<(ChildSpec, PathBuf)>,
+    pub router: ChildSpec,
+    /// Where to probe the router's `/health`.
+    pub router_addr: (String, u16),
+    pub startup_timeout: Duration,
+    pub graceful_timeout: Duration,
+}
+
+/// Why the launcher stopped with an error; each names the process at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum SuperviseError {
+    #[error("cannot start {name} ({program}): {source}")]
+    Spawn {
+        name: String,
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{name} {how} during startup; its last output:\n{tail}")]
+    DiedStarting {
+        name: String,
+        how: String,
+        tail: String,
+    },
+    #[error("{name} was not ready after {secs} s ({reason}); its last output:\n{tail}")]
+    StartupTimeout {
+        name: String,
+        secs: u64,
+        reason: String,
+        tail: String,
+    },
+    #[error("{name} {how}; stopped the others. Its last output:\n{tail}")]
+    Died {
+        name: String,
+        how: String,
+        tail: String,
+    },
+    #[error("cannot listen for signals: {0}")]
+    Signals(std::io::Error),
+}
+
+/// SIGINT and SIGTERM, merged.
+struct Signals {
+    int: Signal,
+    term: Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, SuperviseError> {
+        let int = signal(SignalKind::interrupt()).map_err(SuperviseError::Signals)?;
+        let term = signal(SignalKind::terminate()).map_err(SuperviseError::Signals)?;
+        Ok(Self { int, term })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
+}
+
+/// What ended a wait.
+enum Interrupt {
+    Signal(&'static str),
+    Failed(SuperviseError),
+}
+
+/// Runs the plan to the end: `Ok` after a signal-initiated shutdown, `Err` when a child failed.
+pub async fn run(plan: Plan) -> Result<(), SuperviseError> {
+    let mut signals = Signals::new()?;
+    let started = Instant::now();
+    let mut shards = Vec::new();
+    for (spec, socket) in &plan.shards {
+        // A stale socket from a killed run would make the router connect to nothing.
+        let _ = std::fs::remove_file(socket);
+        match spawn(spec) {
+            Ok(child) => shards.push(child),
+            Err(e) => return finish(shards, None, Interrupt::Failed(e), &mut signals).await,
+        }
+    }
+    if let Some(stop) = wait_shards(&mut shards, &plan, &mut signals).await {
+        return finish(shards, None, stop, &mut signals).await;
+    }
+    tracing::info!(
+        "{} shard(s) ready in {:.1} s; starting the router",
+        shards.len(),
+        secs(started)
+    );
+    let mut router = match spawn(&plan.router) {
+        Ok(router) => router,
+        Err(e) => return finish(shards, None, Interrupt::Failed(e), &mut signals).await,
+    };
+    if let Some(stop) = wait_router(&mut router, &mut shards, &plan, &mut signals).await {
+        return finish(
+            shards,
+            Some((router, plan.graceful_timeout)),
+            stop,
+            &mut signals,
+        )
+        .await;
+    }
+    let (host, port) = &plan.router_addr;
+    tracing::info!("ready in {:.1} s: http://{host}:{port}", secs(started));
+    let stop = supervise(&mut router, &mut shards, &mut signals).await;
+    finish(
+        shards,
+        Some((router, plan.graceful_timeout)),
+        stop,
+        &mut signals,
+    )
+    .await
+}
+
+fn spawn(spec: &ChildSpec) -> Result<Child, SuperviseError> {
+    tracing::info!(
+        "starting {}: {} {}",
+        spec.name,
+        spec.program.display(),
+        spec.args.join(" ")
+    );
+    Child::spawn(spec).map_err(|source| SuperviseError::Spawn {
+        name: spec.name.clone(),
+        program: spec.program.display().to_string(),
+        source,
+    })
+}
+
+fn secs(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64()
+}
+
+/// The first child that has exited, as the error naming it.
+fn first_exit<'a>(
+    children: impl Iterator<Item = &'a mut Child>,
+    starting: bool,
+) -> Option<SuperviseError> {
+    for child in children {
+        if let Some(status) = child.exited() {
+            let (name, how, tail) = (child.name.clone(), describe(status), child.tail());
+            return Some(match starting {
+                true => SuperviseError::DiedStarting { name, how, tail },
+                false => SuperviseError::Died { name, how, tail },
+            });
+        }
+    }
+    None
+}
+
+/// Polls every shard's Health until all answer; `Some` when startup must stop instead.
+async fn wait_shards(
+    shards: &mut [Child],
+    plan: &Plan,
+    signals: &mut Signals,
+) -> Option<Interrupt> {
+    let started = Instant::now();
+    let mut ready = vec![false; shards.len()];
+    let mut reasons = vec![String::from("not probed yet"); shards.len()];
+    let mut notice = Instant::now();
+    while ready.iter().any(|r| !r) {
+        if let Some(e) = first_exit(shards.iter_mut(), true) {
+            return Some(Interrupt::Failed(e));
+        }
+        for (rank, (_, socket)) in plan.shards.iter().enumerate() {
+            if ready[rank] {
+                continue;
+            }
+            match health::shard_health(socket).await {
+                Ok(()) => ready[rank] = true,
+                Err(reason) => reasons[rank] = reason,
+            }
+        }
+        let waiting: Vec<usize> = (0..shards.len()).filter(|r| !ready[*r]).collect();
+        if let Some(&rank) = waiting.first() {
+            if started.elapsed() > plan.startup_timeout {
+                return Some(Interrupt::Failed(timeout(
+                    &shards[rank],
+                    plan,
+                    &reasons[rank],
+                )));
+            }
+            if notice.elapsed() > WAIT_NOTICE {
+                tracing::info!(
+                    "waiting for shard(s) {waiting:?} to answer Health ({})",
+                    reasons[rank]
+                );
+                notice = Instant::now();
+            }
+            if let Some(sig) = tick(signals).await {
+                return Some(Interrupt::Signal(sig));
+            }
+        }
+    }
+    None
+}
+
+fn timeout(child: &Child, plan: &Plan, reason: &str) -> SuperviseError {
+    SuperviseError::StartupTimeout {
+        name: child.name.clone(),
+        secs: plan.startup_timeout.as_secs(),
+        reason: reason.to_string(),
+        tail: child.tail(),
+    }
+}
+
+/// Sleeps one tick; returns the signal if one arrived meanwhile.
+async fn tick(signals: &mut Signals) -> Option<&'static str> {
+    tokio::select! {
+        sig = signals.recv() => Some(sig),
+        _ = tokio::time::sleep(TICK) => None,
+    }
+}
+
+/// Polls the router's /health until 200 (it warms the shards up first), watching every child.
+async fn wait_router(
+    router: &mut Child,
+    shards: &mut [Child],
+    plan: &Plan,
+    signals: &mut Signals,
+) -> Option<Interrupt> {
+    let started = Instant::now();
+    let (host, port) = &plan.router_addr;
+    let mut notice = Instant::now();
+    loop {
+        if let Some(e) = first_exit(std::iter::once(&mut *router).chain(shards.iter_mut()), true) {
+            return Some(Interrupt::Failed(e));
+        }
+        let reason = match health::router_health(health::probe_host(host), *port).await {
+            Ok(200) => return None,
+            Ok(status) => format!("/health answered {status}"),
+            Err(e) => e,
+        };
+        if started.elapsed() > plan.startup_timeout {
+            return Some(Interrupt::Failed(timeout(router, plan, &reason)));
+        }
+        if notice.elapsed() > WAIT_NOTICE {
+            tracing::info!("waiting for the router's /health ({reason})");
+            notice = Instant::now();
+        }
+        if let Some(sig) = tick(signals).await {
+            return Some(Interrupt::Signal(sig));
+        }
+    }
+}
+
+/// Steady state: returns when a child exits or a signal arrives.
+async fn supervise(router: &mut Child, shards: &mut [Child], signals: &mut Signals) -> Interrupt {
+    loop {
+        if let Some(e) = first_exit(
+            std::iter::once(&mut *router).chain(shards.iter_mut()),
+            false,
+        ) {
+            return Interrupt::Failed(e);
+        }
+        if let Some(sig) = tick(signals).await {
+            return Interrupt::Signal(sig);
+        }
+    }
+}
+
+/// Stops everything still running, router first (draining it on a signal), then the shards. A second
+/// signal during the drain kills the router at once.
+async fn finish(
+    mut shards: Vec<Child>,
+    router: Option<(Child, Duration)>,
+    why: Interrupt,
+    signals: &mut Signals,
+) -> Result<(), SuperviseError> {
+    match &why {
+        Interrupt::Failed(e) => tracing::error!(
+            "{}: stopping everything",
+            e.to_string().lines().next().unwrap_or("")
+        ),
+        Interrupt::Signal(sig) => tracing::info!("{sig}: shutting down"),
+    }
+    if let Some((mut router, graceful)) = router {
+        let grace = match &why {
+            Interrupt::Signal(_) => graceful,
+            Interrupt::Failed(_) => STOP_GRACE,
+        };
+        tracing::info!("stopping the router (up to {} s to drain)", grace.as_secs());
+        tokio::select! {
+            _ = router.stop(grace) => {}
+            sig = signals.recv() => tracing::warn!("{sig} again: killing the router"),
+        }
+        router.kill().await;
+    }
+    for shard in &mut shards {
+        shard.signal(libc::SIGTERM);
+    }
+    for shard in &mut shards {
+        shard.stop(STOP_GRACE).await;
+    }
+    match why {
+        Interrupt::Signal(_) => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+        Interrupt::Failed(e) => Err(e),
+    }
+}
