@@ -54,7 +54,9 @@ SOURCES
 }
 
 # A builder with the layout of the official rust image (CARGO_HOME=/usr/local/cargo, cargo on PATH, gcc for
-# the C parts of dependencies), holding the host's rustup toolchain (docs and sources left out).
+# the C parts of dependencies), holding the host's rustup toolchain (docs and sources left out) and the extra
+# CA certificates the host trusts (HOST_CA_DIR), so cargo reaches crates.io through a TLS-intercepting proxy
+# as the host does. They stay in this local builder base; the runtime stage never sees them.
 make_rust_base() {
   local debian=$1 image=localhost/tessera-base/rust:bookworm
   if ! podman image exists "$image"; then
@@ -66,10 +68,14 @@ make_rust_base() {
     cp -a "$sysroot/bin" "$ctx/toolchain/"
     cp -a "$sysroot"/lib/*.so* "$ctx/toolchain/lib/"
     cp -a "$sysroot/lib/rustlib/x86_64-unknown-linux-gnu" "$sysroot/lib/rustlib/etc" "$ctx/toolchain/lib/rustlib/"
+    mkdir -p "$ctx/ca"
+    find "${HOST_CA_DIR:-/usr/local/share/ca-certificates}" -maxdepth 1 -name '*.crt' -exec cp {} "$ctx/ca/" \; 2>/dev/null || true
     cat >"$ctx/Containerfile" <<CONTAINERFILE
 FROM $debian
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
+COPY ca/ /usr/local/share/ca-certificates/
+RUN update-ca-certificates
 COPY toolchain /usr/local/rust
 ENV CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 RUN cargo --version && rustc --version
