@@ -222,3 +222,16 @@ fn missing_file_names_the_path() {
     let msg = Gguf::open(Path::new("/nonexistent/x.gguf")).unwrap_err().to_string();
     assert!(msg.contains("/nonexistent/x.gguf"), "{msg}");
 }
+
+#[test]
+fn gguf_without_or_with_bad_vocab_is_a_tokenizer_error() {
+    use tessera_formats::tokenizer::load_tokenizer;
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "novocab.gguf", &valid().bytes());
+    let msg = load_tokenizer(&p).unwrap_err().to_string();
+    assert!(msg.contains("novocab.gguf") && msg.contains("tokenizer.ggml.model"), "{msg}");
+    let b = valid().kv_str("tokenizer.ggml.model", "rwkv").bytes();
+    let p = write(dir.path(), "rwkv.gguf", &b);
+    let msg = load_tokenizer(&p).unwrap_err().to_string();
+    assert!(msg.contains("unsupported tokenizer.ggml.model 'rwkv'"), "{msg}");
+}
