@@ -77,15 +77,19 @@ fn tokenizer_json(gguf: &Gguf) -> Result<Value> {
     let model = gguf
         .get_str("tokenizer.ggml.model")
         .ok_or_else(|| tok_err(gguf, "tokenizer.ggml.model is missing"))?;
+    if !matches!(model, "llama" | "gpt2") {
+        let msg = format!("unsupported tokenizer.ggml.model '{model}' (llama and gpt2 are supported)");
+        return Err(tok_err(gguf, msg));
+    }
     let vocab = read_vocab(gguf)?;
     let (mut doc, default_add_bos) = match model {
         "llama" => (spm_json(gguf, &vocab)?, true),
-        "gpt2" => {
+        _ => {
+            // gpt2: byte-level BPE.
             let pre = gguf.get_str("tokenizer.ggml.pre").unwrap_or("default");
             let llama3 = matches!(pre, "llama-bpe" | "llama3" | "llama-v3");
             (byte_level_json(gguf, &vocab, pre)?, llama3)
         }
-        other => return Err(tok_err(gguf, format!("unsupported tokenizer.ggml.model '{other}' (llama and gpt2 are supported)"))),
     };
     doc["added_tokens"] = added_tokens(&vocab);
     doc["post_processor"] = post_processor(gguf, &vocab, model, default_add_bos)?;
