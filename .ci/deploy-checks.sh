@@ -98,6 +98,20 @@ if [ -n "$scrape" ]; then lint metrics --scrape "$scrape"; else lint metrics; fi
 
 step "self-test: the checks reject broken inputs"
 lint self-test "$tmp/gpu.yaml"
+# kubernetes-validate --strict must reject an unknown field (a misspelt probe setting) in the Deployment.
+"$py" - "$tmp/gpu.yaml" "$tmp/broken.yaml" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+for d in docs:
+    if d["kind"] == "Deployment":
+        d["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["periodSecond"] = 5
+yaml.safe_dump_all(docs, open(sys.argv[2], "w"))
+PY
+if kubernetes-validate --strict --quiet --no-warn --kubernetes-version 1.30 "$tmp/broken.yaml" >/dev/null; then
+  echo "self-test: kubernetes-validate --strict accepted an unknown field" >&2
+  exit 1
+fi
+echo "self-test: kubernetes-validate --strict rejects unknown fields"
 
 echo
 echo "deploy-checks: all passed"
