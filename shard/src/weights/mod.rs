@@ -93,6 +93,36 @@ impl TensorData {
     }
 }
 
+impl TensorData {
+    /// Keeps columns `range` of a row-major matrix with `cols` columns.
+    pub fn slice_cols(&self, range: std::ops::Range<usize>, cols: usize) -> TensorData {
+        fn pick<T: Copy>(v: &[T], r: &std::ops::Range<usize>, cols: usize) -> Vec<T> {
+            v.chunks_exact(cols).flat_map(|row| row[r.clone()].iter().copied()).collect()
+        }
+        match self {
+            TensorData::F32(v) => TensorData::F32(pick(v, &range, cols)),
+            TensorData::F16(v) => TensorData::F16(pick(v, &range, cols)),
+            TensorData::Bf16(v) => TensorData::Bf16(pick(v, &range, cols)),
+        }
+    }
+}
+
+/// Stacks row-major matrices by rows after converting each to `dtype` (fused q/k/v, gate/up).
+pub fn stack_rows(parts: Vec<TensorData>, dtype: DType) -> TensorData {
+    let mut parts = parts.into_iter().map(|p| p.convert(dtype));
+    let mut out = parts.next().unwrap_or(TensorData::F32(Vec::new())).convert(dtype);
+    for p in parts {
+        match (&mut out, p) {
+            (TensorData::F32(a), TensorData::F32(b)) => a.extend(b),
+            (TensorData::F16(a), TensorData::F16(b)) => a.extend(b),
+            (TensorData::Bf16(a), TensorData::Bf16(b)) => a.extend(b),
+            // `convert(dtype)` made every part the same variant as `out`.
+            _ => {}
+        }
+    }
+    out
+}
+
 /// A tensor read from a checkpoint, with its shape in PyTorch order (`[out, in]` for linears).
 #[derive(Debug, Clone)]
 pub struct HostTensor {

@@ -1,0 +1,95 @@
+//! Linear layers in Megatron's two tensor-parallel flavours: column-parallel (output rows split
+//! across ranks; q/k/v and gate/up are fused into one matrix so one GEMM serves them) and
+//! row-parallel (input columns split; the partial sums are all-reduced by the caller).
+
+use crate::backend::cpu::{matmul, PackedMatrix};
+use crate::comm::Shard;
+use crate::weights::{expect_shape, stack_rows, DType, TensorData, WeightSource};
+use crate::{Error, Result};
+
+/// `y = x · Wᵀ (+ b)` with `W` packed for the CPU kernels.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: PackedMatrix,
+    bias: Option<Vec<f32>>,
+}
+
+/// One part of a fused column-parallel linear: the checkpoint name prefix and its full row count.
+pub struct Part<'a> {
+    pub prefix: &'a str,
+    pub rows: usize,
+}
+
+impl Linear {
+    pub fn new(weight: PackedMatrix, bias: Option<Vec<f32>>) -> Self {
+        Linear { weight, bias }
+    }
+
+    /// Fuses `parts` (e.g. q, k, v) by rows, each split across ranks by rows. `{prefix}.bias` is
+    /// loaded too when `bias` is set.
+    pub fn column(src: &dyn WeightSource, parts: &[Part], cols: usize, bias: bool, dtype: DType, shard: Shard) -> Result<Self> {
+        let mut weights = Vec::new();
+        let mut biases = Vec::new();
+        for part in parts {
+            let name = format!("{}.weight", part.prefix);
+            let t = expect_shape(src, &name, &[part.rows, cols])?;
+            let rows = shard.range(part.rows);
+            weights.push(t.data.slice_rows(rows.clone(), cols));
+            if bias {
+                let b = load_vector(src, &format!("{}.bias", part.prefix), part.rows)?;
+                biases.extend_from_slice(&b[rows]);
+            }
+        }
+        let total: usize = parts.iter().map(|p| p.rows / shard.world).sum();
+        let data = stack_rows(weights, dtype);
+        Ok(Linear::new(PackedMatrix::pack(total, cols, &data), bias.then_some(biases)))
+    }
+
+    /// Row-parallel: this rank keeps its slice of the input columns (no bias in our families).
+    pub fn row(src: &dyn WeightSource, prefix: &str, rows: usize, cols: usize, dtype: DType, shard: Shard) -> Result<Self> {
+        let name = format!("{prefix}.weight");
+        let t = expect_shape(src, &name, &[rows, cols])?;
+        let data = if shard.world == 1 { t.data } else { t.data.slice_cols(shard.range(cols), cols) };
+        let local = cols / shard.world;
+        Ok(Linear::new(PackedMatrix::pack(rows, local, &data.convert(dtype)), None))
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.cols()
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.rows()
+    }
+
+    pub fn weight(&self) -> &PackedMatrix {
+        &self.weight
+    }
+
+    /// `x` is `[n, in]`; returns `[n, out]`.
+    pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let m = self.weight.rows();
+        let mut out = vec![0.0; n * m];
+        matmul(x, n, &self.weight, &mut out);
+        if let Some(b) = &self.bias {
+            for row in out.chunks_exact_mut(m) {
+                for (o, bi) in row.iter_mut().zip(b) {
+                    *o += bi;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A 1-D f32 tensor (norm weight, bias) of length `len`.
+pub fn load_vector(src: &dyn WeightSource, name: &str, len: usize) -> Result<Vec<f32>> {
+    let t = src.tensor(name)?;
+    if t.shape != [len] {
+        return Err(Error::tensor(src.file_of(name), name, format!("expected shape [{len}], found {:?}", t.shape)));
+    }
+    Ok(match t.data {
+        TensorData::F32(v) => v,
+        other => other.to_f32(),
+    })
+}

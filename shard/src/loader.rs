@@ -1,0 +1,118 @@
+//! Loading a model for serving: resolves a Hugging Face folder or a `.gguf` file, reads its config,
+//! weights (kept in the requested dtype), tokenizer and chat template.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tessera_formats::gguf::Gguf;
+use tokenizers::Tokenizer;
+
+use crate::comm::{Comm, Local};
+use crate::config::ModelConfig;
+use crate::models::Model;
+use crate::weights::gguf::GgufSource;
+use crate::weights::safetensors::SafetensorsDir;
+use crate::weights::{DType, WeightSource};
+use crate::{Error, Result};
+
+/// Storage dtype of the weights; math is f32 whatever is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum WeightDtype {
+    /// The checkpoint's own dtype (GGUF: f32, its exact dequantization).
+    #[default]
+    Auto,
+    #[value(name = "float32", alias = "f32")]
+    F32,
+    #[value(name = "bfloat16", alias = "bf16")]
+    Bf16,
+    #[value(name = "float16", alias = "f16")]
+    F16,
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Device {
+    /// CUDA when available, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// How to load a model.
+#[derive(Clone)]
+pub struct LoadOptions {
+    pub dtype: WeightDtype,
+    pub device: Device,
+    /// The tensor-parallel group this process belongs to.
+    pub comm: Arc<dyn Comm>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { dtype: WeightDtype::Auto, device: Device::Auto, comm: Arc::new(Local) }
+    }
+}
+
+/// A model ready to serve.
+pub struct Loaded {
+    pub model: Model,
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    /// Name of the weight dtype, as `Info` reports it ("float32", "bfloat16", "float16").
+    pub dtype_name: String,
+}
+
+/// Loads model, config and tokenizer from a folder or `.gguf` file.
+pub fn load(model: &Path, opts: &LoadOptions) -> Result<Loaded> {
+    let (model_, config, dtype) = load_model(model, opts)?;
+    let tokenizer = tessera_formats::tokenizer::load_tokenizer(model)?;
+    Ok(Loaded { model: model_, config, tokenizer, dtype_name: dtype_name(dtype).to_string() })
+}
+
+/// Loads only the model (weights and config), for callers that bring their own tokenizer.
+pub fn load_model(model: &Path, opts: &LoadOptions) -> Result<(Model, ModelConfig, DType)> {
+    check_device(opts.device)?;
+    if model.is_dir() {
+        let config = ModelConfig::from_hf_dir(model)?;
+        let src = SafetensorsDir::open(model)?;
+        let dtype = resolve_dtype(opts.dtype, &src);
+        let m = Model::load(&src, &config, dtype, opts.comm.clone())?;
+        Ok((m, config, dtype))
+    } else if model.extension().is_some_and(|e| e == "gguf") {
+        let gguf = Gguf::open(model)?;
+        let config = ModelConfig::from_gguf(&gguf)?;
+        let src = GgufSource::new(&gguf, config.num_heads, config.num_kv_heads);
+        let dtype = resolve_dtype(opts.dtype, &src);
+        let m = Model::load(&src, &config, dtype, opts.comm.clone())?;
+        Ok((m, config, dtype))
+    } else if !model.exists() {
+        Err(Error::io(model, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")))
+    } else {
+        Err(Error::model_file(model, "not a model: expected a directory with config.json or a .gguf file"))
+    }
+}
+
+fn check_device(device: Device) -> Result<()> {
+    match device {
+        Device::Auto | Device::Cpu => Ok(()),
+        Device::Cuda => Err(Error::Device("CUDA backend not available in this build".into())),
+    }
+}
+
+fn resolve_dtype(want: WeightDtype, src: &dyn WeightSource) -> DType {
+    match want {
+        WeightDtype::Auto => src.native_dtype(),
+        WeightDtype::F32 => DType::F32,
+        WeightDtype::Bf16 => DType::Bf16,
+        WeightDtype::F16 => DType::F16,
+    }
+}
+
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "float32",
+        DType::Bf16 => "bfloat16",
+        DType::F16 => "float16",
+    }
+}

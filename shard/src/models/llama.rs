@@ -1,0 +1,198 @@
+//! The Llama decoder (also Mistral and Qwen2): pre-norm blocks of GQA self-attention with RoPE and
+//! a SwiGLU MLP, as Hugging Face's `modeling_llama.py`, over a ragged batch and a paged KV cache.
+//! Weight names are spelled as in the checkpoint. Tensor-parallel layout as Megatron/TGI:
+//! column-parallel q/k/v and gate/up, row-parallel o/down followed by an all-reduce, lm_head split
+//! by vocabulary and all-gathered.
+
+use std::sync::Arc;
+
+use crate::comm::{Comm, Shard};
+use crate::config::ModelConfig;
+use crate::forward::{BatchPlan, ForwardBatch};
+use crate::kv_cache::{KvCache, LayerCache};
+use crate::layers::attention::{paged_attention, write_kv, Heads};
+use crate::layers::embedding::Embedding;
+use crate::layers::linear::{Linear, Part};
+use crate::layers::norm::RmsNorm;
+use crate::layers::rope::{Rope, RopeTables};
+use crate::backend::cpu::PackedMatrix;
+use crate::weights::{DType, WeightSource};
+use crate::{Error, Result};
+
+struct Layer {
+    input_norm: RmsNorm,
+    qkv: Linear,
+    o_proj: Linear,
+    post_norm: RmsNorm,
+    gate_up: Linear,
+    down: Linear,
+}
+
+pub struct Llama {
+    config: ModelConfig,
+    /// This rank's head geometry (heads divided by the world size).
+    heads: Heads,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    comm: Arc<dyn Comm>,
+}
+
+impl Llama {
+    pub fn load(src: &dyn WeightSource, config: &ModelConfig, dtype: DType, comm: Arc<dyn Comm>) -> Result<Self> {
+        let shard = Shard::of(comm.as_ref());
+        let heads = Heads {
+            num_heads: shard.split(config.num_heads, "num_heads")?,
+            num_kv_heads: shard.split(config.num_kv_heads, "num_key_value_heads")?,
+            head_dim: config.head_dim,
+            sliding_window: config.sliding_window,
+        };
+        shard.split(config.intermediate_size, "intermediate_size")?;
+        shard.split(config.vocab_size, "vocab_size")?;
+        let (h, v) = (config.hidden_size, config.vocab_size);
+        let embed = Embedding::load(src, "model.embed_tokens.weight", v, h, dtype)?;
+        let layers = (0..config.num_layers)
+            .map(|i| load_layer(src, config, i, dtype, shard))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(src, "model.norm.weight", h, config.rms_eps)?;
+        let lm_head = if config.tie_word_embeddings && !src.contains("lm_head.weight") {
+            let rows = shard.range(v);
+            let table = embed.table().slice_rows(rows.clone(), h);
+            Linear::new(PackedMatrix::pack(rows.len(), h, &table), None)
+        } else {
+            Linear::column(src, &[Part { prefix: "lm_head", rows: v }], h, false, dtype, shard)?
+        };
+        let rope = Rope::new(config.head_dim, config.rope_theta, config.rope_scaling);
+        Ok(Llama { config: config.clone(), heads, embed, layers, norm, lm_head, rope, comm })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        let layer = |l: &Layer| {
+            [&l.qkv, &l.o_proj, &l.gate_up, &l.down].iter().map(|x| x.weight().nbytes()).sum::<usize>()
+        };
+        self.layers.iter().map(layer).sum::<usize>() + self.lm_head.weight().nbytes()
+    }
+
+    pub fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Vec<Vec<f32>>> {
+        self.check_cache(cache)?;
+        let plan = BatchPlan::new(batch, self.config.vocab_size, cache.num_blocks(), cache.block_size())
+            .map_err(Error::InvalidBatch)?;
+        let n = plan.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut x = self.embed.forward(&plan.tokens);
+        let rope = self.rope.tables(&plan.positions);
+        for (i, layer) in self.layers.iter().enumerate() {
+            self.layer_forward(layer, &mut x, &plan, &rope, cache.layer_mut(i))?;
+        }
+        self.logits(&x, &plan)
+    }
+
+    fn check_cache(&self, cache: &KvCache) -> Result<()> {
+        let kv_dim = self.heads.num_kv_heads * self.heads.head_dim;
+        if cache.num_layers() != self.layers.len() || cache.kv_dim() != kv_dim {
+            return Err(Error::InvalidBatch(format!(
+                "KV cache has {} layers of width {}, the model needs {} of width {kv_dim}",
+                cache.num_layers(),
+                cache.kv_dim(),
+                self.layers.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn layer_forward(&self, l: &Layer, x: &mut [f32], plan: &BatchPlan, rope: &RopeTables, cache: &mut LayerCache) -> Result<()> {
+        let n = plan.len();
+        let hd = self.heads.head_dim;
+        let (qd, kvd) = (self.heads.num_heads * hd, self.heads.num_kv_heads * hd);
+        let qkv = l.qkv.forward(&l.input_norm.forward(x), n);
+        let (mut q, mut k, v) = split_qkv(&qkv, n, qd, kvd);
+        rope.apply(&mut q, n);
+        rope.apply(&mut k, n);
+        write_kv(cache, &k, &v, &plan.slots, kvd);
+        let attn = paged_attention(&q, cache, plan, self.heads);
+        let mut o = l.o_proj.forward(&attn, n);
+        self.comm.all_reduce_sum(&mut o)?;
+        add_into(x, &o);
+
+        let gu = l.gate_up.forward(&l.post_norm.forward(x), n);
+        let act = swiglu(&gu, n);
+        let mut d = l.down.forward(&act, n);
+        self.comm.all_reduce_sum(&mut d)?;
+        add_into(x, &d);
+        Ok(())
+    }
+
+    /// Final norm and lm_head on the requested rows only, split back per sequence.
+    fn logits(&self, x: &[f32], plan: &BatchPlan) -> Result<Vec<Vec<f32>>> {
+        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
+        let rows = plan.logit_rows.len();
+        let mut picked = Vec::with_capacity(rows * h);
+        for &r in &plan.logit_rows {
+            picked.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        let local = self.lm_head.forward(&self.norm.forward(&picked), rows);
+        let all = self.comm.all_gather_columns(&local, rows)?;
+        let mut out = Vec::with_capacity(plan.logit_counts.len());
+        let mut at = 0;
+        for &c in &plan.logit_counts {
+            out.push(all[at * v..(at + c) * v].to_vec());
+            at += c;
+        }
+        Ok(out)
+    }
+}
+
+fn load_layer(src: &dyn WeightSource, c: &ModelConfig, i: usize, dtype: DType, shard: Shard) -> Result<Layer> {
+    let p = format!("model.layers.{i}");
+    let (h, ff) = (c.hidden_size, c.intermediate_size);
+    let name = |s: &str| format!("{p}.{s}");
+    let (q, k, v) = (name("self_attn.q_proj"), name("self_attn.k_proj"), name("self_attn.v_proj"));
+    let qkv_parts = [Part { prefix: &q, rows: c.q_dim() }, Part { prefix: &k, rows: c.kv_dim() }, Part { prefix: &v, rows: c.kv_dim() }];
+    let (gate, up) = (name("mlp.gate_proj"), name("mlp.up_proj"));
+    let gate_up_parts = [Part { prefix: &gate, rows: ff }, Part { prefix: &up, rows: ff }];
+    Ok(Layer {
+        input_norm: RmsNorm::load(src, &name("input_layernorm.weight"), h, c.rms_eps)?,
+        qkv: Linear::column(src, &qkv_parts, h, c.attention_bias, dtype, shard)?,
+        o_proj: Linear::row(src, &name("self_attn.o_proj"), h, c.q_dim(), dtype, shard)?,
+        post_norm: RmsNorm::load(src, &name("post_attention_layernorm.weight"), h, c.rms_eps)?,
+        gate_up: Linear::column(src, &gate_up_parts, h, false, dtype, shard)?,
+        down: Linear::row(src, &name("mlp.down_proj"), h, ff, dtype, shard)?,
+    })
+}
+
+/// Splits fused `[n, q | k | v]` rows into three row-major buffers.
+fn split_qkv(qkv: &[f32], n: usize, qd: usize, kvd: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let w = qd + 2 * kvd;
+    let (mut q, mut k, mut v) = (Vec::with_capacity(n * qd), Vec::with_capacity(n * kvd), Vec::with_capacity(n * kvd));
+    for row in qkv.chunks_exact(w) {
+        q.extend_from_slice(&row[..qd]);
+        k.extend_from_slice(&row[qd..qd + kvd]);
+        v.extend_from_slice(&row[qd + kvd..]);
+    }
+    (q, k, v)
+}
+
+/// `silu(gate) · up` for fused `[n, gate | up]` rows.
+fn swiglu(gu: &[f32], n: usize) -> Vec<f32> {
+    let ff = gu.len() / n / 2;
+    let mut out = Vec::with_capacity(n * ff);
+    for row in gu.chunks_exact(2 * ff) {
+        let (g, u) = row.split_at(ff);
+        out.extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
+    }
+    out
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

@@ -1,0 +1,40 @@
+//! Model families. Llama, Mistral and Qwen2 share one decoder (`llama.rs`); what differs between
+//! them (q/k/v biases, sliding window) is resolved in `ModelConfig`.
+
+pub mod llama;
+
+use std::sync::Arc;
+
+use crate::comm::Comm;
+use crate::config::ModelConfig;
+use crate::forward::ForwardBatch;
+use crate::kv_cache::KvCache;
+use crate::weights::{DType, WeightSource};
+use crate::Result;
+
+/// A loaded model, ready to run forwards on the CPU backend.
+pub struct Model {
+    inner: llama::Llama,
+}
+
+impl Model {
+    /// Builds the model from `src`, keeping weights in `dtype` (math is always f32).
+    pub fn load(src: &dyn WeightSource, config: &ModelConfig, dtype: DType, comm: Arc<dyn Comm>) -> Result<Self> {
+        Ok(Model { inner: llama::Llama::load(src, config, dtype, comm)? })
+    }
+
+    /// Runs one ragged forward. Returns, per sequence, its requested logits rows concatenated
+    /// (`vocab_size` values per row).
+    pub fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Vec<Vec<f32>>> {
+        self.inner.forward(batch, cache)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+
+    /// Bytes of weights a decode step streams (for bandwidth figures).
+    pub fn weight_bytes(&self) -> usize {
+        self.inner.weight_bytes()
+    }
+}
