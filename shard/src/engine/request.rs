@@ -1,0 +1,307 @@
+//! One request held by the engine: its tokens, KV placement (router-assigned blocks and slots),
+//! prefill progress, sampler, stop criteria and detokenizer, and what each forward adds to it.
+
+use std::collections::HashSet;
+
+use tokenizers::Tokenizer;
+
+use super::types::{Finished, GenerationOut, NewRequest, TokenOut};
+use crate::detokenize::Detokenizer;
+use crate::forward::{LogitsWanted, SeqInput};
+use crate::sampling::{log_softmax, Sampler};
+use crate::stopping::StoppingCriteria;
+use crate::Error;
+
+/// What a request needs from the engine to be built and advanced.
+pub(super) struct Ctx {
+    pub tokenizer: Tokenizer,
+    pub special: HashSet<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// Blocks of the current KV cache (the engine updates it when warmup resizes the cache).
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub max_positions: usize,
+    pub vocab_size: usize,
+}
+
+fn invalid(field: &str, reason: String) -> Error {
+    Error::InvalidArgument {
+        field: field.to_string(),
+        reason,
+    }
+}
+
+/// A request in a batch. Invariant: `computed <= tokens.len()`, and every position below
+/// `prompt_len + max_new_tokens - 1` has a slot inside its block.
+#[derive(Debug)]
+pub(super) struct Seq {
+    pub id: u64,
+    /// Prompt followed by generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Tokens whose KV is in the cache.
+    computed: usize,
+    blocks: Vec<u32>,
+    slots: Vec<u32>,
+    /// Size of the first forward (chunk_len or the whole uncached prompt); `None` afterwards.
+    first_chunk: Option<usize>,
+    sampler: Sampler,
+    stopper: StoppingCriteria,
+    detok: Detokenizer,
+    prefill_logprobs: bool,
+    prefill_out: Vec<TokenOut>,
+    /// Logprob of `tokens[computed]` from the previous chunk's last row (NaN when unknown).
+    carried_logprob: f32,
+}
+
+impl Seq {
+    /// Tokenizes and validates a new request against the cache and the model's limits.
+    pub fn new(req: NewRequest, ctx: &Ctx) -> Result<Seq, Error> {
+        let tokens = tokenize(&req, &ctx.tokenizer)?;
+        let prompt_len = tokens.len();
+        let max_new = req.stop.max_new_tokens as usize;
+        // The last generated token is never fed back, so it needs no position and no slot.
+        let positions = prompt_len + max_new - 1;
+        if positions > ctx.max_positions {
+            return Err(invalid(
+                "stopping_parameters.max_new_tokens",
+                format!("{prompt_len} prompt tokens + {max_new} new tokens exceed the model's {} positions", ctx.max_positions),
+            ));
+        }
+        let slots = placement(&req.blocks, &req.slots, positions, ctx)?;
+        let cache_len = req.cache_len as usize;
+        if cache_len >= prompt_len {
+            return Err(invalid(
+                "cache_len",
+                format!("{cache_len} cached tokens leave nothing to compute of a {prompt_len}-token prompt"),
+            ));
+        }
+        if req.chunk_len == Some(0) {
+            return Err(invalid("chunk_len", "must be at least 1".into()));
+        }
+        let uncached = prompt_len - cache_len;
+        let first = req
+            .chunk_len
+            .map_or(uncached, |c| (c as usize).min(uncached));
+        Ok(Seq {
+            id: req.id,
+            sampler: Sampler::new(req.sampling, &tokens, req.top_n_tokens as usize),
+            stopper: StoppingCriteria::new(req.stop, &ctx.eos_token_ids),
+            detok: Detokenizer::new(&tokens),
+            tokens,
+            prompt_len,
+            computed: cache_len,
+            blocks: req.blocks,
+            slots,
+            first_chunk: Some(first),
+            prefill_logprobs: req.prefill_logprobs,
+            prefill_out: Vec::new(),
+            carried_logprob: f32::NAN,
+        })
+    }
+
+    /// KV capacity reserved for this request.
+    pub fn capacity(&self, block_size: usize) -> usize {
+        self.blocks.len() * block_size
+    }
+
+    /// Tokens this request computes in the next forward. A prefill continuation draws on the
+    /// shared `budget`; the first chunk was budgeted by the router and a decode step is one token.
+    pub fn next_len(&self, budget: &mut usize) -> usize {
+        let pending = self.tokens.len() - self.computed;
+        if let Some(first) = self.first_chunk {
+            return first;
+        }
+        if self.computed >= self.prompt_len {
+            return pending;
+        }
+        let n = pending.min(*budget);
+        *budget -= n;
+        n
+    }
+
+    /// The forward input for the next `n` tokens.
+    pub fn input(&self, n: usize) -> SeqInput {
+        let end = self.computed + n;
+        let reaches_end = end == self.tokens.len();
+        let wants_prompt = self.prefill_logprobs && self.computed < self.prompt_len;
+        let logits = match (wants_prompt, reaches_end) {
+            (true, _) => LogitsWanted::All,
+            (false, true) => LogitsWanted::Last,
+            (false, false) => LogitsWanted::None,
+        };
+        SeqInput {
+            tokens: self.tokens[self.computed..end].to_vec(),
+            start_pos: self.computed,
+            slots: self.slots[self.computed..end].to_vec(),
+            block_table: self.blocks.clone(),
+            logits,
+        }
+    }
+
+    /// Records a forward of `n` tokens that returned `rows` (flattened, `vocab` wide) and, once
+    /// the prompt is done, chooses the next token.
+    pub fn advance(
+        &mut self,
+        n: usize,
+        rows: &[f32],
+        ctx: &Ctx,
+    ) -> Result<Option<GenerationOut>, Error> {
+        let vocab = ctx.vocab_size;
+        let start = self.computed;
+        self.computed += n;
+        self.first_chunk = None;
+        if self.prefill_logprobs && start < self.prompt_len {
+            self.record_prompt_logprobs(start, n, rows, ctx)?;
+        }
+        if self.computed < self.tokens.len() {
+            return Ok(None);
+        }
+        let last = rows
+            .len()
+            .checked_sub(vocab)
+            .map(|at| &rows[at..])
+            .ok_or_else(|| Error::Sampling(format!("request {}: no logits returned", self.id)))?;
+        let choice = self.sampler.choose(last)?;
+        self.tokens.push(choice.id);
+        let text = self.detok.push(&ctx.tokenizer, choice.id)?;
+        let reason = self.stopper.check(choice.id, &text);
+        let token = TokenOut {
+            id: choice.id,
+            logprob: choice.logprob,
+            text,
+            special: ctx.special.contains(&choice.id),
+        };
+        let top = choice
+            .top
+            .iter()
+            .map(|&(id, logprob)| token_out(id, logprob, ctx))
+            .collect::<Result<_, _>>()?;
+        let finished = match reason {
+            Some(reason) => Some(Finished {
+                text: self.detok.full_text(&ctx.tokenizer)?,
+                generated_tokens: self.stopper.generated(),
+                reason,
+                seed: self.sampler.seed(),
+            }),
+            None => None,
+        };
+        let prefill = (self.prefill_logprobs && self.stopper.generated() == 1)
+            .then(|| std::mem::take(&mut self.prefill_out));
+        Ok(Some(GenerationOut {
+            request_id: self.id,
+            prefill,
+            token,
+            top,
+            finished,
+        }))
+    }
+
+    /// Logprobs of the prompt tokens this chunk covers: row `i` predicts position `start + i + 1`.
+    fn record_prompt_logprobs(
+        &mut self,
+        start: usize,
+        n: usize,
+        rows: &[f32],
+        ctx: &Ctx,
+    ) -> Result<(), Error> {
+        let vocab = ctx.vocab_size;
+        if rows.len() != n * vocab {
+            return Err(Error::Sampling(format!(
+                "request {}: expected {n} logits rows, got {} values",
+                self.id,
+                rows.len()
+            )));
+        }
+        let row_logprob =
+            |i: usize, token: u32| log_softmax(&rows[i * vocab..(i + 1) * vocab])[token as usize];
+        let end = (start + n).min(self.prompt_len);
+        for p in start..end {
+            let logprob = match p {
+                0 => f32::NAN,
+                p if p == start => self.carried_logprob,
+                p => row_logprob(p - 1 - start, self.tokens[p]),
+            };
+            self.prefill_out
+                .push(token_out(self.tokens[p], logprob, ctx)?);
+        }
+        if end < self.prompt_len {
+            self.carried_logprob = row_logprob(n - 1, self.tokens[end]);
+        }
+        Ok(())
+    }
+}
+
+fn token_out(id: u32, logprob: f32, ctx: &Ctx) -> Result<TokenOut, Error> {
+    let text = ctx
+        .tokenizer
+        .decode(&[id], false)
+        .map_err(|e| Error::Tokenizer(format!("decode of token {id} failed: {e}")))?;
+    Ok(TokenOut {
+        id,
+        logprob,
+        text,
+        special: ctx.special.contains(&id),
+    })
+}
+
+/// Prompt ids, truncated to the last `truncate` tokens when asked.
+fn tokenize(req: &NewRequest, tokenizer: &Tokenizer) -> Result<Vec<u32>, Error> {
+    if req.inputs.is_empty() {
+        return Err(invalid("inputs", "cannot be empty".into()));
+    }
+    let encoding = tokenizer
+        .encode(req.inputs.as_str(), req.add_special_tokens)
+        .map_err(|e| invalid("inputs", format!("tokenization failed: {e}")))?;
+    let ids = encoding.get_ids();
+    let keep = match req.truncate as usize {
+        0 => ids.len(),
+        t => t.min(ids.len()),
+    };
+    if keep == 0 {
+        return Err(invalid("inputs", "tokenizes to no tokens".into()));
+    }
+    Ok(ids[ids.len() - keep..].to_vec())
+}
+
+/// The slot of every position below `positions`, checked against the block table and the cache.
+fn placement(
+    blocks: &[u32],
+    slots: &[u32],
+    positions: usize,
+    ctx: &Ctx,
+) -> Result<Vec<u32>, Error> {
+    let bs = ctx.block_size;
+    if let Some(&b) = blocks.iter().find(|&&b| b as usize >= ctx.num_blocks) {
+        return Err(invalid(
+            "blocks",
+            format!("block {b} is past the KV cache ({} blocks)", ctx.num_blocks),
+        ));
+    }
+    let slots: Vec<u32> = if slots.is_empty() {
+        (0..blocks.len() * bs)
+            .map(|p| blocks[p / bs] * bs as u32 + (p % bs) as u32)
+            .collect()
+    } else {
+        slots.to_vec()
+    };
+    if slots.len() < positions {
+        return Err(invalid(
+            "slots",
+            format!(
+                "{} slots for {positions} positions (prompt + max_new_tokens - 1)",
+                slots.len()
+            ),
+        ));
+    }
+    for (p, &s) in slots.iter().take(positions).enumerate() {
+        let block = blocks.get(p / bs).copied();
+        if block != Some(s / bs as u32) {
+            return Err(invalid(
+                "slots",
+                format!("slot {s} of position {p} is not in block {block:?} of the block table"),
+            ));
+        }
+    }
+    Ok(slots)
+}

@@ -1,0 +1,130 @@
+//! Warmup (run the router's max-size prefill, then size the KV cache from the memory left) and
+//! Health (a real one-token forward into block 0, which the router reserves for it).
+
+use super::types::{WarmupIn, WarmupOut};
+use super::Engine;
+use crate::forward::{ForwardBatch, LogitsWanted, SeqInput};
+use crate::kv_cache::KvCache;
+use crate::Error;
+
+/// Bytes the kernel reports as available for new allocations (`MemAvailable` in /proc/meminfo).
+pub fn mem_available() -> Result<u64, Error> {
+    let path = "/proc/meminfo";
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse_mem_available(&text).ok_or_else(|| Error::Device(format!("{path}: no MemAvailable line")))
+}
+
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+impl Engine {
+    pub(super) fn warmup(&mut self, w: WarmupIn) -> Result<WarmupOut, Error> {
+        // Warmup replaces the cache: batches held in the old one would read garbage.
+        self.batches.clear();
+        let warmup_blocks = w
+            .batch
+            .requests
+            .iter()
+            .flat_map(|r| r.blocks.iter())
+            .max()
+            .map_or(1, |&b| b as usize + 1);
+        if warmup_blocks > self.ctx.num_blocks {
+            self.resize_cache(warmup_blocks)?;
+        }
+        self.opts.max_prefill_tokens = (w.max_prefill_tokens as usize).max(1);
+        let id = w.batch.id;
+        let result = self.prefill(w.batch, None);
+        self.batches.remove(&id);
+        result.map_err(|e| match e {
+            Error::InvalidArgument { .. } | Error::BatchNotFound(_) => e,
+            e => Error::Device(format!(
+                "warmup prefill of {} tokens failed ({e}): decrease --max-batch-prefill-tokens",
+                w.max_prefill_tokens
+            )),
+        })?;
+
+        let num_blocks = self.kv_blocks_for_memory()?.max(warmup_blocks);
+        self.resize_cache(num_blocks)?;
+        let bs = self.ctx.block_size;
+        let supported = (num_blocks * bs).min(u32::MAX as usize) as u32;
+        let positions = self.config.max_position_embeddings.min(u32::MAX as usize) as u32;
+        let max_total = w.max_total_tokens.unwrap_or(supported.min(positions));
+        let max_input = w.max_input_tokens.unwrap_or(max_total.saturating_sub(1));
+        tracing::info!(
+            num_blocks,
+            supported,
+            max_input,
+            max_total,
+            "KV cache sized by warmup"
+        );
+        Ok(WarmupOut {
+            max_supported_total_tokens: supported,
+            max_input_tokens: max_input,
+            max_total_tokens: max_total,
+        })
+    }
+
+    /// Blocks that fit in `--kv-cache-memory`, or in this rank's share of the available memory
+    /// (measured after dropping the current cache, so its own pages count as free).
+    fn kv_blocks_for_memory(&mut self) -> Result<usize, Error> {
+        let per_block = KvCache::bytes_per_block(&self.config, self.ctx.block_size) as u64;
+        let bytes = match self.opts.kv_cache_memory {
+            Some(bytes) => bytes,
+            None => {
+                self.resize_cache(1)?;
+                let share = self.opts.kv_memory_fraction / self.opts.world_size.max(1) as f64;
+                (mem_available()? as f64 * share) as u64
+            }
+        };
+        Ok((bytes / per_block.max(1)) as usize)
+    }
+
+    fn resize_cache(&mut self, num_blocks: usize) -> Result<(), Error> {
+        // Free the old cache first so both never hold memory at once.
+        self.cache = KvCache::new(&self.config, 1, self.ctx.block_size);
+        self.cache = KvCache::new(&self.config, num_blocks, self.ctx.block_size);
+        self.ctx.num_blocks = num_blocks;
+        Ok(())
+    }
+
+    /// A one-token forward at position 0 into slot 0 of block 0; the logits must be finite.
+    pub(super) fn health(&mut self) -> Result<(), Error> {
+        let token = self.config.bos_token_id.unwrap_or(0);
+        let batch = ForwardBatch {
+            seqs: vec![SeqInput {
+                tokens: vec![token],
+                start_pos: 0,
+                slots: vec![0],
+                block_table: vec![0],
+                logits: LogitsWanted::Last,
+            }],
+        };
+        let rows = self.model.forward(&batch, &mut self.cache)?;
+        let ok = rows
+            .first()
+            .is_some_and(|r| r.len() == self.ctx.vocab_size && r.iter().all(|v| v.is_finite()));
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Device(
+                "health forward produced no finite logits".into(),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mem_available() {
+        let text = "MemTotal:       131072000 kB\nMemFree:  1 kB\nMemAvailable:   65536 kB\n";
+        assert_eq!(parse_mem_available(text), Some(65536 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
+        assert!(mem_available().unwrap() > 0);
+    }
+}

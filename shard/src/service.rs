@@ -1,0 +1,281 @@
+//! The `generate.v3.TextGenerationService` gRPC layer: converts messages to the engine's domain
+//! types and back, and maps [`Error`] to `tonic::Status` in the one `From` below. No model work
+//! happens here; every RPC is one command to the engine thread.
+
+use tessera_proto::v3::{self as pb, input_chunk::Chunk};
+use tessera_proto::TextGenerationService;
+use tonic::{Request, Response, Status};
+
+use crate::engine::{
+    BatchInfo, EngineHandle, GenerationOut, NewBatch, NewRequest, StepOut, TokenOut, WarmupIn,
+};
+use crate::sampling::SamplingParams;
+use crate::stopping::StopParams;
+use crate::Error;
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let message = e.to_string();
+        match e {
+            Error::InvalidArgument { .. } | Error::Tokenizer(_) | Error::InvalidBatch(_) => {
+                Status::invalid_argument(message)
+            }
+            Error::BatchNotFound(_) => Status::not_found(message),
+            Error::EngineStopped => Status::unavailable(message),
+            _ => Status::internal(message),
+        }
+    }
+}
+
+/// The gRPC service of one rank.
+pub struct ShardService {
+    engine: EngineHandle,
+    uds_path: String,
+    world_size: usize,
+}
+
+impl ShardService {
+    /// `uds_path` is the socket prefix shared by all ranks (each serves `{uds_path}-{rank}`).
+    pub fn new(engine: EngineHandle, uds_path: impl Into<String>, world_size: usize) -> Self {
+        ShardService {
+            engine,
+            uds_path: uds_path.into(),
+            world_size,
+        }
+    }
+}
+
+fn invalid(field: String, reason: &str) -> Error {
+    Error::InvalidArgument {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Names a request's field the way the engine does: `batch.requests[i].field`.
+fn in_request(e: Error, index: usize) -> Error {
+    match e {
+        Error::InvalidArgument { field, reason } => Error::InvalidArgument {
+            field: format!("batch.requests[{index}].{field}"),
+            reason,
+        },
+        e => e,
+    }
+}
+
+/// The prompt text: `inputs`, or the text chunks of `input_chunks` when `inputs` is empty.
+fn prompt_text(r: &pb::Request) -> Result<String, Error> {
+    if !r.inputs.is_empty() {
+        return Ok(r.inputs.clone());
+    }
+    let mut text = String::new();
+    for chunk in r.input_chunks.iter().flat_map(|i| &i.chunks) {
+        match &chunk.chunk {
+            Some(Chunk::Text(t)) => text.push_str(t),
+            Some(Chunk::Image(_)) => {
+                return Err(invalid("input_chunks".into(), "images are not supported"))
+            }
+            None => {}
+        }
+    }
+    Ok(text)
+}
+
+fn new_request(r: pb::Request) -> Result<NewRequest, Error> {
+    if r.adapter_id.as_deref().is_some_and(|a| !a.is_empty()) {
+        return Err(invalid(
+            "adapter_id".into(),
+            "LoRA adapters are not supported",
+        ));
+    }
+    Ok(NewRequest {
+        id: r.id,
+        inputs: prompt_text(&r)?,
+        truncate: r.truncate,
+        add_special_tokens: r.add_special_tokens,
+        sampling: SamplingParams::from_proto(r.parameters.as_ref())?,
+        stop: StopParams::from_proto(r.stopping_parameters.as_ref())?,
+        prefill_logprobs: r.prefill_logprobs,
+        top_n_tokens: r.top_n_tokens,
+        blocks: r.blocks,
+        slots: r.slots,
+        cache_len: r.cache_len,
+        chunk_len: r.chunk_len,
+    })
+}
+
+fn new_batch(batch: Option<pb::Batch>) -> Result<NewBatch, Error> {
+    let batch = batch.ok_or_else(|| invalid("batch".into(), "missing"))?;
+    let requests = batch
+        .requests
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| new_request(r).map_err(|e| in_request(e, i)))
+        .collect::<Result<_, _>>()?;
+    Ok(NewBatch {
+        id: batch.id,
+        requests,
+    })
+}
+
+fn cached_batch(b: BatchInfo) -> pb::CachedBatch {
+    pb::CachedBatch {
+        id: b.id,
+        size: b.request_ids.len() as u32,
+        request_ids: b.request_ids,
+        max_tokens: b.max_tokens,
+        current_tokens: b.current_tokens,
+    }
+}
+
+fn tokens(list: Vec<TokenOut>) -> pb::Tokens {
+    let mut t = pb::Tokens::default();
+    for token in list {
+        t.ids.push(token.id);
+        t.logprobs.push(token.logprob);
+        t.texts.push(token.text);
+        t.is_special.push(token.special);
+    }
+    t
+}
+
+fn generation(g: GenerationOut) -> pb::Generation {
+    pb::Generation {
+        request_id: g.request_id,
+        prefill_tokens: g.prefill.map(tokens),
+        tokens: Some(tokens(vec![g.token])),
+        generated_text: g.finished.map(|f| pb::GeneratedText {
+            text: f.text,
+            generated_tokens: f.generated_tokens,
+            finish_reason: f.reason as i32,
+            seed: f.seed,
+        }),
+        // One list per generated token (one token per step: no speculation).
+        top_tokens: vec![tokens(g.top)],
+    }
+}
+
+/// Prefill and Decode answer the same fields.
+fn step_parts(out: StepOut) -> (Vec<pb::Generation>, Option<pb::CachedBatch>) {
+    let generations = out.generations.into_iter().map(generation).collect();
+    (generations, out.batch.map(cached_batch))
+}
+
+#[tonic::async_trait]
+impl TextGenerationService for ShardService {
+    async fn info(
+        &self,
+        _: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let info = self.engine.info().await?;
+        Ok(Response::new(pb::InfoResponse {
+            requires_padding: false,
+            dtype: info.dtype,
+            device_type: info.device_type,
+            window_size: info.window_size,
+            speculate: 0,
+            support_chunking: true,
+            use_prefix_caching: true,
+            attention_impl: "paged".into(),
+            block_size: info.block_size,
+        }))
+    }
+
+    async fn service_discovery(
+        &self,
+        _: Request<pb::ServiceDiscoveryRequest>,
+    ) -> Result<Response<pb::ServiceDiscoveryResponse>, Status> {
+        let urls = (0..self.world_size)
+            .map(|r| format!("unix://{}-{r}", self.uds_path))
+            .collect();
+        Ok(Response::new(pb::ServiceDiscoveryResponse { urls }))
+    }
+
+    async fn clear_cache(
+        &self,
+        request: Request<pb::ClearCacheRequest>,
+    ) -> Result<Response<pb::ClearCacheResponse>, Status> {
+        self.engine.clear_cache(request.into_inner().id).await?;
+        Ok(Response::new(pb::ClearCacheResponse {}))
+    }
+
+    async fn filter_batch(
+        &self,
+        request: Request<pb::FilterBatchRequest>,
+    ) -> Result<Response<pb::FilterBatchResponse>, Status> {
+        let r = request.into_inner();
+        let batch = self.engine.filter(r.batch_id, r.request_ids).await?;
+        Ok(Response::new(pb::FilterBatchResponse {
+            batch: Some(cached_batch(batch)),
+        }))
+    }
+
+    async fn warmup(
+        &self,
+        request: Request<pb::WarmupRequest>,
+    ) -> Result<Response<pb::WarmupResponse>, Status> {
+        let r = request.into_inner();
+        let out = self
+            .engine
+            .warmup(WarmupIn {
+                batch: new_batch(r.batch)?,
+                max_input_tokens: r.max_input_tokens,
+                max_prefill_tokens: r.max_prefill_tokens,
+                max_total_tokens: r.max_total_tokens,
+            })
+            .await?;
+        Ok(Response::new(pb::WarmupResponse {
+            max_supported_total_tokens: Some(out.max_supported_total_tokens),
+            max_input_tokens: out.max_input_tokens,
+            max_total_tokens: out.max_total_tokens,
+        }))
+    }
+
+    async fn prefill(
+        &self,
+        request: Request<pb::PrefillRequest>,
+    ) -> Result<Response<pb::PrefillResponse>, Status> {
+        let r = request.into_inner();
+        let batch = new_batch(r.batch)?;
+        let out = self
+            .engine
+            .prefill(batch, r.cached_batch.map(|c| c.id))
+            .await?;
+        let t = out.timings;
+        let (generations, batch) = step_parts(out);
+        Ok(Response::new(pb::PrefillResponse {
+            generations,
+            batch,
+            forward_ns: t.forward_ns,
+            decode_ns: t.decode_ns,
+            total_ns: t.total_ns,
+            concat_ns: t.concat_ns,
+        }))
+    }
+
+    async fn decode(
+        &self,
+        request: Request<pb::DecodeRequest>,
+    ) -> Result<Response<pb::DecodeResponse>, Status> {
+        let ids = request.into_inner().batches.iter().map(|b| b.id).collect();
+        let out = self.engine.decode(ids).await?;
+        let t = out.timings;
+        let (generations, batch) = step_parts(out);
+        Ok(Response::new(pb::DecodeResponse {
+            generations,
+            batch,
+            forward_ns: t.forward_ns,
+            decode_ns: t.decode_ns,
+            total_ns: t.total_ns,
+            concat_ns: t.concat_ns,
+        }))
+    }
+
+    async fn health(
+        &self,
+        _: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        self.engine.health().await?;
+        Ok(Response::new(pb::HealthResponse {}))
+    }
+}
