@@ -1,0 +1,148 @@
+//! Batch invariance: the same prompts run one by one, batched together, with the prefill split
+//! into chunks (mixed with other sequences' decode steps), and with KV blocks scattered in shuffled
+//! order must give the same logits and the same greedy ids.
+
+mod engine_common;
+
+use engine_common::*;
+use tessera_shard::forward::{ForwardBatch, LogitsWanted, SeqInput};
+use tessera_shard::generate::argmax;
+use tessera_shard::kv_cache::KvCache;
+use tessera_shard::loader::{load, LoadOptions};
+use tessera_shard::models::Model;
+
+const BLOCK: usize = 4;
+
+/// How a schedule feeds the sequences.
+#[derive(Clone, Copy, Debug)]
+struct Schedule {
+    /// Largest prefill chunk per forward.
+    chunk: usize,
+    /// All sequences in each forward, or one sequence after the other.
+    together: bool,
+    /// Hand out blocks in a shuffled order from a cache larger than needed.
+    scatter: bool,
+}
+
+#[derive(Debug, Default)]
+struct SeqRun {
+    prompt: Vec<u32>,
+    blocks: Vec<u32>,
+    fed: usize,
+    /// Logits of every prompt position, then of every decode step.
+    rows: Vec<Vec<f32>>,
+    generated: Vec<u32>,
+}
+
+fn shuffled(n: usize, seed: u64) -> Vec<u32> {
+    let mut v: Vec<u32> = (0..n as u32).collect();
+    let mut s = seed;
+    for i in (1..n).rev() {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        v.swap(i, (s >> 33) as usize % (i + 1));
+    }
+    v
+}
+
+/// The next input of `r`, or `None` when it has generated `steps` tokens.
+fn next_input(r: &SeqRun, chunk: usize, steps: usize) -> Option<SeqInput> {
+    let (tokens, logits) = if r.fed < r.prompt.len() {
+        (r.prompt[r.fed..(r.fed + chunk).min(r.prompt.len())].to_vec(), LogitsWanted::All)
+    } else if r.generated.len() < steps {
+        (vec![*r.generated.last().unwrap()], LogitsWanted::Last)
+    } else {
+        return None;
+    };
+    let slots = (r.fed..r.fed + tokens.len())
+        .map(|p| r.blocks[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32)
+        .collect();
+    Some(SeqInput { tokens, start_pos: r.fed, slots, block_table: r.blocks.clone(), logits })
+}
+
+fn run(model: &Model, prompts: &[Vec<u32>], steps: usize, s: Schedule) -> Vec<SeqRun> {
+    let needed: Vec<usize> = prompts.iter().map(|p| (p.len() + steps).div_ceil(BLOCK)).collect();
+    let total: usize = needed.iter().sum::<usize>() + if s.scatter { 7 } else { 0 };
+    let pool = if s.scatter { shuffled(total, 42) } else { (0..total as u32).collect() };
+    let mut cache = KvCache::new(model.config(), total, BLOCK);
+    let mut at = 0;
+    let mut runs: Vec<SeqRun> = prompts
+        .iter()
+        .zip(&needed)
+        .map(|(p, &n)| {
+            at += n;
+            SeqRun { prompt: p.clone(), blocks: pool[at - n..at].to_vec(), ..SeqRun::default() }
+        })
+        .collect();
+    loop {
+        let mut who = Vec::new();
+        let mut batch = ForwardBatch::default();
+        for (i, r) in runs.iter().enumerate() {
+            if let Some(input) = next_input(r, s.chunk, steps) {
+                who.push(i);
+                batch.seqs.push(input);
+                if !s.together {
+                    break;
+                }
+            }
+        }
+        if who.is_empty() {
+            return runs;
+        }
+        let out = model.forward(&batch, &mut cache).unwrap();
+        let vocab = model.config().vocab_size;
+        for ((&i, input), logits) in who.iter().zip(&batch.seqs).zip(out) {
+            let r = &mut runs[i];
+            r.fed += input.tokens.len();
+            r.rows.extend(logits.chunks_exact(vocab).map(<[f32]>::to_vec));
+            if r.fed >= r.prompt.len() {
+                r.generated.push(argmax(r.rows.last().unwrap()));
+            }
+        }
+    }
+}
+
+fn assert_same(a: &[SeqRun], b: &[SeqRun], what: &str) {
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert_eq!(x.generated, y.generated, "{what}: sequence {i} greedy ids");
+        assert_eq!(x.rows.len(), y.rows.len(), "{what}: sequence {i} row count");
+        for (j, (rx, ry)) in x.rows.iter().zip(&y.rows).enumerate() {
+            let d = max_abs_diff(rx, ry);
+            assert!(d < 1e-4, "{what}: sequence {i} row {j} differs by {d}");
+        }
+    }
+}
+
+fn check_invariance(model: &Model, prompts: &[Vec<u32>], steps: usize) {
+    let base = run(model, prompts, steps, Schedule { chunk: usize::MAX, together: false, scatter: false });
+    assert!(base.iter().all(|r| r.generated.len() == steps));
+    let schedules = [
+        ("batched", Schedule { chunk: usize::MAX, together: true, scatter: false }),
+        ("chunked", Schedule { chunk: 5, together: false, scatter: false }),
+        ("chunked+batched", Schedule { chunk: 3, together: true, scatter: false }),
+        ("scattered blocks", Schedule { chunk: 7, together: true, scatter: true }),
+    ];
+    for (what, s) in schedules {
+        assert_same(&base, &run(model, prompts, steps, s), what);
+    }
+}
+
+fn encode(loaded: &tessera_shard::loader::Loaded, texts: &[&str]) -> Vec<Vec<u32>> {
+    texts.iter().map(|t| loaded.tokenizer.encode(*t, true).unwrap().get_ids().to_vec()).collect()
+}
+
+#[test]
+fn stories260k_is_batch_invariant() {
+    let loaded = load(&stories(), &LoadOptions::default()).unwrap();
+    let prompts = encode(
+        &loaded,
+        &["Once upon a time", "Lily and Tom went to the park to play with a big red ball and a small dog", "The"],
+    );
+    check_invariance(&loaded.model, &prompts, 12);
+}
+
+#[test]
+fn smollm2_is_batch_invariant() {
+    let loaded = load(&smollm2_gguf(), &LoadOptions::default()).unwrap();
+    let prompts = encode(&loaded, &["def fibonacci(n):", "The capital of France is a city where", "Hi"]);
+    check_invariance(&loaded.model, &prompts, 5);
+}
