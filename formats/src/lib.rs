@@ -3,5 +3,6 @@
 pub mod error;
 pub mod gguf;
 pub mod tokenizer;
+pub mod chat_template;
 
 pub use error::{Error, Result};
