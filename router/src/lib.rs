@@ -1,4 +1,15 @@
 //! Tessera router: TGI and OpenAI HTTP APIs, validation, continuous batching over the shards.
 
+pub mod api;
 pub mod args;
+pub mod batcher;
+pub mod client;
+pub mod error;
+pub mod metrics;
+pub mod openai;
+pub mod openai_types;
+pub mod openapi;
 pub mod scheduler;
+pub mod server;
+pub mod startup;
+pub mod validation;

@@ -59,10 +59,6 @@ impl Queue {
         self.entries.push_front(waiting);
     }
 
-    pub fn front(&self) -> Option<&Waiting> {
-        self.entries.front()
-    }
-
     /// Remove a waiting request; false when it is not waiting.
     pub fn remove(&mut self, id: RequestId) -> bool {
         let before = self.entries.len();

@@ -1,0 +1,413 @@
+//! The one async loop driving the shards: it owns the scheduler, runs each step's RPC on every shard and
+//! delivers each request's events on its own channel (tokens, then exactly one end). `Infer` is the
+//! handle the HTTP side uses: admission (429), submission, health.
+
+use crate::api::{FinishReason, PrefillToken, Token};
+use crate::client::{ForwardResult, ShardedClient};
+use crate::error::{Result, RouterError};
+use crate::metrics as m;
+use crate::scheduler::{Event, NewRequest, Outcome, Scheduler, Step};
+use crate::validation::ValidRequest;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+use tessera_proto::v3::{self, Generation, Tokens};
+use tessera_proto::RequestId;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// What a request's channel carries.
+#[derive(Debug)]
+pub enum InferEvent {
+    Token {
+        token: Token,
+        top_tokens: Vec<Token>,
+        /// Prompt tokens with logprobs, on the first token only and only when asked for.
+        prefill: Vec<PrefillToken>,
+    },
+    End(End),
+    Error(RouterError),
+}
+
+/// The last event of a successful request.
+#[derive(Debug, Clone)]
+pub struct End {
+    pub text: String,
+    pub generated_tokens: u32,
+    pub finish_reason: FinishReason,
+    pub seed: Option<u64>,
+    pub queued: Instant,
+    pub started: Instant,
+}
+
+/// A whole generation (non-streaming routes).
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub prefill: Vec<PrefillToken>,
+    pub tokens: Vec<Token>,
+    pub top_tokens: Vec<Vec<Token>>,
+    pub end: Option<End>,
+    pub input_length: u32,
+    /// When validation finished (the queue time starts here).
+    pub validated: Instant,
+}
+
+impl Default for Generated {
+    fn default() -> Self {
+        Generated {
+            prefill: Vec::new(),
+            tokens: Vec::new(),
+            top_tokens: Vec::new(),
+            end: None,
+            input_length: 0,
+            validated: Instant::now(),
+        }
+    }
+}
+
+impl Generated {
+    /// The end event; `generate` only returns `Ok` with one.
+    pub fn end(&self) -> &End {
+        self.end.as_ref().expect("a finished generation has an end")
+    }
+
+    /// Mean logprob of the generated tokens (how `best_of` ranks sequences).
+    pub fn mean_logprob(&self) -> f32 {
+        let n = self.tokens.len().max(1) as f32;
+        self.tokens.iter().map(|t| t.logprob).filter(|l| l.is_finite()).sum::<f32>() / n
+    }
+}
+
+struct Command {
+    request: ValidRequest,
+    tx: UnboundedSender<InferEvent>,
+    span: tracing::Span,
+}
+
+/// A request in flight, as the batcher tracks it.
+struct Tracked {
+    tx: UnboundedSender<InferEvent>,
+    arrived: Instant,
+    queued: Instant,
+    started: Option<Instant>,
+    last_token: Option<Instant>,
+    input_length: u32,
+    span: tracing::Span,
+}
+
+/// The HTTP side's handle on the batcher.
+#[derive(Clone)]
+pub struct Infer {
+    commands: UnboundedSender<Command>,
+    limiter: Arc<Semaphore>,
+    client: ShardedClient,
+}
+
+impl Infer {
+    /// Start the batching loop.
+    pub fn spawn(scheduler: Scheduler, client: ShardedClient, max_concurrent_requests: usize) -> Self {
+        let (commands, rx) = unbounded_channel();
+        let batcher = Batcher { scheduler, client: client.clone(), commands: rx, requests: HashMap::new(), next_id: 0 };
+        tokio::spawn(batcher.run());
+        Infer { commands, limiter: Arc::new(Semaphore::new(max_concurrent_requests)), client }
+    }
+
+    /// A slot among `max_concurrent_requests`, held for the life of the response.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit> {
+        self.limiter.clone().try_acquire_owned().map_err(|_| RouterError::Overloaded)
+    }
+
+    /// Queue a validated request; dropping the receiver cancels it.
+    pub fn submit(&self, request: ValidRequest, span: tracing::Span) -> UnboundedReceiver<InferEvent> {
+        let (tx, rx) = unbounded_channel();
+        // The batcher lives as long as the process; if it is gone the receiver just ends.
+        let _ = self.commands.send(Command { request, tx, span });
+        rx
+    }
+
+    /// Run a request to its end and collect everything it produced.
+    pub async fn generate(&self, request: ValidRequest, span: tracing::Span) -> Result<Generated> {
+        let input_length = request.input_ids.len() as u32;
+        let validated = Instant::now();
+        let mut rx = self.submit(request, span);
+        let mut generated = Generated { input_length, validated, ..Default::default() };
+        while let Some(event) = rx.recv().await {
+            match event {
+                InferEvent::Token { token, top_tokens, prefill } => {
+                    if !prefill.is_empty() {
+                        generated.prefill = prefill;
+                    }
+                    generated.tokens.push(token);
+                    generated.top_tokens.push(top_tokens);
+                }
+                InferEvent::End(end) => {
+                    generated.end = Some(end);
+                    return Ok(generated);
+                }
+                InferEvent::Error(e) => return Err(e),
+            }
+        }
+        Err(RouterError::IncompleteGeneration)
+    }
+
+    /// Every shard answers Health.
+    pub async fn health(&self) -> Result<()> {
+        self.client.health().await.map_err(|e| {
+            tracing::warn!("health check failed: {e}");
+            RouterError::Unhealthy
+        })
+    }
+}
+
+struct Batcher {
+    scheduler: Scheduler,
+    client: ShardedClient,
+    commands: UnboundedReceiver<Command>,
+    requests: HashMap<RequestId, Tracked>,
+    next_id: u64,
+}
+
+impl Batcher {
+    async fn run(mut self) {
+        let mut stalled = false;
+        loop {
+            // 1. With nothing to do, sleep until a request arrives.
+            if self.scheduler.is_idle() || stalled {
+                let Some(command) = self.commands.recv().await else { return };
+                self.enqueue(command);
+            }
+            // 2. Take every other request that arrived meanwhile.
+            while let Ok(command) = self.commands.try_recv() {
+                self.enqueue(command);
+            }
+            // 3. Drop requests whose client went away (their blocks are freed now).
+            self.cancel_disconnected();
+            // 4. Ask the scheduler for the next shard RPC.
+            let step = self.scheduler.schedule(Instant::now());
+            stalled = step.is_none();
+            if let Some(step) = step {
+                // 5. Run it on every shard.
+                let outcome = self.execute(&step).await;
+                // 6. Feed the result back; deliver each request's events.
+                let delivering = Instant::now();
+                for event in self.scheduler.update(outcome) {
+                    self.deliver(event);
+                }
+                let method = if matches!(step, Step::Prefill { .. }) { "prefill" } else { "decode" };
+                metrics::histogram!(m::BATCH_FILTER_DURATION, "method" => method).record(delivering.elapsed().as_secs_f64());
+            }
+            // 7. Publish the gauges.
+            self.publish_gauges();
+        }
+    }
+
+    fn enqueue(&mut self, Command { request, tx, span }: Command) {
+        let id = RequestId(self.next_id);
+        self.next_id += 1;
+        span.record("request_id", id.0);
+        let now = Instant::now();
+        let tracked = Tracked {
+            tx,
+            arrived: request.arrived,
+            queued: now,
+            started: None,
+            last_token: None,
+            input_length: request.input_ids.len() as u32,
+            span,
+        };
+        self.requests.insert(id, tracked);
+        self.scheduler.enqueue(new_request(id, request), now);
+    }
+
+    fn cancel_disconnected(&mut self) {
+        let gone: Vec<RequestId> = self.requests.iter().filter(|(_, t)| t.tx.is_closed()).map(|(id, _)| *id).collect();
+        for id in gone {
+            self.drop_request(id);
+        }
+    }
+
+    fn drop_request(&mut self, id: RequestId) {
+        if let Some(tracked) = self.requests.remove(&id) {
+            tracked.span.in_scope(|| tracing::info!("client disconnected; request cancelled"));
+        }
+        self.scheduler.cancel(id);
+        metrics::counter!(m::REQUEST_FAILURE, "err" => "dropped").increment(1);
+    }
+
+    async fn execute(&mut self, step: &Step) -> Outcome {
+        match step {
+            Step::Prefill { batch, cached, admitted } => {
+                self.on_admitted(batch, cached.is_some(), admitted);
+                let result = self.client.prefill(batch.clone(), cached.clone());
+                forward_outcome("prefill", result).await
+            }
+            Step::Decode { batches } => forward_outcome("decode", self.client.decode(batches.clone())).await,
+            Step::Filter { batch_id, request_ids } => {
+                match self.client.filter_batch(*batch_id, request_ids.clone()).await {
+                    Ok(batch) => Outcome::Filtered(batch),
+                    Err(e) => Outcome::Failed(e.to_string()),
+                }
+            }
+            Step::Clear { batch_id } => {
+                if let Err(e) = self.client.clear_cache(Some(*batch_id)).await {
+                    tracing::warn!("ClearCache({batch_id}) failed: {e}");
+                }
+                Outcome::Cleared
+            }
+        }
+    }
+
+    fn on_admitted(&mut self, batch: &v3::Batch, merged: bool, admitted: &[(RequestId, std::time::Duration)]) {
+        let now = Instant::now();
+        for (id, waited) in admitted {
+            if let Some(tracked) = self.requests.get_mut(id) {
+                tracked.started = Some(now);
+            }
+            metrics::histogram!(m::REQUEST_QUEUE_DURATION).record(waited.as_secs_f64());
+        }
+        metrics::histogram!(m::BATCH_NEXT_SIZE).record(batch.requests.len() as f64);
+        if self.scheduler.stats().running > batch.requests.len() {
+            let reason = if merged { "chunking" } else { "backpressure" };
+            metrics::counter!(m::BATCH_CONCAT, "reason" => reason).increment(1);
+        }
+        let cached: u64 = batch.requests.iter().map(|r| r.cache_len as u64).sum();
+        let prompt: u64 = admitted.iter().filter_map(|(id, _)| self.requests.get(id)).map(|t| t.input_length as u64).sum();
+        metrics::counter!(m::PREFIX_CACHE_HIT_TOKENS).increment(cached);
+        metrics::counter!(m::PREFIX_CACHE_PROMPT_TOKENS).increment(prompt);
+    }
+
+    fn deliver(&mut self, event: Event) {
+        match event {
+            Event::Generation(generation) => self.deliver_generation(generation),
+            Event::Failed { id, message } => {
+                if let Some(tracked) = self.requests.remove(&id) {
+                    tracked.span.in_scope(|| tracing::error!("generation failed: {message}"));
+                    let _ = tracked.tx.send(InferEvent::Error(RouterError::Generation(message)));
+                }
+                metrics::counter!(m::REQUEST_FAILURE, "err" => "generation").increment(1);
+            }
+        }
+    }
+
+    fn deliver_generation(&mut self, generation: Generation) {
+        let id = RequestId(generation.request_id);
+        let Some(tracked) = self.requests.get_mut(&id) else { return };
+        let now = Instant::now();
+        let tokens = to_tokens(generation.tokens.as_ref());
+        let mut prefill = to_prefill(generation.prefill_tokens.as_ref());
+        for (i, token) in tokens.into_iter().enumerate() {
+            match tracked.last_token {
+                None => metrics::histogram!(m::TIME_TO_FIRST_TOKEN).record((now - tracked.arrived).as_secs_f64()),
+                Some(last) => metrics::histogram!(m::INTER_TOKEN_LATENCY).record((now - last).as_secs_f64()),
+            }
+            tracked.last_token = Some(now);
+            let top_tokens = to_tokens(generation.top_tokens.get(i));
+            let event = InferEvent::Token { token, top_tokens, prefill: std::mem::take(&mut prefill) };
+            if tracked.tx.send(event).is_err() {
+                self.drop_request(id);
+                return;
+            }
+        }
+        let Some(done) = generation.generated_text else { return };
+        let tracked = self.requests.remove(&id).expect("tracked above");
+        let started = tracked.started.unwrap_or(tracked.queued);
+        record_success(&tracked, started, done.generated_tokens);
+        let finish_reason = FinishReason::from_proto(done.finish_reason);
+        tracked.span.in_scope(|| tracing::info!(generated_tokens = done.generated_tokens, ?finish_reason, "request finished"));
+        let end = End {
+            text: done.text,
+            generated_tokens: done.generated_tokens,
+            finish_reason,
+            seed: done.seed,
+            queued: tracked.queued,
+            started,
+        };
+        let _ = tracked.tx.send(InferEvent::End(end));
+    }
+
+    fn publish_gauges(&self) {
+        let stats = self.scheduler.stats();
+        metrics::gauge!(m::QUEUE_SIZE).set(stats.queued as f64);
+        metrics::gauge!(m::BATCH_CURRENT_SIZE).set(stats.running as f64);
+        metrics::gauge!(m::BATCH_CURRENT_MAX_TOKENS).set(stats.max_tokens as f64);
+        metrics::gauge!(m::KV_BLOCKS_USED).set(stats.blocks_used as f64);
+        metrics::gauge!(m::KV_BLOCKS_FREE).set(stats.blocks_free as f64);
+    }
+}
+
+fn record_success(tracked: &Tracked, started: Instant, generated_tokens: u32) {
+    let inference = started.elapsed().as_secs_f64();
+    metrics::counter!(m::REQUEST_SUCCESS).increment(1);
+    metrics::histogram!(m::REQUEST_DURATION).record(tracked.arrived.elapsed().as_secs_f64());
+    metrics::histogram!(m::REQUEST_INFERENCE_DURATION).record(inference);
+    metrics::histogram!(m::REQUEST_GENERATED_TOKENS).record(generated_tokens as f64);
+    if generated_tokens > 0 {
+        metrics::histogram!(m::REQUEST_MEAN_TIME_PER_TOKEN).record(inference / generated_tokens as f64);
+    }
+}
+
+async fn forward_outcome(method: &'static str, call: impl std::future::Future<Output = Result<ForwardResult>>) -> Outcome {
+    let start = Instant::now();
+    metrics::counter!(m::BATCH_INFERENCE_COUNT, "method" => method).increment(1);
+    match call.await {
+        Ok(result) => {
+            metrics::counter!(m::BATCH_INFERENCE_SUCCESS, "method" => method).increment(1);
+            metrics::histogram!(m::BATCH_INFERENCE_DURATION, "method" => method).record(start.elapsed().as_secs_f64());
+            let t = result.timings;
+            metrics::histogram!(m::BATCH_FORWARD_DURATION, "method" => method).record(t.forward_ns as f64 / 1e9);
+            metrics::histogram!(m::BATCH_DECODE_DURATION, "method" => method).record(t.decode_ns as f64 / 1e9);
+            if let Some(concat) = t.concat_ns {
+                metrics::histogram!(m::BATCH_CONCAT_DURATION, "method" => method).record(concat as f64 / 1e9);
+            }
+            Outcome::Forward { generations: result.generations, batch: result.batch }
+        }
+        Err(e) => {
+            metrics::counter!(m::BATCH_INFERENCE_FAILURE, "method" => method).increment(1);
+            tracing::error!("{method} failed: {e}");
+            Outcome::Failed(e.to_string())
+        }
+    }
+}
+
+fn new_request(id: RequestId, r: ValidRequest) -> NewRequest {
+    let request = v3::Request {
+        id: id.0,
+        inputs: r.inputs.clone(),
+        input_chunks: Some(v3::Input {
+            chunks: vec![v3::InputChunk { chunk: Some(v3::input_chunk::Chunk::Text(r.inputs)) }],
+        }),
+        truncate: r.truncate,
+        parameters: Some(r.parameters),
+        stopping_parameters: Some(r.stopping.clone()),
+        prefill_logprobs: r.decoder_input_details,
+        top_n_tokens: r.top_n_tokens,
+        add_special_tokens: r.add_special_tokens,
+        ..Default::default()
+    };
+    NewRequest {
+        id,
+        input_ids: r.input_ids,
+        max_new_tokens: r.stopping.max_new_tokens,
+        prefill_logprobs: r.decoder_input_details,
+        request,
+    }
+}
+
+fn to_tokens(tokens: Option<&Tokens>) -> Vec<Token> {
+    let Some(t) = tokens else { return Vec::new() };
+    (0..t.ids.len())
+        .map(|i| Token {
+            id: t.ids[i],
+            text: t.texts.get(i).cloned().unwrap_or_default(),
+            logprob: t.logprobs.get(i).copied().unwrap_or(f32::NAN),
+            special: t.is_special.get(i).copied().unwrap_or(false),
+        })
+        .collect()
+}
+
+fn to_prefill(tokens: Option<&Tokens>) -> Vec<PrefillToken> {
+    to_tokens(tokens)
+        .into_iter()
+        .map(|t| PrefillToken { id: t.id, text: t.text, logprob: t.logprob.is_finite().then_some(t.logprob) })
+        .collect()
+}

@@ -1,0 +1,187 @@
+//! One gRPC client over all shards (TGI's `ShardedClient`): every RPC goes to every rank concurrently and
+//! the answers are merged by TGI's rules — except Health, which must succeed on every rank.
+
+use crate::error::{Result, RouterError};
+use futures::future::try_join_all;
+use hyper_util::rt::TokioIo;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tessera_proto::v3::*;
+use tessera_proto::TextGenerationServiceClient;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+type Client = TextGenerationServiceClient<Channel>;
+
+/// Shard-side timings of one forward (the slowest rank's).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardTimings {
+    pub forward_ns: u64,
+    pub decode_ns: u64,
+    pub total_ns: u64,
+    pub concat_ns: Option<u64>,
+}
+
+/// The merged answer of a Prefill or Decode.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardResult {
+    pub generations: Vec<Generation>,
+    pub batch: Option<CachedBatch>,
+    pub timings: ForwardTimings,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShardedClient {
+    clients: Vec<Client>,
+}
+
+async fn connect_uds(path: PathBuf) -> Result<Client> {
+    // The URI is a placeholder: the connector below ignores it and dials the socket.
+    let channel = Endpoint::from_static("http://[::]:50051")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+        .await
+        .map_err(|e| RouterError::Shard(format!("cannot connect: {e}")))?;
+    Ok(TextGenerationServiceClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX))
+}
+
+impl ShardedClient {
+    /// Connect to rank 0, ask it for every rank's socket, connect to each.
+    pub async fn connect(master: &Path) -> Result<Self> {
+        let mut master_client = connect_uds(master.to_path_buf())
+            .await
+            .map_err(|e| RouterError::Shard(format!("{} ({e})", master.display())))?;
+        let urls = master_client.service_discovery(ServiceDiscoveryRequest {}).await?.into_inner().urls;
+        if urls.is_empty() {
+            return Err(RouterError::Shard("ServiceDiscovery returned no shard".into()));
+        }
+        let paths = urls.iter().map(|u| PathBuf::from(u.trim_start_matches("unix://")));
+        let clients = try_join_all(paths.map(connect_uds)).await?;
+        Ok(ShardedClient { clients })
+    }
+
+    /// Connect, retrying until `timeout` (the shards may still be starting).
+    pub async fn connect_with_retry(master: &Path, timeout: Duration) -> Result<Self> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match Self::connect(master).await {
+                Ok(client) => return Ok(client),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(e) => tracing::info!("waiting for the shards: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Run `call` on every rank concurrently; rank-tagged errors.
+    async fn fan_out<T, F, Fut>(&self, call: F) -> Result<Vec<T>>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let calls = self.clients.iter().enumerate().map(|(rank, client)| {
+            let fut = call(client.clone());
+            async move {
+                fut.await.map(|r| r.into_inner()).map_err(|status| {
+                    RouterError::Shard(format!("rank {rank}: {:?}: {}", status.code(), status.message()))
+                })
+            }
+        });
+        try_join_all(calls).await
+    }
+
+    pub async fn clear_cache(&self, id: Option<u64>) -> Result<()> {
+        self.fan_out(|mut c| async move { c.clear_cache(ClearCacheRequest { id }).await }).await?;
+        Ok(())
+    }
+
+    /// Model info (rank 0's; ranks serve the same model).
+    pub async fn info(&self) -> Result<InfoResponse> {
+        let mut answers = self.fan_out(|mut c| async move { c.info(InfoRequest {}).await }).await?;
+        Ok(answers.swap_remove(0))
+    }
+
+    /// Healthy only when every rank answers (TGI looks at the last rank only).
+    pub async fn health(&self) -> Result<()> {
+        self.fan_out(|mut c| async move { c.health(HealthRequest {}).await }).await?;
+        Ok(())
+    }
+
+    /// Warmup on every rank; the tightest answer wins.
+    pub async fn warmup(&self, request: WarmupRequest) -> Result<WarmupResponse> {
+        let answers = self
+            .fan_out(|mut c| {
+                let request = request.clone();
+                async move { c.warmup(request).await }
+            })
+            .await?;
+        let min_supported = answers.iter().filter_map(|a| a.max_supported_total_tokens).min();
+        Ok(WarmupResponse {
+            max_supported_total_tokens: min_supported,
+            max_input_tokens: answers.iter().map(|a| a.max_input_tokens).min().unwrap_or(0),
+            max_total_tokens: answers.iter().map(|a| a.max_total_tokens).min().unwrap_or(0),
+        })
+    }
+
+    pub async fn prefill(&self, batch: Batch, cached_batch: Option<CachedBatch>) -> Result<ForwardResult> {
+        let request = PrefillRequest { batch: Some(batch), cached_batch };
+        let answers = self
+            .fan_out(|mut c| {
+                let request = request.clone();
+                async move { c.prefill(request).await }
+            })
+            .await?;
+        Ok(merge(answers.into_iter().map(|r| (r.generations, r.batch, timings(r.forward_ns, r.decode_ns, r.total_ns, r.concat_ns)))))
+    }
+
+    pub async fn decode(&self, batches: Vec<CachedBatch>) -> Result<ForwardResult> {
+        let request = DecodeRequest { batches };
+        let answers = self
+            .fan_out(|mut c| {
+                let request = request.clone();
+                async move { c.decode(request).await }
+            })
+            .await?;
+        Ok(merge(answers.into_iter().map(|r| (r.generations, r.batch, timings(r.forward_ns, r.decode_ns, r.total_ns, r.concat_ns)))))
+    }
+
+    pub async fn filter_batch(&self, batch_id: u64, request_ids: Vec<u64>) -> Result<Option<CachedBatch>> {
+        let request = FilterBatchRequest { batch_id, request_ids };
+        let mut answers = self
+            .fan_out(|mut c| {
+                let request = request.clone();
+                async move { c.filter_batch(request).await }
+            })
+            .await?;
+        Ok(answers.pop().and_then(|a| a.batch))
+    }
+}
+
+fn timings(forward_ns: u64, decode_ns: u64, total_ns: u64, concat_ns: Option<u64>) -> ForwardTimings {
+    ForwardTimings { forward_ns, decode_ns, total_ns, concat_ns }
+}
+
+/// Generations of all ranks (each rank may emit only its share; duplicates are dropped), the last
+/// rank's batch, the slowest rank's timings.
+fn merge(answers: impl Iterator<Item = (Vec<Generation>, Option<CachedBatch>, ForwardTimings)>) -> ForwardResult {
+    let mut result = ForwardResult::default();
+    let mut seen = std::collections::HashSet::new();
+    for (generations, batch, t) in answers {
+        result.generations.extend(generations.into_iter().filter(|g| seen.insert(g.request_id)));
+        result.batch = batch;
+        let r = &mut result.timings;
+        r.forward_ns = r.forward_ns.max(t.forward_ns);
+        r.decode_ns = r.decode_ns.max(t.decode_ns);
+        r.total_ns = r.total_ns.max(t.total_ns);
+        r.concat_ns = r.concat_ns.max(t.concat_ns);
+    }
+    result
+}

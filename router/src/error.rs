@@ -1,0 +1,180 @@
+//! The router's one error type and the one place it becomes an HTTP status + `{error, error_type}` body
+//! or an SSE error event (TGI's `InferError` + `ValidationError` messages, one enum, no strings to parse).
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::sse::Event;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use serde_json::json;
+
+pub type Result<T, E = RouterError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum RouterError {
+    // --- validation (422 `validation`), messages as TGI's §3 ---
+    #[error("Input validation error: you must use sampling when `best_of` is > 1")]
+    BestOfSampling,
+    #[error("Input validation error: `temperature` must be strictly positive")]
+    Temperature,
+    #[error("Input validation error: `repetition_penalty` must be strictly positive")]
+    RepetitionPenalty,
+    #[error("Input validation error: `frequency_penalty` must be >= -2.0 and <= 2.0")]
+    FrequencyPenalty,
+    #[error("Input validation error: `presence_penalty` must be >= -2.0 and <= 2.0")]
+    PresencePenalty,
+    #[error("Input validation error: `top_p` must be > 0.0 and <= 1.0")]
+    TopP,
+    #[error("Input validation error: `typical_p` must be > 0.0 and < 1.0")]
+    TypicalP,
+    #[error("Input validation error: `top_k` must be strictly positive")]
+    TopK,
+    #[error("Input validation error: `max_new_tokens` must be strictly positive")]
+    NegativeMaxNewTokens,
+    #[error("Input validation error: `stop` supports up to {0} stop sequences. Given: {1}")]
+    StopSequence(usize, usize),
+    #[error("Input validation error: `seed` must not be set when `best_of` > 1")]
+    BestOfSeed,
+    #[error("Input validation error: `top_n_tokens` must be >= 0 and <= {0}. Given: {1}")]
+    TopNTokens(u32, u32),
+    #[error("Input validation error: `inputs` cannot be empty")]
+    EmptyInput,
+    #[error("Input validation error: `truncate` must be strictly positive and less than {0}. Given: {1}")]
+    Truncate(u32, u32),
+    #[error("Input validation error: `inputs` tokens + `max_new_tokens` must be <= {0}. Given: {1} `inputs` tokens and {2} `max_new_tokens`")]
+    MaxTotalTokens(u32, u32, u32),
+    #[error("Input validation error: `inputs` must have less than {0} tokens. Given: {1}")]
+    InputLength(u32, u32),
+    #[error("Input validation error: grammar is not supported")]
+    Grammar,
+    #[error("Input validation error: `best_of` != 1 is not allowed for this endpoint")]
+    BestOfDisabled,
+    #[error("Input validation error: `best_of` must be > 0 and <= {0}. Given: {1}")]
+    BestOf(usize, usize),
+    #[error("Input validation error: `best_of` != 1 is not supported when streaming tokens")]
+    BestOfStream,
+    #[error("Input validation error: `decoder_input_details` == true is not supported when streaming tokens")]
+    PrefillDetailsStream,
+    #[error("Input validation error: `n` must be > 0 and <= {0}. Given: {1}")]
+    N(usize, usize),
+    #[error("Input validation error: `top_logprobs` requires `logprobs` to be true")]
+    TopLogprobsWithoutLogprobs,
+    #[error("Input validation error: tokenizer error {0}")]
+    Tokenizer(String),
+    #[error("Input validation error: {0}")]
+    InvalidRequest(String),
+    #[error("Suffix is not supported and can be achieved by preprocessing the prompt.")]
+    Suffix,
+    #[error("Number of prompts exceeds the maximum allowed batch size of {0}")]
+    BatchSizeExceeded(usize),
+    #[error("Template error: {0}")]
+    Template(String),
+    // --- admission ---
+    #[error("Model is overloaded")]
+    Overloaded,
+    #[error("Unauthorized: a valid `Authorization: Bearer <api key>` header is required")]
+    Unauthorized,
+    #[error("Request body exceeds the payload limit")]
+    PayloadTooLarge,
+    #[error("Not found")]
+    NotFound,
+    // --- generation ---
+    #[error("Request failed during generation: {0}")]
+    Generation(String),
+    #[error("Incomplete generation")]
+    IncompleteGeneration,
+    #[error("unhealthy")]
+    Unhealthy,
+    // --- startup ---
+    #[error("shard error: {0}")]
+    Shard(String),
+    #[error("Not enough memory to handle `max_total_tokens={0}` (the shards hold {1} tokens of KV cache)")]
+    NotEnoughMemory(u32, u32),
+    #[error("invalid arguments: {0}")]
+    Config(String),
+}
+
+/// TGI's error body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorResponse {
+    pub error: String,
+    pub error_type: String,
+}
+
+impl RouterError {
+    /// HTTP status and TGI `error_type` of every variant.
+    pub fn status_and_type(&self) -> (StatusCode, &'static str) {
+        use RouterError::*;
+        match self {
+            Suffix => (StatusCode::UNPROCESSABLE_ENTITY, "validation"),
+            BatchSizeExceeded(_) => (StatusCode::UNPROCESSABLE_ENTITY, "batch size exceeded"),
+            Template(_) => (StatusCode::UNPROCESSABLE_ENTITY, "template_error"),
+            Overloaded => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
+            Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Generation(_) | Shard(_) => (StatusCode::FAILED_DEPENDENCY, "generation"),
+            IncompleteGeneration => (StatusCode::INTERNAL_SERVER_ERROR, "incomplete_generation"),
+            Unhealthy => (StatusCode::SERVICE_UNAVAILABLE, "healthcheck"),
+            NotEnoughMemory(..) | Config(_) => (StatusCode::INTERNAL_SERVER_ERROR, "config"),
+            _ => (StatusCode::UNPROCESSABLE_ENTITY, "validation"),
+        }
+    }
+
+    /// The `err` label of `tgi_request_failure`.
+    pub fn metric_label(&self) -> &'static str {
+        match self.status_and_type().1 {
+            "validation" | "batch size exceeded" => "validation",
+            "template_error" => "template",
+            "overloaded" => "overloaded",
+            "generation" => "generation",
+            "incomplete_generation" => "incomplete",
+            _ => "other",
+        }
+    }
+
+    pub fn body(&self) -> ErrorResponse {
+        ErrorResponse { error: self.to_string(), error_type: self.status_and_type().1.to_string() }
+    }
+
+    /// The SSE event ending a TGI stream with this error.
+    pub fn to_sse_event(&self) -> Event {
+        Event::default().data(json!(self.body()).to_string())
+    }
+
+    /// The SSE event ending an OpenAI stream with this error (the shape OpenAI's SDKs read).
+    pub fn to_openai_sse_event(&self) -> Event {
+        let (status, error_type) = self.status_and_type();
+        let error = json!({"message": self.to_string(), "type": error_type, "code": status.as_u16()});
+        Event::default().data(json!({ "error": error }).to_string())
+    }
+}
+
+impl IntoResponse for RouterError {
+    fn into_response(self) -> Response {
+        let (status, _) = self.status_and_type();
+        let mut response = (status, Json(self.body())).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<tonic::Status> for RouterError {
+    fn from(status: tonic::Status) -> Self {
+        RouterError::Shard(format!("{:?}: {}", status.code(), status.message()))
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for RouterError {
+    fn from(rejection: axum::extract::rejection::JsonRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return RouterError::PayloadTooLarge;
+        }
+        RouterError::InvalidRequest(rejection.body_text())
+    }
+}

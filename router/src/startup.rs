@@ -1,0 +1,244 @@
+//! Startup (TGI's `connect_backend` + router `main`): shards → ClearCache → Info → Warmup, limits derived
+//! and checked against each other, then the HTTP server with graceful shutdown.
+
+use crate::api::Info;
+use crate::args::RouterArgs;
+use crate::batcher::Infer;
+use crate::client::ShardedClient;
+use crate::error::{Result, RouterError};
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::server::{router, AppState};
+use crate::validation::{Limits, Validation};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tessera_formats::chat_template::ChatTemplate;
+use tessera_proto::v3;
+use tokenizers::Tokenizer;
+
+/// Limits after Warmup, checked against each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DerivedLimits {
+    pub max_input_tokens: u32,
+    pub max_total_tokens: u32,
+    pub max_batch_total_tokens: u32,
+}
+
+/// TGI §1.3 step 5: the Warmup answer (and the flags) give the limits; inconsistent ones are errors.
+pub fn derive_limits(args: &RouterArgs, warmup: &v3::WarmupResponse, support_chunking: bool) -> Result<DerivedLimits> {
+    let max_total_tokens = args.limits.max_total_tokens.unwrap_or(warmup.max_total_tokens);
+    let max_input_tokens = args.limits.max_input_tokens.unwrap_or(warmup.max_input_tokens.min(max_total_tokens.saturating_sub(1)));
+    let prefill = args.batching.max_batch_prefill_tokens;
+    let max_batch_total_tokens = match warmup.max_supported_total_tokens {
+        Some(supported) => {
+            if max_total_tokens > supported {
+                return Err(RouterError::NotEnoughMemory(max_total_tokens, supported));
+            }
+            if let Some(asked) = args.batching.max_batch_total_tokens {
+                tracing::warn!("--max-batch-total-tokens={asked} ignored: the shards' Warmup measured {supported}");
+            }
+            supported
+        }
+        None => args.batching.max_batch_total_tokens.unwrap_or(16000.max(max_total_tokens).max(prefill)),
+    };
+    let config = |message: String| Err(RouterError::Config(message));
+    if max_input_tokens >= max_total_tokens {
+        return config(format!("`max_input_tokens`({max_input_tokens}) must be < `max_total_tokens`({max_total_tokens})"));
+    }
+    if !support_chunking && max_input_tokens > prefill {
+        return config(format!("`max_batch_prefill_tokens`({prefill}) must be >= `max_input_tokens`({max_input_tokens})"));
+    }
+    if prefill > max_batch_total_tokens {
+        return config(format!("`max_batch_prefill_tokens`({prefill}) must be <= `max_batch_total_tokens`({max_batch_total_tokens})"));
+    }
+    if max_total_tokens > max_batch_total_tokens {
+        return config(format!("`max_total_tokens`({max_total_tokens}) must be <= `max_batch_total_tokens`({max_batch_total_tokens})"));
+    }
+    Ok(DerivedLimits { max_input_tokens, max_total_tokens, max_batch_total_tokens })
+}
+
+/// TGI's warmup batch: `_test ` prompts adding up to the prefill budget, each within `max_input`,
+/// laid out in consecutive KV blocks from block 1 (block 0 belongs to health).
+fn warmup_batch(tokenizer: &Tokenizer, prefill: u32, max_input: Option<u32>, max_batch_size: Option<usize>, block_size: u32) -> Result<v3::Batch> {
+    let count = |k: usize| tokenizer.encode("_test ".repeat(k), true).map(|e| e.len() as u32).unwrap_or(u32::MAX);
+    let per_repeat = count(64).div_ceil(64).max(1);
+    let (mut requests, mut used, mut next_block) = (Vec::new(), 0u32, 1u32);
+    while used < prefill && requests.len() < max_batch_size.unwrap_or(usize::MAX) {
+        let target = max_input.unwrap_or(prefill).min(prefill - used);
+        let mut k = (target / per_repeat).max(1) as usize;
+        while k > 1 && count(k) > target {
+            k -= 1;
+        }
+        let tokens = count(k);
+        let max_new_tokens = 2;
+        let positions = tokens + max_new_tokens - 1;
+        let blocks: Vec<u32> = (next_block..next_block + positions.div_ceil(block_size)).collect();
+        next_block += blocks.len() as u32;
+        let slots = (0..positions).map(|p| blocks[(p / block_size) as usize] * block_size + p % block_size).collect();
+        requests.push(v3::Request {
+            id: requests.len() as u64,
+            inputs: "_test ".repeat(k),
+            truncate: tokens,
+            parameters: Some(v3::NextTokenChooserParameters {
+                temperature: 0.9, top_k: 10, top_p: 0.9, typical_p: 0.9, do_sample: true, seed: 0,
+                repetition_penalty: 1.2, frequency_penalty: 0.1, presence_penalty: 0.1, ..Default::default()
+            }),
+            stopping_parameters: Some(v3::StoppingCriteriaParameters { max_new_tokens, stop_sequences: vec![], ignore_eos_token: true }),
+            prefill_logprobs: true,
+            top_n_tokens: 20,
+            add_special_tokens: true,
+            blocks,
+            slots,
+            ..Default::default()
+        });
+        used += tokens;
+    }
+    let max_blocks = requests.iter().map(|r| r.blocks.len() as u32).max().unwrap_or(0);
+    Ok(v3::Batch { id: 0, size: requests.len() as u32, max_tokens: used, max_blocks, requests })
+}
+
+fn load_tokenizer(path: &Path) -> Result<(Tokenizer, Option<ChatTemplate>)> {
+    let tokenizer = tessera_formats::tokenizer::load_tokenizer(path)
+        .map_err(|e| RouterError::Config(format!("cannot load the tokenizer from {}: {e}", path.display())))?;
+    let template = ChatTemplate::load(path).unwrap_or_else(|e| {
+        tracing::warn!("no usable chat template ({e}); chat routes will answer 422");
+        None
+    });
+    Ok((tokenizer, template))
+}
+
+/// Connect, size everything with Warmup, serve until SIGINT/SIGTERM.
+pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
+    let (tokenizer, template) = load_tokenizer(&args.shard.tokenizer_name)?;
+    let client = ShardedClient::connect_with_retry(&args.shard.master_shard_uds_path, Duration::from_secs(120)).await?;
+    client.clear_cache(None).await?;
+    let shard_info = client.info().await?;
+    let block_size = shard_info.block_size.max(1);
+    let batching = &args.batching;
+    let warmup = client
+        .warmup(v3::WarmupRequest {
+            batch: Some(warmup_batch(&tokenizer, batching.max_batch_prefill_tokens, args.limits.max_input_tokens, batching.max_batch_size, block_size)?),
+            max_input_tokens: args.limits.max_input_tokens,
+            max_prefill_tokens: batching.max_batch_prefill_tokens,
+            max_total_tokens: args.limits.max_total_tokens,
+        })
+        .await?;
+    let limits = derive_limits(&args, &warmup, shard_info.support_chunking)?;
+    tracing::info!(?limits, world_size = client.world_size(), block_size, "shards warmed up");
+
+    let metrics = crate::metrics::install(limits.max_input_tokens, limits.max_total_tokens)?;
+    metrics::gauge!(crate::metrics::BATCH_MAX_TOTAL_TOKENS).set(limits.max_batch_total_tokens as f64);
+    let scheduler = Scheduler::new(SchedulerConfig {
+        block_size,
+        num_blocks: limits.max_batch_total_tokens / block_size,
+        max_batch_prefill_tokens: batching.max_batch_prefill_tokens,
+        max_batch_size: batching.max_batch_size,
+        support_chunking: shard_info.support_chunking,
+        prefix_caching: shard_info.use_prefix_caching,
+        speculate: shard_info.speculate,
+        waiting_served_ratio: batching.waiting_served_ratio,
+        max_waiting_tokens: batching.max_waiting_tokens,
+    });
+    let infer = Infer::spawn(scheduler, client.clone(), args.limits.max_concurrent_requests);
+    let validation = Validation::new(
+        tokenizer,
+        args.limits.validation_workers,
+        Limits {
+            max_best_of: args.limits.max_best_of,
+            max_stop_sequences: args.limits.max_stop_sequences,
+            max_top_n_tokens: args.limits.max_top_n_tokens,
+            max_input_tokens: limits.max_input_tokens,
+            max_total_tokens: limits.max_total_tokens,
+        },
+    );
+    let info = model_info(&args, &limits, &shard_info, client.world_size());
+    let state = Arc::new(AppState {
+        infer,
+        validation,
+        template,
+        info,
+        metrics,
+        api_key: args.server.api_key.clone(),
+        compute_type: std::env::var("COMPUTE_TYPE").unwrap_or_else(|_| format!("{}-{}", client.world_size(), shard_info.device_type)),
+    });
+    let app = router(state, args.server.payload_limit, &args.server.cors_allow_origin);
+    let address = format!("{}:{}", args.server.hostname, args.server.port);
+    let listener = tokio::net::TcpListener::bind(&address)
+        .await
+        .map_err(|e| RouterError::Config(format!("cannot listen on {address}: {e}")))?;
+    tracing::info!("listening on {address}");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    Ok(())
+}
+
+fn model_info(args: &RouterArgs, limits: &DerivedLimits, shard: &v3::InfoResponse, world_size: usize) -> Info {
+    let path = &args.shard.tokenizer_name;
+    let default_id = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    Info {
+        model_id: args.shard.model_id.clone().unwrap_or(default_id),
+        model_sha: None,
+        model_pipeline_tag: Some("text-generation".into()),
+        max_concurrent_requests: args.limits.max_concurrent_requests,
+        max_best_of: args.limits.max_best_of,
+        max_stop_sequences: args.limits.max_stop_sequences,
+        max_input_tokens: limits.max_input_tokens,
+        max_total_tokens: limits.max_total_tokens,
+        validation_workers: args.limits.validation_workers,
+        max_client_batch_size: args.limits.max_client_batch_size,
+        router: "tessera-router",
+        version: env!("CARGO_PKG_VERSION"),
+        sha: None,
+        docker_label: None,
+        max_batch_total_tokens: limits.max_batch_total_tokens,
+        block_size: shard.block_size,
+        support_chunking: shard.support_chunking,
+        prefix_caching: shard.use_prefix_caching,
+        world_size,
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = terminate => {} }
+    tracing::info!("signal received: draining in-flight requests");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::args::Cli;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> RouterArgs {
+        let argv = ["tessera-router", "--tokenizer-name", "/m"].iter().chain(extra);
+        Cli::parse_from(argv).router
+    }
+
+    fn warmup(supported: Option<u32>, input: u32, total: u32) -> v3::WarmupResponse {
+        v3::WarmupResponse { max_supported_total_tokens: supported, max_input_tokens: input, max_total_tokens: total }
+    }
+
+    #[test]
+    fn limits_come_from_warmup_and_are_checked() {
+        let l = derive_limits(&args(&[]), &warmup(Some(50_000), 8191, 8192), true).unwrap();
+        assert_eq!(l, DerivedLimits { max_input_tokens: 8191, max_total_tokens: 8192, max_batch_total_tokens: 50_000 });
+        let e = derive_limits(&args(&["--max-total-tokens", "60000"]), &warmup(Some(50_000), 8191, 8192), true);
+        assert_eq!(e.unwrap_err(), RouterError::NotEnoughMemory(60_000, 50_000));
+        let e = derive_limits(&args(&["--max-input-tokens", "100", "--max-total-tokens", "100"]), &warmup(Some(50_000), 0, 0), true);
+        assert!(e.unwrap_err().to_string().contains("must be < `max_total_tokens`(100)"));
+        let e = derive_limits(&args(&["--max-batch-prefill-tokens", "10"]), &warmup(Some(50_000), 8191, 8192), false);
+        assert!(e.unwrap_err().to_string().contains("must be >= `max_input_tokens`(8191)"));
+        let e = derive_limits(&args(&[]), &warmup(Some(3000), 1000, 2000), true);
+        assert!(e.unwrap_err().to_string().contains("`max_batch_prefill_tokens`(4096) must be <= `max_batch_total_tokens`(3000)"));
+    }
+}

@@ -1,0 +1,252 @@
+//! Request validation (TGI's `validation.rs`, checks in TGI's order with its messages): parameter ranges,
+//! tokenization on blocking workers, truncation and the token limits. Produces a `ValidRequest`.
+
+use crate::api::GenerateParameters;
+use crate::error::{Result, RouterError};
+use std::sync::Arc;
+use std::time::Instant;
+use tessera_proto::v3;
+use tokenizers::{Encoding, Tokenizer};
+use tokio::sync::Semaphore;
+
+/// Per-request limits (from the arguments and the shards' Warmup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_best_of: usize,
+    pub max_stop_sequences: usize,
+    pub max_top_n_tokens: u32,
+    pub max_input_tokens: u32,
+    pub max_total_tokens: u32,
+}
+
+/// A request that passed validation: what the batcher schedules.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub inputs: String,
+    /// Prompt ids after truncation.
+    pub input_ids: Vec<u32>,
+    pub truncate: u32,
+    pub add_special_tokens: bool,
+    pub decoder_input_details: bool,
+    pub top_n_tokens: u32,
+    pub parameters: v3::NextTokenChooserParameters,
+    pub stopping: v3::StoppingCriteriaParameters,
+    /// When the HTTP request arrived (TTFT is measured from here).
+    pub arrived: Instant,
+}
+
+#[derive(Clone)]
+pub struct Validation {
+    tokenizer: Arc<Tokenizer>,
+    workers: Arc<Semaphore>,
+    pub limits: Limits,
+}
+
+impl Validation {
+    pub fn new(tokenizer: Tokenizer, workers: usize, limits: Limits) -> Self {
+        Validation { tokenizer: Arc::new(tokenizer), workers: Arc::new(Semaphore::new(workers.max(1))), limits }
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Tokenize on a blocking worker (at most `validation_workers` at once), off the async threads.
+    pub async fn tokenize(&self, text: String, add_special_tokens: bool) -> Result<Encoding> {
+        let _permit = self.workers.acquire().await.map_err(|e| RouterError::Tokenizer(e.to_string()))?;
+        let tokenizer = self.tokenizer.clone();
+        tokio::task::spawn_blocking(move || tokenizer.encode(text, add_special_tokens))
+            .await
+            .map_err(|e| RouterError::Tokenizer(e.to_string()))?
+            .map_err(|e| RouterError::Tokenizer(e.to_string()))
+    }
+
+    /// `best_of` for the non-streaming routes.
+    pub fn validate_best_of(&self, best_of: usize) -> Result<usize> {
+        if self.limits.max_best_of == 1 && best_of != 1 {
+            return Err(RouterError::BestOfDisabled);
+        }
+        if best_of == 0 || best_of > self.limits.max_best_of {
+            return Err(RouterError::BestOf(self.limits.max_best_of, best_of));
+        }
+        Ok(best_of)
+    }
+
+    /// Every check of TGI's `Validation::validate`, in its order.
+    pub async fn validate(&self, inputs: String, p: &GenerateParameters, add_special_tokens: bool) -> Result<ValidRequest> {
+        let arrived = Instant::now();
+        let (parameters, top_n_tokens) = self.check_parameters(p)?;
+        if inputs.is_empty() {
+            return Err(RouterError::EmptyInput);
+        }
+        let max_input = self.limits.max_input_tokens;
+        if let Some(t) = p.truncate {
+            if t == 0 || t > max_input {
+                return Err(RouterError::Truncate(max_input, t));
+            }
+        }
+        let encoding = self.tokenize(inputs.clone(), add_special_tokens).await?;
+        let mut ids = encoding.get_ids().to_vec();
+        if let Some(t) = p.truncate {
+            // TGI keeps the last `truncate` tokens.
+            ids.drain(..ids.len().saturating_sub(t as usize));
+        }
+        let input_length = ids.len() as u32;
+        let max_total = self.limits.max_total_tokens;
+        let max_new_tokens = p.max_new_tokens.unwrap_or_else(|| max_total.saturating_sub(input_length));
+        if input_length + max_new_tokens > max_total {
+            return Err(RouterError::MaxTotalTokens(max_total, input_length, max_new_tokens));
+        }
+        if input_length > max_input {
+            return Err(RouterError::InputLength(max_input, input_length));
+        }
+        if p.grammar.is_some() {
+            return Err(RouterError::Grammar);
+        }
+        metrics::histogram!(crate::metrics::REQUEST_INPUT_LENGTH).record(input_length as f64);
+        metrics::histogram!(crate::metrics::REQUEST_MAX_NEW_TOKENS).record(max_new_tokens as f64);
+        Ok(ValidRequest {
+            inputs,
+            input_ids: ids,
+            truncate: p.truncate.unwrap_or(max_input),
+            add_special_tokens,
+            decoder_input_details: p.decoder_input_details,
+            top_n_tokens,
+            parameters,
+            stopping: v3::StoppingCriteriaParameters {
+                max_new_tokens,
+                stop_sequences: p.stop.clone(),
+                ignore_eos_token: false,
+            },
+            arrived,
+        })
+    }
+
+    /// Checks 1–11 (no tokenizer needed); the shard's sampling parameters.
+    fn check_parameters(&self, p: &GenerateParameters) -> Result<(v3::NextTokenChooserParameters, u32)> {
+        let sampling = p.do_sample || p.temperature.is_some() || p.top_k.is_some() || p.top_p.is_some() || p.typical_p.is_some();
+        let best_of = p.best_of.unwrap_or(1);
+        if best_of > 1 && !sampling {
+            return Err(RouterError::BestOfSampling);
+        }
+        let temperature = p.temperature.unwrap_or(1.0);
+        if temperature <= 0.0 || !temperature.is_finite() {
+            return Err(RouterError::Temperature);
+        }
+        let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
+        if repetition_penalty <= 0.0 || !repetition_penalty.is_finite() {
+            return Err(RouterError::RepetitionPenalty);
+        }
+        let frequency_penalty = p.frequency_penalty.unwrap_or(0.0);
+        if !(-2.0..=2.0).contains(&frequency_penalty) {
+            return Err(RouterError::FrequencyPenalty);
+        }
+        let presence_penalty = p.presence_penalty.unwrap_or(0.0);
+        if !(-2.0..=2.0).contains(&presence_penalty) {
+            return Err(RouterError::PresencePenalty);
+        }
+        // 1.0 means "off" (OpenAI clients send it by default); TGI rejected it.
+        let top_p = p.top_p.unwrap_or(1.0);
+        if top_p <= 0.0 || top_p > 1.0 || top_p.is_nan() {
+            return Err(RouterError::TopP);
+        }
+        let typical_p = p.typical_p.unwrap_or(1.0);
+        if p.typical_p.is_some() && (typical_p <= 0.0 || typical_p >= 1.0 || typical_p.is_nan()) {
+            return Err(RouterError::TypicalP);
+        }
+        let top_k = match p.top_k {
+            Some(k) if k <= 0 => return Err(RouterError::TopK),
+            Some(k) => k as u32,
+            None => 0,
+        };
+        if p.max_new_tokens == Some(0) {
+            return Err(RouterError::NegativeMaxNewTokens);
+        }
+        if p.stop.len() > self.limits.max_stop_sequences {
+            return Err(RouterError::StopSequence(self.limits.max_stop_sequences, p.stop.len()));
+        }
+        if best_of > 1 && p.seed.is_some() {
+            return Err(RouterError::BestOfSeed);
+        }
+        let top_n_tokens = p.top_n_tokens.unwrap_or(0);
+        if top_n_tokens > self.limits.max_top_n_tokens {
+            return Err(RouterError::TopNTokens(self.limits.max_top_n_tokens, top_n_tokens));
+        }
+        let warped = temperature != 1.0 || top_k != 0 || top_p < 1.0 || typical_p < 1.0;
+        let parameters = v3::NextTokenChooserParameters {
+            temperature,
+            top_k,
+            top_p,
+            typical_p,
+            // The shard samples exactly when told to: any warper implies sampling, as in TGI's shard.
+            do_sample: p.do_sample || warped,
+            seed: p.seed.unwrap_or_else(rand::random),
+            repetition_penalty,
+            watermark: p.watermark,
+            frequency_penalty,
+            presence_penalty,
+            grammar: String::new(),
+            grammar_type: v3::GrammarType::None as i32,
+        };
+        Ok((parameters, top_n_tokens))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn validation() -> Validation {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/smollm2-135m-instruct");
+        let tokenizer = tessera_formats::tokenizer::load_tokenizer(&dir).expect("shared SmolLM2 tokenizer");
+        let limits = Limits { max_best_of: 2, max_stop_sequences: 4, max_top_n_tokens: 5, max_input_tokens: 10, max_total_tokens: 20 };
+        Validation::new(tokenizer, 1, limits)
+    }
+
+    async fn check(p: GenerateParameters, inputs: &str) -> Result<ValidRequest> {
+        validation().validate(inputs.to_string(), &p, true).await
+    }
+
+    #[tokio::test]
+    async fn each_check_reports_tgis_message() {
+        let cases: Vec<(GenerateParameters, RouterError)> = vec![
+            (GenerateParameters { best_of: Some(2), ..Default::default() }, RouterError::BestOfSampling),
+            (GenerateParameters { temperature: Some(0.0), ..Default::default() }, RouterError::Temperature),
+            (GenerateParameters { repetition_penalty: Some(0.0), ..Default::default() }, RouterError::RepetitionPenalty),
+            (GenerateParameters { frequency_penalty: Some(3.0), ..Default::default() }, RouterError::FrequencyPenalty),
+            (GenerateParameters { presence_penalty: Some(-3.0), ..Default::default() }, RouterError::PresencePenalty),
+            (GenerateParameters { top_p: Some(1.5), ..Default::default() }, RouterError::TopP),
+            (GenerateParameters { typical_p: Some(1.0), ..Default::default() }, RouterError::TypicalP),
+            (GenerateParameters { top_k: Some(0), ..Default::default() }, RouterError::TopK),
+            (GenerateParameters { max_new_tokens: Some(0), ..Default::default() }, RouterError::NegativeMaxNewTokens),
+            (GenerateParameters { stop: vec!["a".into(); 5], ..Default::default() }, RouterError::StopSequence(4, 5)),
+            (GenerateParameters { best_of: Some(2), do_sample: true, seed: Some(1), ..Default::default() }, RouterError::BestOfSeed),
+            (GenerateParameters { top_n_tokens: Some(6), ..Default::default() }, RouterError::TopNTokens(5, 6)),
+            (GenerateParameters { truncate: Some(11), ..Default::default() }, RouterError::Truncate(10, 11)),
+            (GenerateParameters { max_new_tokens: Some(18), ..Default::default() }, RouterError::MaxTotalTokens(20, 4, 18)),
+            (GenerateParameters { grammar: Some(serde_json::json!({"type": "regex", "value": "a"})), ..Default::default() }, RouterError::Grammar),
+        ];
+        for (params, expected) in cases {
+            assert_eq!(check(params, "Once upon a time").await.unwrap_err(), expected);
+        }
+        assert_eq!(check(GenerateParameters::default(), "").await.unwrap_err(), RouterError::EmptyInput);
+        let long = "word ".repeat(15);
+        let p = GenerateParameters { max_new_tokens: Some(1), ..Default::default() };
+        assert!(matches!(check(p, &long).await.unwrap_err(), RouterError::InputLength(10, _)));
+        assert_eq!(RouterError::TopP.to_string(), "Input validation error: `top_p` must be > 0.0 and <= 1.0");
+    }
+
+    #[tokio::test]
+    async fn defaults_truncation_and_sampling_flags() {
+        let valid = check(GenerateParameters::default(), "Once upon a time").await.unwrap();
+        assert_eq!(valid.input_ids, vec![6403, 1980, 253, 655]);
+        assert_eq!(valid.stopping.max_new_tokens, 16, "defaults to what the context leaves");
+        assert!(!valid.parameters.do_sample);
+        let p = GenerateParameters { truncate: Some(2), top_p: Some(1.0), temperature: Some(0.5), ..Default::default() };
+        let valid = check(p, "Once upon a time").await.unwrap();
+        assert_eq!(valid.input_ids, vec![253, 655]);
+        assert!(valid.parameters.do_sample);
+        assert_eq!(validation().validate_best_of(3).unwrap_err(), RouterError::BestOf(2, 3));
+    }
+}
