@@ -94,8 +94,12 @@ pub fn shard_env(args: &LauncherArgs, rank: usize, world_size: usize) -> Vec<(St
     ]
 }
 
-/// A sibling binary of the launcher (`cargo build` puts them together), else one found on `PATH`.
-pub fn sibling_binary(name: &str) -> PathBuf {
+/// The child binary: `$override_var` when set (custom installs, fault tests), else the launcher's sibling
+/// (`cargo build` puts them together), else one found on `PATH`.
+pub fn child_binary(override_var: &str, name: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(override_var).filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
+    }
     let sibling = std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(|dir| dir.join(name)));
@@ -111,7 +115,7 @@ pub fn plan_children(
     model: &ResolvedModel,
     world_size: usize,
 ) -> Result<(Vec<(ChildSpec, PathBuf)>, ChildSpec), String> {
-    let shard_bin = sibling_binary("tessera-shard");
+    let shard_bin = child_binary("TESSERA_SHARD_BIN", "tessera-shard");
     let shards = (0..world_size)
         .map(|rank| {
             let launch = ShardLaunch {
@@ -134,7 +138,7 @@ pub fn plan_children(
         .collect();
     let router = ChildSpec {
         name: "router".into(),
-        program: sibling_binary("tessera-router"),
+        program: child_binary("TESSERA_ROUTER_BIN", "tessera-router"),
         args: router_argv(&router_args(args, model))?,
         env: Vec::new(),
     };
@@ -144,6 +148,87 @@ pub fn plan_children(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_router::args::ServerArgs;
+
+    fn launcher(extra: &[&str]) -> LauncherArgs {
+        let argv = ["tessera-launcher", "--shard-uds-path", "/tmp/t"]
+            .iter()
+            .chain(extra);
+        LauncherArgs::try_parse_from(argv).expect("launcher args parse")
+    }
+
+    fn model() -> ResolvedModel {
+        ResolvedModel {
+            path: "/models/smol.gguf".into(),
+            name: "smol".into(),
+        }
+    }
+
+    /// Launcher flags → RouterArgs → argv → the router's own parser → the same values.
+    #[test]
+    fn router_argv_round_trips_launcher_flags() {
+        let args = launcher(&[
+            "--hostname=127.0.0.1",
+            "--port=8081",
+            "--api-key=k",
+            "--payload-limit=1000",
+            "--cors-allow-origin=http://a,http://b",
+            "--max-concurrent-requests=7",
+            "--max-best-of=1",
+            "--max-stop-sequences=3",
+            "--max-top-n-tokens=2",
+            "--max-input-tokens=100",
+            "--max-total-tokens=200",
+            "--validation-workers=1",
+            "--max-client-batch-size=2",
+            "--max-batch-prefill-tokens=512",
+            "--max-batch-total-tokens=4096",
+            "--waiting-served-ratio=0.5",
+            "--max-waiting-tokens=9",
+            "--max-batch-size=4",
+        ]);
+        let argv = router_argv(&router_args(&args, &model())).unwrap();
+        let all = std::iter::once("tessera-router".to_string()).chain(argv);
+        let parsed = RouterCli::try_parse_from(all).unwrap().router;
+        assert_eq!(parsed.limits, args.limits);
+        assert_eq!(parsed.batching, args.batching);
+        assert_eq!(parsed.server.cors_allow_origin, ["http://a", "http://b"]);
+        assert!(
+            parsed.server.json_output,
+            "children always log JSON for the launcher to re-emit"
+        );
+        assert_eq!(
+            ServerArgs {
+                json_output: false,
+                ..parsed.server
+            },
+            args.server
+        );
+        assert_eq!(
+            parsed.shard.master_shard_uds_path,
+            PathBuf::from("/tmp/t-0")
+        );
+        assert_eq!(
+            parsed.shard.tokenizer_name,
+            PathBuf::from("/models/smol.gguf")
+        );
+        assert_eq!(parsed.shard.model_id.as_deref(), Some("smol"));
+    }
+
+    #[test]
+    fn one_spec_per_rank_with_its_socket_and_env() {
+        let args = launcher(&["--num-shard=2", "--master-port=1234"]);
+        let (shards, router) = plan_children(&args, &model(), 2).unwrap();
+        assert_eq!(shards.len(), 2);
+        assert_eq!(shards[1].1, PathBuf::from("/tmp/t-1"));
+        assert_eq!(shards[1].0.name, "shard 1");
+        assert!(shards[1].0.env.contains(&("RANK".into(), "1".into())));
+        assert!(shards[1]
+            .0
+            .env
+            .contains(&("MASTER_PORT".into(), "1234".into())));
+        assert_eq!(router.name, "router");
+    }
 
     #[test]
     fn sockets_follow_tgi_layout() {

@@ -29,6 +29,8 @@ pub struct Child {
     /// The child's pid, which is also its process group id.
     pgid: i32,
     tail: Arc<Mutex<VecDeque<String>>>,
+    /// The stdout/stderr relays; they end at EOF, once the child (and anything holding its pipes) is gone.
+    relays: Vec<tokio::task::JoinHandle<()>>,
     exit: Option<ExitStatus>,
 }
 
@@ -62,17 +64,19 @@ impl Child {
         let mut child = command.spawn()?;
         let pgid = child.id().map(|p| p as i32).unwrap_or_default();
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
+        let mut relays = Vec::new();
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(relay(out, spec.name.clone(), tail.clone()));
+            relays.push(tokio::spawn(relay(out, spec.name.clone(), tail.clone())));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(relay(err, spec.name.clone(), tail.clone()));
+            relays.push(tokio::spawn(relay(err, spec.name.clone(), tail.clone())));
         }
         Ok(Child {
             name: spec.name.clone(),
             child,
             pgid,
             tail,
+            relays,
             exit: None,
         })
     }
@@ -93,24 +97,21 @@ impl Child {
         }
     }
 
-    /// SIGTERM, then SIGKILL after `grace`; returns once the child is reaped. Stragglers in its group get
-    /// SIGKILL too, so nothing outlives the launcher.
-    pub async fn stop(&mut self, grace: Duration) {
-        if self.exited().is_none() {
-            self.signal(libc::SIGTERM);
-            if let Ok(Ok(status)) = tokio::time::timeout(grace, self.child.wait()).await {
-                self.exit = Some(status);
-            }
-        }
-        self.kill().await;
-    }
-
     /// SIGKILL to the group and reap the child.
     pub async fn kill(&mut self) {
         self.signal(libc::SIGKILL);
         if self.exit.is_none() {
             self.exit = self.child.wait().await.ok();
         }
+    }
+
+    /// The kept output lines once the relays have read what the (exited) child wrote last; bounded, since
+    /// a grandchild may still hold the pipes open.
+    pub async fn final_tail(&mut self) -> String {
+        for relay in &mut self.relays {
+            let _ = tokio::time::timeout(Duration::from_secs(1), relay).await;
+        }
+        self.tail()
     }
 
     /// The kept output lines, indented, for an error message.
@@ -128,6 +129,25 @@ impl Child {
             .map(|l| format!("  | {l}"))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+}
+
+/// SIGTERM to every child, SIGKILL to those still running after `grace`; returns once all are reaped.
+/// Stragglers in their groups get SIGKILL too, so nothing outlives the launcher.
+pub async fn stop_all(children: &mut [Child], grace: Duration) {
+    let deadline = tokio::time::Instant::now() + grace;
+    for child in children.iter_mut() {
+        if child.exited().is_none() {
+            child.signal(libc::SIGTERM);
+        }
+    }
+    while children.iter_mut().any(|c| c.exited().is_none())
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for child in children {
+        child.kill().await;
     }
 }
 
@@ -232,9 +252,8 @@ mod tests {
     async fn exit_status_and_tail_are_reported() {
         let mut child = Child::spawn(&spec("echo $GREETING; echo oops >&2; exit 3")).unwrap();
         let status = child.child.wait().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await; // let the relays drain
         assert_eq!(describe(status), "exited with status 3");
-        let tail = child.tail();
+        let tail = child.final_tail().await;
         assert!(tail.contains("hello") && tail.contains("oops"), "{tail}");
     }
 
@@ -243,7 +262,7 @@ mod tests {
         let mut child = Child::spawn(&spec("trap '' TERM; sleep 30 & wait")).unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let start = std::time::Instant::now();
-        child.stop(Duration::from_millis(300)).await;
+        stop_all(std::slice::from_mut(&mut child), Duration::from_millis(300)).await;
         assert!(start.elapsed() < Duration::from_secs(5));
         let status = child.exited().expect("reaped");
         assert!(describe(status).contains("SIGKILL"), "{}", describe(status));

@@ -4,7 +4,7 @@
 //! failure visible within a fraction of a second and no wait unbounded.
 
 use crate::health;
-use crate::process::{describe, Child, ChildSpec};
+use crate::process::{describe, stop_all, Child, ChildSpec};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -56,6 +56,18 @@ pub enum SuperviseError {
     },
     #[error("cannot listen for signals: {0}")]
     Signals(std::io::Error),
+}
+
+impl SuperviseError {
+    /// The first line of the message, without the captured output.
+    fn summary(&self) -> String {
+        let text = self.to_string();
+        let first = text.lines().next().unwrap_or_default();
+        first
+            .trim_end_matches(" Its last output:")
+            .trim_end_matches("; its last output:")
+            .to_string()
+    }
 }
 
 /// SIGINT and SIGTERM, merged.
@@ -150,13 +162,14 @@ fn secs(since: Instant) -> f64 {
 }
 
 /// The first child that has exited, as the error naming it.
-fn first_exit<'a>(
+async fn first_exit<'a>(
     children: impl Iterator<Item = &'a mut Child>,
     starting: bool,
 ) -> Option<SuperviseError> {
     for child in children {
         if let Some(status) = child.exited() {
-            let (name, how, tail) = (child.name.clone(), describe(status), child.tail());
+            let (name, how) = (child.name.clone(), describe(status));
+            let tail = child.final_tail().await;
             return Some(match starting {
                 true => SuperviseError::DiedStarting { name, how, tail },
                 false => SuperviseError::Died { name, how, tail },
@@ -177,7 +190,7 @@ async fn wait_shards(
     let mut reasons = vec![String::from("not probed yet"); shards.len()];
     let mut notice = Instant::now();
     while ready.iter().any(|r| !r) {
-        if let Some(e) = first_exit(shards.iter_mut(), true) {
+        if let Some(e) = first_exit(shards.iter_mut(), true).await {
             return Some(Interrupt::Failed(e));
         }
         for (rank, (_, socket)) in plan.shards.iter().enumerate() {
@@ -241,7 +254,9 @@ async fn wait_router(
     let (host, port) = &plan.router_addr;
     let mut notice = Instant::now();
     loop {
-        if let Some(e) = first_exit(std::iter::once(&mut *router).chain(shards.iter_mut()), true) {
+        if let Some(e) =
+            first_exit(std::iter::once(&mut *router).chain(shards.iter_mut()), true).await
+        {
             return Some(Interrupt::Failed(e));
         }
         let reason = match health::router_health(health::probe_host(host), *port).await {
@@ -265,10 +280,8 @@ async fn wait_router(
 /// Steady state: returns when a child exits or a signal arrives.
 async fn supervise(router: &mut Child, shards: &mut [Child], signals: &mut Signals) -> Interrupt {
     loop {
-        if let Some(e) = first_exit(
-            std::iter::once(&mut *router).chain(shards.iter_mut()),
-            false,
-        ) {
+        let children = std::iter::once(&mut *router).chain(shards.iter_mut());
+        if let Some(e) = first_exit(children, false).await {
             return Interrupt::Failed(e);
         }
         if let Some(sig) = tick(signals).await {
@@ -286,10 +299,7 @@ async fn finish(
     signals: &mut Signals,
 ) -> Result<(), SuperviseError> {
     match &why {
-        Interrupt::Failed(e) => tracing::error!(
-            "{}: stopping everything",
-            e.to_string().lines().next().unwrap_or("")
-        ),
+        Interrupt::Failed(e) => tracing::error!("{}: stopping everything", e.summary()),
         Interrupt::Signal(sig) => tracing::info!("{sig}: shutting down"),
     }
     if let Some((mut router, graceful)) = router {
@@ -299,17 +309,12 @@ async fn finish(
         };
         tracing::info!("stopping the router (up to {} s to drain)", grace.as_secs());
         tokio::select! {
-            _ = router.stop(grace) => {}
+            _ = stop_all(std::slice::from_mut(&mut router), grace) => {}
             sig = signals.recv() => tracing::warn!("{sig} again: killing the router"),
         }
         router.kill().await;
     }
-    for shard in &mut shards {
-        shard.signal(libc::SIGTERM);
-    }
-    for shard in &mut shards {
-        shard.stop(STOP_GRACE).await;
-    }
+    stop_all(&mut shards, STOP_GRACE).await;
     match why {
         Interrupt::Signal(_) => {
             tracing::info!("stopped");
