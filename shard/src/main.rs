@@ -1,13 +1,18 @@
 //! `tessera-shard`: the shard process entry point.
 
 use clap::{Parser, Subcommand};
+use tessera_shard::bench::{self, BenchArgs};
 use tessera_shard::benchmark::{self, BenchmarkArgs};
 use tessera_shard::generate::{self, GenerateArgs};
 use tessera_shard::serve::{self, ServeArgs};
 use tessera_shard::Error;
 
 #[derive(Parser)]
-#[command(name = "tessera-shard", version, about = "Tessera shard: one model rank served over gRPC")]
+#[command(
+    name = "tessera-shard",
+    version,
+    about = "Tessera shard: one model rank served over gRPC"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -17,6 +22,8 @@ struct Cli {
 enum Command {
     /// Greedy generation from the command line.
     Generate(GenerateArgs),
+    /// Engine throughput on this machine: prefill and decode tokens/s, peak RSS.
+    Bench(BenchArgs),
     /// Serve TextGenerationService on the unix socket `{uds-path}-{rank}`.
     Serve(ServeArgs),
     /// Drive running shards over gRPC and report prefill/decode latency and throughput.
@@ -38,13 +45,13 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
         Command::Generate(args) => generate::run(&args),
+        Command::Bench(args) => bench::run(&args),
         Command::Serve(args) => runtime().and_then(|rt| rt.block_on(serve::run(args))),
         Command::Benchmark(args) => runtime().and_then(|rt| rt.block_on(benchmark::run(args))),
     };

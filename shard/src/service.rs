@@ -17,7 +17,9 @@ impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let message = e.to_string();
         match e {
-            Error::InvalidArgument { .. } | Error::Tokenizer(_) | Error::InvalidBatch(_) => {
+            // Input tokenization failures arrive as InvalidArgument("inputs"); a Tokenizer error
+            // is a decode failure inside the engine.
+            Error::InvalidArgument { .. } | Error::InvalidBatch(_) => {
                 Status::invalid_argument(message)
             }
             Error::BatchNotFound(_) => Status::not_found(message),

@@ -191,7 +191,10 @@ impl Engine {
             match command {
                 Command::Info(r) => answer(r, || Ok(self.info.clone())),
                 Command::Health(r) => answer(r, || self.health()),
-                Command::ClearCache(id, r) => answer(r, || Ok(self.clear(id))),
+                Command::ClearCache(id, r) => answer(r, || {
+                    self.clear(id);
+                    Ok(())
+                }),
                 Command::Filter(id, keep, r) => answer(r, || self.filter(id, &keep)),
                 Command::Warmup(w, r) => answer(r, || self.warmup(*w)),
                 Command::Prefill(b, cached, r) => answer(r, || self.prefill(b, cached)),

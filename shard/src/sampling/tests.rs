@@ -199,7 +199,7 @@ fn zero_means_unset_and_bad_values_name_the_field() {
         ("grammar", |p| p.grammar = "[a-z]+".into()),
     ];
     for (field, f) in cases {
-        match params(|p| f(p)) {
+        match params(f) {
             Err(Error::InvalidArgument { field: got, .. }) => {
                 assert_eq!(got, format!("parameters.{field}"))
             }
