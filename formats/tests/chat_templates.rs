@@ -48,7 +48,13 @@ fn every_template_renders_a_conversation() {
             Err(e) => failures.push(format!("{name}: {e}")),
         }
     }
-    assert!(failures.is_empty(), "{} of {}:\n{}", failures.len(), names.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {}:\n{}",
+        failures.len(),
+        names.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -56,11 +62,16 @@ fn gemma_2_rejects_a_system_message_with_its_own_error() {
     // Gemma 2's template has no system role and says so through raise_exception; transformers
     // gives the same error. Without the system message it renders.
     match render_file("google-gemma-2-2b-it.jinja", &conversation(), None) {
-        Err(Error::TemplateException { message, .. }) => assert_eq!(message, "System role not supported"),
+        Err(Error::TemplateException { message, .. }) => {
+            assert_eq!(message, "System role not supported")
+        }
         other => panic!("expected the template's exception, got {other:?}"),
     }
     let out = render_file("google-gemma-2-2b-it.jinja", &conversation()[1..], None).unwrap();
-    assert!(out.starts_with("<s><start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n"), "{out}");
+    assert!(
+        out.starts_with("<s><start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n"),
+        "{out}"
+    );
     assert!(out.ends_with("<start_of_turn>model\n"), "{out}");
 }
 
@@ -75,13 +86,18 @@ fn smollm2_reference_chat() -> (Vec<Value>, String) {
         .expect("a chat case")
         .clone();
     let messages = case["input"].as_array().unwrap().clone();
-    (messages, case["templated_text"].as_str().unwrap().to_string())
+    (
+        messages,
+        case["templated_text"].as_str().unwrap().to_string(),
+    )
 }
 
 #[test]
 fn smollm2_hf_folder_template_matches_reference() {
     let (messages, want) = smollm2_reference_chat();
-    let t = ChatTemplate::load(&common::shared().join("models/smollm2-135m-instruct")).unwrap().unwrap();
+    let t = ChatTemplate::load(&common::shared().join("models/smollm2-135m-instruct"))
+        .unwrap()
+        .unwrap();
     assert_eq!(t.bos_token(), Some("<|im_start|>"));
     assert_eq!(t.eos_token(), Some("<|im_end|>"));
     assert_eq!(t.render(&messages, true, None).unwrap(), want);
@@ -90,7 +106,9 @@ fn smollm2_hf_folder_template_matches_reference() {
 #[test]
 fn smollm2_gguf_template_matches_reference() {
     let (messages, want) = smollm2_reference_chat();
-    let t = ChatTemplate::load(&common::smollm2_gguf()).unwrap().unwrap();
+    let t = ChatTemplate::load(&common::smollm2_gguf())
+        .unwrap()
+        .unwrap();
     assert_eq!(t.bos_token(), Some("<|im_start|>"));
     assert_eq!(t.render(&messages, true, None).unwrap(), want);
 }
@@ -109,25 +127,46 @@ fn tools_render_with_python_json() {
     let out = render_file("Qwen-Qwen2.5-7B-Instruct.jinja", &messages, Some(&tools)).unwrap();
     // Python json.dumps: ", " / ": " separators, key order kept, no HTML or non-ASCII escaping.
     assert!(out.contains(r#"{"type": "function", "function": {"name": "get_weather", "description": "Weather <now> in a city, e.g. Zürich""#), "{out}");
-    assert!(out.contains(r#"{"name": "get_weather", "arguments": {"city": "Paris"}}"#), "{out}");
-    assert!(out.contains("<tool_response>\n22 C\n</tool_response>"), "{out}");
+    assert!(
+        out.contains(r#"{"name": "get_weather", "arguments": {"city": "Paris"}}"#),
+        "{out}"
+    );
+    assert!(
+        out.contains("<tool_response>\n22 C\n</tool_response>"),
+        "{out}"
+    );
 }
 
 #[test]
 fn tojson_indent_and_helpers() {
     let src = r#"{{ messages[0] | tojson(indent=2) }}|{{ [] | tojson(indent=2) }}|{{ "  x ".strip() }}|{{ "abc".startswith("ab") }}|{% for k, v in messages[0].items() %}{{ k }}={{ v }};{% endfor %}|{% for i in [1,2,3] %}{% if i == 2 %}{% continue %}{% endif %}{{ i }}{% endfor %}|{{ strftime_now("%Y") | length }}"#;
     let t = ChatTemplate::new(src, None, None).unwrap();
-    let out = t.render(&[json!({"role": "user", "content": "hé"})], false, None).unwrap();
-    assert_eq!(out, "{\n  \"role\": \"user\",\n  \"content\": \"hé\"\n}|[]|x|True|role=user;content=hé;|13|4");
+    let out = t
+        .render(&[json!({"role": "user", "content": "hé"})], false, None)
+        .unwrap();
+    assert_eq!(
+        out,
+        "{\n  \"role\": \"user\",\n  \"content\": \"hé\"\n}|[]|x|True|role=user;content=hé;|13|4"
+    );
 }
 
 #[test]
 fn errors_carry_origin_and_message() {
     let e = ChatTemplate::new("{% if %}", None, None).unwrap_err();
-    assert!(matches!(e, Error::Template { .. }) && e.to_string().contains("<inline chat template>"), "{e}");
-    let t = ChatTemplate::new("{{ raise_exception('Only user and assistant roles') }}", None, None).unwrap();
+    assert!(
+        matches!(e, Error::Template { .. }) && e.to_string().contains("<inline chat template>"),
+        "{e}"
+    );
+    let t = ChatTemplate::new(
+        "{{ raise_exception('Only user and assistant roles') }}",
+        None,
+        None,
+    )
+    .unwrap();
     match t.render(&[], false, None) {
-        Err(Error::TemplateException { message, .. }) => assert_eq!(message, "Only user and assistant roles"),
+        Err(Error::TemplateException { message, .. }) => {
+            assert_eq!(message, "Only user and assistant roles")
+        }
         other => panic!("{other:?}"),
     }
     let t = ChatTemplate::new("{{ strftime_now('%Q%') }}", None, None).unwrap();
@@ -144,12 +183,33 @@ fn hf_folder_variants() {
     std::fs::write(d.join("tokenizer_config.json"), config.to_string()).unwrap();
     let t = ChatTemplate::load(d).unwrap().unwrap();
     assert_eq!(t.render(&[], false, None).unwrap(), "<B>D<E>");
-    std::fs::write(d.join("chat_template.json"), r#"{"chat_template": "J{{ eos_token }}"}"#).unwrap();
-    assert_eq!(ChatTemplate::load(d).unwrap().unwrap().render(&[], false, None).unwrap(), "J<E>");
+    std::fs::write(
+        d.join("chat_template.json"),
+        r#"{"chat_template": "J{{ eos_token }}"}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        ChatTemplate::load(d)
+            .unwrap()
+            .unwrap()
+            .render(&[], false, None)
+            .unwrap(),
+        "J<E>"
+    );
     std::fs::write(d.join("chat_template.jinja"), "F\n").unwrap();
-    assert_eq!(ChatTemplate::load(d).unwrap().unwrap().render(&[], false, None).unwrap(), "F");
+    assert_eq!(
+        ChatTemplate::load(d)
+            .unwrap()
+            .unwrap()
+            .render(&[], false, None)
+            .unwrap(),
+        "F"
+    );
     std::fs::write(d.join("chat_template.json"), "{not json").unwrap();
     std::fs::remove_file(d.join("chat_template.jinja")).unwrap();
     let msg = ChatTemplate::load(d).unwrap_err().to_string();
-    assert!(msg.contains("chat_template.json") && msg.contains("invalid JSON"), "{msg}");
+    assert!(
+        msg.contains("chat_template.json") && msg.contains("invalid JSON"),
+        "{msg}"
+    );
 }

@@ -1,6 +1,9 @@
 //! Corrupt GGUF files, written by code into a temp dir: each must give an Error naming the file
 //! and the problem, never a panic.
 
+// MSRV 1.85 predates `is_multiple_of`.
+#![allow(clippy::manual_is_multiple_of)]
+
 use std::path::{Path, PathBuf};
 
 use tessera_formats::gguf::{GgmlType, Gguf};
@@ -101,8 +104,14 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 fn expect_err(path: &Path, needle: &str) -> Error {
     let e = Gguf::open(path).expect_err("corrupt file must not open");
     let msg = e.to_string();
-    assert!(msg.contains(&*path.to_string_lossy()), "error does not name the file: {msg}");
-    assert!(msg.contains(needle), "error {msg:?} does not mention {needle:?}");
+    assert!(
+        msg.contains(&*path.to_string_lossy()),
+        "error does not name the file: {msg}"
+    );
+    assert!(
+        msg.contains(needle),
+        "error {msg:?} does not mention {needle:?}"
+    );
     e
 }
 
@@ -145,12 +154,24 @@ fn bad_magic_and_version() {
 #[test]
 fn tensor_offset_past_the_end() {
     let dir = tempfile::tempdir().unwrap();
-    let b = Builder::default().tensor("w", &[3, 2], 0, 1 << 20).data(&[0; 24]).bytes();
+    let b = Builder::default()
+        .tensor("w", &[3, 2], 0, 1 << 20)
+        .data(&[0; 24])
+        .bytes();
     expect_err(&write(dir.path(), "off.gguf", &b), "runs past the end");
-    let b = Builder::default().tensor("w", &[3, 2], 0, u64::MAX - 31).data(&[0; 24]).bytes();
+    let b = Builder::default()
+        .tensor("w", &[3, 2], 0, u64::MAX - 31)
+        .data(&[0; 24])
+        .bytes();
     expect_err(&write(dir.path(), "wrap.gguf", &b), "runs past the end");
-    let b = Builder::default().tensor("w", &[3, 2], 0, 8).data(&[0; 64]).bytes();
-    expect_err(&write(dir.path(), "misaligned.gguf", &b), "not a multiple of the alignment");
+    let b = Builder::default()
+        .tensor("w", &[3, 2], 0, 8)
+        .data(&[0; 64])
+        .bytes();
+    expect_err(
+        &write(dir.path(), "misaligned.gguf", &b),
+        "not a multiple of the alignment",
+    );
     let b = Builder::default().tensor("w", &[u64::MAX, 2], 0, 0).bytes();
     expect_err(&write(dir.path(), "huge.gguf", &b), "overflow");
 }
@@ -172,7 +193,10 @@ fn absurd_counts_do_not_allocate() {
     expect_err(&write(dir.path(), "nt.gguf", &b), "tensor count");
     let mut b = valid().bytes();
     b[16..24].copy_from_slice(&(1u64 << 62).to_le_bytes());
-    expect_err(&write(dir.path(), "nkv.gguf", &b), "metadata key/value count");
+    expect_err(
+        &write(dir.path(), "nkv.gguf", &b),
+        "metadata key/value count",
+    );
     // An array of 2^60 u32 claimed in a tiny file.
     let mut raw = 4u32.to_le_bytes().to_vec();
     raw.extend((1u64 << 60).to_le_bytes());
@@ -183,7 +207,10 @@ fn absurd_counts_do_not_allocate() {
 #[test]
 fn unknown_types() {
     let dir = tempfile::tempdir().unwrap();
-    let b = Builder::default().tensor("w", &[32], 99, 0).data(&[0; 64]).bytes();
+    let b = Builder::default()
+        .tensor("w", &[32], 99, 0)
+        .data(&[0; 64])
+        .bytes();
     expect_err(&write(dir.path(), "ty.gguf", &b), "unknown ggml type 99");
     let b = Builder::default().kv_raw("k", 42, &[0; 8]).bytes();
     expect_err(&write(dir.path(), "vt.gguf", &b), "unknown value type 42");
@@ -193,12 +220,18 @@ fn unknown_types() {
 fn unsupported_dequantization_names_tensor_and_type() {
     let dir = tempfile::tempdir().unwrap();
     // One Q5_K block (id 13, 256 elements in 176 bytes): readable raw, not dequantizable here.
-    let b = Builder::default().tensor("q5", &[256], 13, 0).data(&[0; 176]).bytes();
+    let b = Builder::default()
+        .tensor("q5", &[256], 13, 0)
+        .data(&[0; 176])
+        .bytes();
     let p = write(dir.path(), "q5k.gguf", &b);
     let g = Gguf::open(&p).unwrap();
     assert_eq!(g.tensor_data("q5").unwrap().len(), 176);
     let msg = g.tensor_f32("q5").unwrap_err().to_string();
-    assert!(msg.contains("q5k.gguf") && msg.contains("'q5'") && msg.contains("Q5_K"), "{msg}");
+    assert!(
+        msg.contains("q5k.gguf") && msg.contains("'q5'") && msg.contains("Q5_K"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -209,9 +242,15 @@ fn missing_tensor_and_bad_shapes() {
     let msg = g.tensor_data("absent").unwrap_err().to_string();
     assert!(msg.contains("ok.gguf") && msg.contains("absent"), "{msg}");
     // Q8_0 rows must be whole 32-element blocks.
-    let b = Builder::default().tensor("w", &[30], 8, 0).data(&[0; 64]).bytes();
+    let b = Builder::default()
+        .tensor("w", &[30], 8, 0)
+        .data(&[0; 64])
+        .bytes();
     expect_err(&write(dir.path(), "blk.gguf", &b), "block size");
-    let b = Builder::default().tensor("w", &[1, 1, 1, 1, 1], 0, 0).data(&[0; 4]).bytes();
+    let b = Builder::default()
+        .tensor("w", &[1, 1, 1, 1, 1], 0, 0)
+        .data(&[0; 4])
+        .bytes();
     expect_err(&write(dir.path(), "dims.gguf", &b), "5 dimensions");
     let b = valid().kv_u32("general.alignment", 3).bytes();
     expect_err(&write(dir.path(), "align.gguf", &b), "general.alignment");
@@ -219,7 +258,9 @@ fn missing_tensor_and_bad_shapes() {
 
 #[test]
 fn missing_file_names_the_path() {
-    let msg = Gguf::open(Path::new("/nonexistent/x.gguf")).unwrap_err().to_string();
+    let msg = Gguf::open(Path::new("/nonexistent/x.gguf"))
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("/nonexistent/x.gguf"), "{msg}");
 }
 
@@ -229,9 +270,15 @@ fn gguf_without_or_with_bad_vocab_is_a_tokenizer_error() {
     let dir = tempfile::tempdir().unwrap();
     let p = write(dir.path(), "novocab.gguf", &valid().bytes());
     let msg = load_tokenizer(&p).unwrap_err().to_string();
-    assert!(msg.contains("novocab.gguf") && msg.contains("tokenizer.ggml.model"), "{msg}");
+    assert!(
+        msg.contains("novocab.gguf") && msg.contains("tokenizer.ggml.model"),
+        "{msg}"
+    );
     let b = valid().kv_str("tokenizer.ggml.model", "rwkv").bytes();
     let p = write(dir.path(), "rwkv.gguf", &b);
     let msg = load_tokenizer(&p).unwrap_err().to_string();
-    assert!(msg.contains("unsupported tokenizer.ggml.model 'rwkv'"), "{msg}");
+    assert!(
+        msg.contains("unsupported tokenizer.ggml.model 'rwkv'"),
+        "{msg}"
+    );
 }

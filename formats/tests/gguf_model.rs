@@ -56,13 +56,24 @@ fn metadata_and_tensor_infos() {
     assert_eq!(g.get_u64("llama.embedding_length"), Some(576));
     assert_eq!(g.get_u64("llama.block_count"), Some(30));
     assert_eq!(g.get_f32("llama.rope.freq_base"), Some(100000.0));
-    assert_eq!(g.get_array("tokenizer.ggml.tokens").map(|a| a.len()), Some(49152));
-    let emb = g.tensors().iter().find(|t| t.name == "token_embd.weight").unwrap();
+    assert_eq!(
+        g.get_array("tokenizer.ggml.tokens").map(|a| a.len()),
+        Some(49152)
+    );
+    let emb = g
+        .tensors()
+        .iter()
+        .find(|t| t.name == "token_embd.weight")
+        .unwrap();
     assert_eq!(emb.dims, vec![576, 49152]);
     assert_eq!(emb.shape(), vec![49152, 576]);
     assert_eq!(emb.ggml_type, GgmlType::Q8_0);
-    assert_eq!(g.tensor_data("token_embd.weight").unwrap().len(), 49152 * 576 / 32 * 34);
-    let types: std::collections::BTreeSet<_> = g.tensors().iter().map(|t| t.ggml_type.id()).collect();
+    assert_eq!(
+        g.tensor_data("token_embd.weight").unwrap().len(),
+        49152 * 576 / 32 * 34
+    );
+    let types: std::collections::BTreeSet<_> =
+        g.tensors().iter().map(|t| t.ggml_type.id()).collect();
     assert_eq!(types, [0, 3, 8].into_iter().collect());
 }
 
@@ -79,7 +90,11 @@ fn dequantization_matches_hf_f32_bit_exactly() {
         let (shape, mut values) = g.tensor_f32(&info.name).unwrap();
         let (name, permuted) = hf_name(&info.name);
         if permuted {
-            let heads = if info.name.contains("attn_q") { n_head } else { n_kv_head };
+            let heads = if info.name.contains("attn_q") {
+                n_head
+            } else {
+                n_kv_head
+            };
             values = unpermute(&values, shape[0], shape[1], heads);
         }
         let hf = st.tensor(&name).unwrap();
@@ -89,17 +104,28 @@ fn dequantization_matches_hf_f32_bit_exactly() {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        let mismatch = values.iter().zip(&expected).position(|(a, b)| a.to_bits() != b.to_bits());
+        let mismatch = values
+            .iter()
+            .zip(&expected)
+            .position(|(a, b)| a.to_bits() != b.to_bits());
         assert_eq!(mismatch, None, "{} differs from {name}", info.name);
     }
-    eprintln!("compared {} tensors in {:?}", g.tensors().len(), start.elapsed());
+    eprintln!(
+        "compared {} tensors in {:?}",
+        g.tensors().len(),
+        start.elapsed()
+    );
 }
 
 #[test]
 fn dequantizing_the_whole_model_is_fast() {
     let g = Gguf::open(&common::smollm2_gguf()).unwrap();
     let start = Instant::now();
-    let n: usize = g.tensors().iter().map(|t| g.tensor_f32(&t.name).unwrap().1.len()).sum();
+    let n: usize = g
+        .tensors()
+        .iter()
+        .map(|t| g.tensor_f32(&t.name).unwrap().1.len())
+        .sum();
     let took = start.elapsed();
     assert!(n > 130_000_000, "{n} parameters");
     // Generous bound for a loaded shared CI machine; typically ~0.1-0.3 s.
@@ -112,5 +138,8 @@ fn missing_tensor_names_file_and_tensor() {
     let path = common::smollm2_gguf();
     let g = Gguf::open(&path).unwrap();
     let e = g.tensor_f32("nope.weight").unwrap_err().to_string();
-    assert!(e.contains("nope.weight") && e.contains(&*path.to_string_lossy()), "{e}");
+    assert!(
+        e.contains("nope.weight") && e.contains(&*path.to_string_lossy()),
+        "{e}"
+    );
 }

@@ -32,18 +32,28 @@ fn gguf_tokenizer_encodes_like_hf() {
     let gguf = load_tokenizer(&common::smollm2_gguf()).unwrap();
     assert_eq!(hf.get_vocab_size(true), gguf.get_vocab_size(true));
     let reference = reference();
-    let prompts = reference["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["templated_text"].as_str().or(c["input"].as_str()).unwrap().to_string());
+    let prompts = reference["cases"].as_array().unwrap().iter().map(|c| {
+        c["templated_text"]
+            .as_str()
+            .or(c["input"].as_str())
+            .unwrap()
+            .to_string()
+    });
     for text in prompts.chain(TRICKY.iter().map(|s| s.to_string())) {
         for add_special in [false, true] {
             let want = hf.encode(text.as_str(), add_special).unwrap();
             let got = gguf.encode(text.as_str(), add_special).unwrap();
-            assert_eq!(got.get_ids(), want.get_ids(), "{text:?} (add_special_tokens={add_special})");
+            assert_eq!(
+                got.get_ids(),
+                want.get_ids(),
+                "{text:?} (add_special_tokens={add_special})"
+            );
             let back = gguf.decode(got.get_ids(), false).unwrap();
-            assert_eq!(back, hf.decode(want.get_ids(), false).unwrap(), "{text:?} decoded");
+            assert_eq!(
+                back,
+                hf.decode(want.get_ids(), false).unwrap(),
+                "{text:?} decoded"
+            );
         }
     }
 }
@@ -52,9 +62,16 @@ fn gguf_tokenizer_encodes_like_hf() {
 fn reference_prompt_ids() {
     let gguf = load_tokenizer(&common::smollm2_gguf()).unwrap();
     for case in reference()["cases"].as_array().unwrap() {
-        let text = case["templated_text"].as_str().or(case["input"].as_str()).unwrap();
+        let text = case["templated_text"]
+            .as_str()
+            .or(case["input"].as_str())
+            .unwrap();
         let want: Vec<u32> = serde_json::from_value(case["prompt_ids"].clone()).unwrap();
-        assert_eq!(gguf.encode(text, true).unwrap().get_ids(), want.as_slice(), "{text:?}");
+        assert_eq!(
+            gguf.encode(text, true).unwrap().get_ids(),
+            want.as_slice(),
+            "{text:?}"
+        );
     }
 }
 
@@ -68,7 +85,9 @@ fn special_token_ids() {
 
 #[test]
 fn bad_paths_are_errors_naming_them() {
-    let msg = load_tokenizer(std::path::Path::new("/nonexistent/model.gguf")).unwrap_err().to_string();
+    let msg = load_tokenizer(std::path::Path::new("/nonexistent/model.gguf"))
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("/nonexistent/model.gguf"), "{msg}");
     let dir = tempfile::tempdir().unwrap();
     let msg = load_tokenizer(dir.path()).unwrap_err().to_string();

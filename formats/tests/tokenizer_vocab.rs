@@ -14,7 +14,12 @@ fn read_inputs(path: &Path) -> Vec<String> {
         .split("\n__ggml_vocab_test__\n")
         .map(str::to_string)
         .collect();
-    assert_eq!(parts.pop().as_deref(), Some(""), "{} must end with a separator", path.display());
+    assert_eq!(
+        parts.pop().as_deref(),
+        Some(""),
+        "{} must end with a separator",
+        path.display()
+    );
     parts
 }
 
@@ -33,12 +38,18 @@ fn check(name: &str) -> Vec<String> {
     let inputs = read_inputs(&dir.join(format!("ggml-vocab-{name}.gguf.inp")));
     let outputs = read_outputs(&dir.join(format!("ggml-vocab-{name}.gguf.out")));
     assert!(inputs.len() > 10, "{name}: too few test strings");
-    assert_eq!(inputs.len(), outputs.len(), "{name}: .inp and .out disagree in length");
+    assert_eq!(
+        inputs.len(),
+        outputs.len(),
+        "{name}: .inp and .out disagree in length"
+    );
     let mut failures = Vec::new();
     for (text, want) in inputs.iter().zip(&outputs) {
         let got = tok.encode(text.as_str(), false).unwrap().get_ids().to_vec();
         if &got != want {
-            failures.push(format!("{name}: {text:?}\n   want {want:?}\n    got {got:?}"));
+            failures.push(format!(
+                "{name}: {text:?}\n   want {want:?}\n    got {got:?}"
+            ));
         }
     }
     failures
@@ -46,7 +57,12 @@ fn check(name: &str) -> Vec<String> {
 
 fn assert_suite(name: &str) {
     let failures = check(name);
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -87,10 +103,21 @@ fn deepseek_coder() {
 #[test]
 fn every_vocab_in_the_folder_is_covered() {
     let dir = common::shared().join("data/tokenizer-vocab");
-    let known = ["llama-spm", "phi-3", "llama-bpe", "gpt-2", "qwen2", "starcoder", "deepseek-coder"];
+    let known = [
+        "llama-spm",
+        "phi-3",
+        "llama-bpe",
+        "gpt-2",
+        "qwen2",
+        "starcoder",
+        "deepseek-coder",
+    ];
     for entry in std::fs::read_dir(&dir).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
-        if let Some(stem) = name.strip_prefix("ggml-vocab-").and_then(|n| n.strip_suffix(".gguf")) {
+        if let Some(stem) = name
+            .strip_prefix("ggml-vocab-")
+            .and_then(|n| n.strip_suffix(".gguf"))
+        {
             assert!(known.contains(&stem), "{name} has no test here");
         }
     }

@@ -30,7 +30,10 @@ pub(crate) fn raise_exception(message: String) -> Result<Value, Error> {
 pub(crate) fn strftime_now(format: String) -> Result<String, Error> {
     let mut out = String::new();
     write!(out, "{}", chrono::Local::now().format(&format)).map_err(|_| {
-        Error::new(ErrorKind::InvalidOperation, format!("strftime_now: invalid format {format:?}"))
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now: invalid format {format:?}"),
+        )
     })?;
     Ok(out)
 }
@@ -41,7 +44,11 @@ pub(crate) fn is_iterable(value: Value) -> bool {
     use minijinja::value::ValueKind;
     matches!(
         value.kind(),
-        ValueKind::Seq | ValueKind::Map | ValueKind::Iterable | ValueKind::String | ValueKind::Bytes
+        ValueKind::Seq
+            | ValueKind::Map
+            | ValueKind::Iterable
+            | ValueKind::String
+            | ValueKind::Bytes
     )
 }
 
@@ -53,16 +60,20 @@ pub(crate) fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         Some(v) => match usize::try_from(v.clone()) {
             Ok(n) => Some(" ".repeat(n)),
             Err(_) => Some(v.as_str().map(str::to_string).ok_or_else(|| {
-                Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an integer or a string")
+                Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: indent must be an integer or a string",
+                )
             })?),
         },
     };
     let ensure_ascii = kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false);
     let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
-    let separators: Option<(String, String)> = kwargs.get::<Option<Vec<String>>>("separators")?.map(|s| {
-        let mut it = s.into_iter();
-        (it.next().unwrap_or_default(), it.next().unwrap_or_default())
-    });
+    let separators: Option<(String, String)> =
+        kwargs.get::<Option<Vec<String>>>("separators")?.map(|s| {
+            let mut it = s.into_iter();
+            (it.next().unwrap_or_default(), it.next().unwrap_or_default())
+        });
     kwargs.assert_all_used()?;
     let (item_sep, key_sep) = separators.unwrap_or_else(|| {
         let item = if indent.is_some() { "," } else { ", " };
@@ -83,7 +94,9 @@ pub(crate) fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         .serialize(&mut ser)
         .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
     // serde_json writes only valid UTF-8.
-    Ok(Value::from_safe_string(String::from_utf8_lossy(&out).into_owned()))
+    Ok(Value::from_safe_string(
+        String::from_utf8_lossy(&out).into_owned(),
+    ))
 }
 
 /// A copy of `value` whose maps list their keys in sorted order (Python's `sort_keys=True`).
@@ -100,7 +113,14 @@ fn sorted(value: &Value) -> Value {
             return Value::from_iter(pairs);
         }
         if value.kind() == minijinja::value::ValueKind::Seq {
-            return Value::from(value.try_iter().into_iter().flatten().map(|v| sorted(&v)).collect::<Vec<_>>());
+            return Value::from(
+                value
+                    .try_iter()
+                    .into_iter()
+                    .flatten()
+                    .map(|v| sorted(&v))
+                    .collect::<Vec<_>>(),
+            );
         }
     }
     value.clone()
@@ -156,7 +176,11 @@ impl serde_json::ser::Formatter for PyFormatter<'_> {
     fn end_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
         self.close(w, b"]")
     }
-    fn begin_array_value<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+    fn begin_array_value<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
         self.item(w, first)
     }
     fn end_array_value<W: ?Sized + io::Write>(&mut self, _w: &mut W) -> io::Result<()> {
@@ -169,7 +193,11 @@ impl serde_json::ser::Formatter for PyFormatter<'_> {
     fn end_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
         self.close(w, b"}")
     }
-    fn begin_object_key<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+    fn begin_object_key<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
         self.item(w, first)
     }
     fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
@@ -179,7 +207,11 @@ impl serde_json::ser::Formatter for PyFormatter<'_> {
         self.has_value = true;
         Ok(())
     }
-    fn write_string_fragment<W: ?Sized + io::Write>(&mut self, w: &mut W, fragment: &str) -> io::Result<()> {
+    fn write_string_fragment<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
         if !self.ensure_ascii {
             return w.write_all(fragment.as_bytes());
         }

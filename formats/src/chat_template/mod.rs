@@ -56,7 +56,12 @@ impl ChatTemplate {
         env.add_test("iterable", functions::is_iterable);
         env.add_template_owned(NAME, strip_generation_tags(source))
             .map_err(|e| template_error(&origin, e))?;
-        Ok(ChatTemplate { env, origin, bos, eos })
+        Ok(ChatTemplate {
+            env,
+            origin,
+            bos,
+            eos,
+        })
     }
 
     /// The template of a model: a Hugging Face folder (`chat_template.jinja`, `chat_template.json`
@@ -76,7 +81,12 @@ impl ChatTemplate {
     /// Renders OpenAI-style `messages`. Content given as a list of parts is flattened to one string
     /// (text parts concatenated, images as `![](url)`), as TGI does, since most templates only
     /// handle string content.
-    pub fn render(&self, messages: &[Json], add_generation_prompt: bool, tools: Option<&Json>) -> Result<String> {
+    pub fn render(
+        &self,
+        messages: &[Json],
+        add_generation_prompt: bool,
+        tools: Option<&Json>,
+    ) -> Result<String> {
         let messages: Vec<Json> = messages.iter().map(flatten_content).collect();
         let ctx = context! {
             messages => Value::from_serialize(&messages),
@@ -85,8 +95,12 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             tools => tools.map(Value::from_serialize),
         };
-        let tmpl = self.env.get_template(NAME).map_err(|e| template_error(&self.origin, e))?;
-        tmpl.render(ctx).map_err(|e| template_error(&self.origin, e))
+        let tmpl = self
+            .env
+            .get_template(NAME)
+            .map_err(|e| template_error(&self.origin, e))?;
+        tmpl.render(ctx)
+            .map_err(|e| template_error(&self.origin, e))
     }
 }
 
@@ -111,10 +125,17 @@ fn flatten_content(message: &Json) -> Json {
         .iter()
         .map(|p| match p.get("type").and_then(Json::as_str) {
             Some("image_url") => {
-                let url = p.pointer("/image_url/url").and_then(Json::as_str).unwrap_or("");
+                let url = p
+                    .pointer("/image_url/url")
+                    .and_then(Json::as_str)
+                    .unwrap_or("");
                 format!("![]({url})")
             }
-            _ => p.get("text").and_then(Json::as_str).unwrap_or("").to_string(),
+            _ => p
+                .get("text")
+                .and_then(Json::as_str)
+                .unwrap_or("")
+                .to_string(),
         })
         .collect();
     let mut m = message.clone();

@@ -19,7 +19,10 @@ pub(super) fn load(model: &Path) -> Result<Option<ChatTemplate>> {
     let token = |key: &str| {
         let id = gguf.get_u64(key)?;
         let tokens = gguf.get_array("tokenizer.ggml.tokens")?;
-        tokens.get(usize::try_from(id).ok()?)?.as_str().map(str::to_string)
+        tokens
+            .get(usize::try_from(id).ok()?)?
+            .as_str()
+            .map(str::to_string)
     };
     let bos = token("tokenizer.ggml.bos_token_id");
     let eos = token("tokenizer.ggml.eos_token_id");
@@ -31,10 +34,12 @@ fn read_json(path: &Path) -> Result<Option<Json>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map(Some).map_err(|e| Error::Json {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
-    })
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })
 }
 
 fn load_hf(dir: &Path) -> Result<Option<ChatTemplate>> {
@@ -42,7 +47,9 @@ fn load_hf(dir: &Path) -> Result<Option<ChatTemplate>> {
     let config = read_json(&config_path)?;
     let special = |key: &str| -> Option<String> {
         let v = config.as_ref()?.get(key)?;
-        v.as_str().or_else(|| v.get("content")?.as_str()).map(str::to_string)
+        v.as_str()
+            .or_else(|| v.get("content")?.as_str())
+            .map(str::to_string)
     };
     let (bos, eos) = (special("bos_token"), special("eos_token"));
     let jinja = dir.join("chat_template.jinja");
@@ -58,7 +65,9 @@ fn load_hf(dir: &Path) -> Result<Option<ChatTemplate>> {
             None => Ok(None),
         };
     }
-    let Some(config) = &config else { return Ok(None) };
+    let Some(config) = &config else {
+        return Ok(None);
+    };
     match template_field(config, &config_path)? {
         Some(s) => ChatTemplate::with_origin(&s, bos, eos, config_path).map(Some),
         None => Ok(None),
@@ -80,6 +89,8 @@ fn template_field(doc: &Json, path: &Path) -> Result<Option<String>> {
             .and_then(|t| t.get("template").and_then(Json::as_str))
             .map(|s| Some(s.to_string()))
             .ok_or_else(|| bad("chat_template list has no entry named \"default\"")),
-        Some(_) => Err(bad("chat_template is neither a string nor a list of {name, template}")),
+        Some(_) => Err(bad(
+            "chat_template is neither a string nor a list of {name, template}",
+        )),
     }
 }

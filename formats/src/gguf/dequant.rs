@@ -26,7 +26,10 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, Strin
     data.par_chunks(l.block_bytes * BLOCKS_PER_TASK)
         .zip(out.par_chunks_mut(l.block_elems * BLOCKS_PER_TASK))
         .for_each(|(src, dst)| {
-            for (b, o) in src.chunks_exact(l.block_bytes).zip(dst.chunks_exact_mut(l.block_elems)) {
+            for (b, o) in src
+                .chunks_exact(l.block_bytes)
+                .zip(dst.chunks_exact_mut(l.block_elems))
+            {
                 f(b, o);
             }
         });

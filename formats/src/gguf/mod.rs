@@ -172,13 +172,12 @@ impl Gguf {
     pub fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let info = self.tensor_info(name)?;
         let data = self.tensor_data(name)?;
-        let values = dequantize(info.ggml_type, data, info.n_elements()).map_err(|msg| {
-            Error::Tensor {
+        let values =
+            dequantize(info.ggml_type, data, info.n_elements()).map_err(|msg| Error::Tensor {
                 path: self.path.clone(),
                 tensor: name.to_string(),
                 msg,
-            }
-        })?;
+            })?;
         Ok((info.shape(), values))
     }
 }
@@ -190,7 +189,9 @@ fn read_preamble(r: &mut Reader) -> Result<u32> {
     }
     let version = r.u32("version")?;
     if !(2..=3).contains(&version) {
-        return Err(r.err(format!("unsupported version {version} (2 and 3 are supported)")));
+        return Err(r.err(format!(
+            "unsupported version {version} (2 and 3 are supported)"
+        )));
     }
     Ok(version)
 }
@@ -212,7 +213,9 @@ fn read_tensor_info(r: &mut Reader, i: usize) -> Result<GgufTensorInfo> {
     let name = r.string(&format!("tensor #{i} name"))?;
     let n_dims = r.u32(&format!("tensor '{name}' n_dims"))?;
     if n_dims == 0 || n_dims > MAX_DIMS {
-        return Err(r.err(format!("tensor '{name}': {n_dims} dimensions (1..={MAX_DIMS} allowed)")));
+        return Err(r.err(format!(
+            "tensor '{name}': {n_dims} dimensions (1..={MAX_DIMS} allowed)"
+        )));
     }
     let dims = (0..n_dims)
         .map(|_| r.u64(&format!("tensor '{name}' dims")))
@@ -235,7 +238,9 @@ fn alignment(r: &Reader, metadata: &BTreeMap<String, GgufValue>) -> Result<u64> 
     };
     match v.as_u64() {
         Some(a) if a.is_power_of_two() && a <= 1 << 20 => Ok(a),
-        _ => Err(r.err(format!("general.alignment {v:?} is not a power of two up to 1 MiB"))),
+        _ => Err(r.err(format!(
+            "general.alignment {v:?} is not a power of two up to 1 MiB"
+        ))),
     }
 }
 
@@ -255,7 +260,10 @@ fn check_tensor_ranges(
         let bad = |msg: String| r.err(format!("tensor '{}': {msg}", t.name));
         let n_bytes = tensor_bytes(t).map_err(bad)?;
         if t.offset % alignment != 0 {
-            return Err(bad(format!("offset {} is not a multiple of the alignment {alignment}", t.offset)));
+            return Err(bad(format!(
+                "offset {} is not a multiple of the alignment {alignment}",
+                t.offset
+            )));
         }
         let end = data_start
             .checked_add(t.offset)

@@ -122,7 +122,10 @@ impl<'a> Reader<'a> {
             return Err(self.err(format!("metadata '{key}': arrays nested too deeply")));
         }
         let elem_ty = self.u32(key)?;
-        let n = self.count(min_value_bytes(elem_ty), &format!("metadata '{key}' array length"))?;
+        let n = self.count(
+            min_value_bytes(elem_ty),
+            &format!("metadata '{key}' array length"),
+        )?;
         let mut items = Vec::with_capacity(n);
         for _ in 0..n {
             items.push(self.value(elem_ty, key, depth + 1)?);

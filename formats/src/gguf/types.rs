@@ -103,7 +103,10 @@ impl GgmlType {
 
     fn entry(self) -> &'static (u32, GgmlType, usize, usize) {
         // Every variant has exactly one table row (checked by a unit test).
-        TABLE.iter().find(|e| e.1 == self).expect("every GgmlType is in TABLE")
+        TABLE
+            .iter()
+            .find(|e| e.1 == self)
+            .expect("every GgmlType is in TABLE")
     }
 }
 
@@ -127,7 +130,13 @@ mod tests {
         for &(id, ty, elems, bytes) in TABLE {
             assert_eq!(GgmlType::from_id(id), Some(ty));
             assert_eq!(ty.id(), id);
-            assert_eq!(ty.layout(), BlockLayout { block_elems: elems, block_bytes: bytes });
+            assert_eq!(
+                ty.layout(),
+                BlockLayout {
+                    block_elems: elems,
+                    block_bytes: bytes
+                }
+            );
         }
         assert_eq!(GgmlType::from_id(4), None);
         assert_eq!(GgmlType::from_id(1000), None);

@@ -36,7 +36,8 @@ pub fn load_tokenizer(model: &Path) -> Result<Tokenizer> {
 /// Builds a tokenizer from a GGUF file's `tokenizer.ggml.*` metadata.
 pub fn tokenizer_from_gguf(gguf: &Gguf) -> Result<Tokenizer> {
     let json = tokenizer_json(gguf)?;
-    Tokenizer::from_str(&json.to_string()).map_err(|e| tok_err(gguf, format!("building tokenizer: {e}")))
+    Tokenizer::from_str(&json.to_string())
+        .map_err(|e| tok_err(gguf, format!("building tokenizer: {e}")))
 }
 
 fn tok_err(gguf: &Gguf, msg: impl Into<String>) -> Error {
@@ -67,7 +68,12 @@ fn read_vocab(gguf: &Gguf) -> Result<Vocab> {
             .map(|v| v.as_i64())
             .collect::<Option<Vec<_>>>()
             .filter(|t| t.len() == tokens.len())
-            .ok_or_else(|| tok_err(gguf, "tokenizer.ggml.token_type is not one integer per token"))?,
+            .ok_or_else(|| {
+                tok_err(
+                    gguf,
+                    "tokenizer.ggml.token_type is not one integer per token",
+                )
+            })?,
     };
     Ok(Vocab { tokens, types })
 }
@@ -78,7 +84,8 @@ fn tokenizer_json(gguf: &Gguf) -> Result<Value> {
         .get_str("tokenizer.ggml.model")
         .ok_or_else(|| tok_err(gguf, "tokenizer.ggml.model is missing"))?;
     if !matches!(model, "llama" | "gpt2") {
-        let msg = format!("unsupported tokenizer.ggml.model '{model}' (llama and gpt2 are supported)");
+        let msg =
+            format!("unsupported tokenizer.ggml.model '{model}' (llama and gpt2 are supported)");
         return Err(tok_err(gguf, msg));
     }
     let vocab = read_vocab(gguf)?;
@@ -113,7 +120,12 @@ fn vocab_map(vocab: &Vocab) -> Value {
 fn spm_json(gguf: &Gguf, vocab: &Vocab) -> Result<Value> {
     let scores = gguf
         .get_array("tokenizer.ggml.scores")
-        .ok_or_else(|| tok_err(gguf, "tokenizer.ggml.scores is missing (needed by a llama tokenizer)"))?
+        .ok_or_else(|| {
+            tok_err(
+                gguf,
+                "tokenizer.ggml.scores is missing (needed by a llama tokenizer)",
+            )
+        })?
         .iter()
         .map(|v| v.as_f32())
         .collect::<Option<Vec<_>>>()
@@ -125,7 +137,9 @@ fn spm_json(gguf: &Gguf, vocab: &Vocab) -> Result<Value> {
         .tokens
         .get(unk)
         .ok_or_else(|| tok_err(gguf, format!("unknown_token_id {unk} is out of range")))?;
-    let add_space_prefix = gguf.get_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+    let add_space_prefix = gguf
+        .get_bool("tokenizer.ggml.add_space_prefix")
+        .unwrap_or(true);
     let (normalizer, decoder) = spm::normalizer_and_decoder(add_space_prefix);
     Ok(json!({
         "normalizer": normalizer,
@@ -146,11 +160,21 @@ fn byte_level_json(gguf: &Gguf, vocab: &Vocab, pre: &str) -> Result<Value> {
         .ok_or_else(|| tok_err(gguf, format!("unsupported tokenizer.ggml.pre '{pre}'")))?;
     let merges = gguf
         .get_array("tokenizer.ggml.merges")
-        .ok_or_else(|| tok_err(gguf, "tokenizer.ggml.merges is missing (needed by a gpt2 tokenizer)"))?
+        .ok_or_else(|| {
+            tok_err(
+                gguf,
+                "tokenizer.ggml.merges is missing (needed by a gpt2 tokenizer)",
+            )
+        })?
         .iter()
         .map(|v| v.as_str().and_then(|s| s.split_once(' ')))
         .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| tok_err(gguf, "tokenizer.ggml.merges holds an entry that is not \"left right\""))?;
+        .ok_or_else(|| {
+            tok_err(
+                gguf,
+                "tokenizer.ggml.merges holds an entry that is not \"left right\"",
+            )
+        })?;
     Ok(json!({
         "normalizer": p.normalizer,
         "pre_tokenizer": p.pre_tokenizer,
@@ -188,18 +212,32 @@ fn added_tokens(vocab: &Vocab) -> Value {
 /// BOS/EOS insertion as the GGUF asks (`add_bos_token`, `add_eos_token`), after the byte-level
 /// offsets fix-up for gpt2 vocabularies.
 fn post_processor(gguf: &Gguf, vocab: &Vocab, model: &str, default_add_bos: bool) -> Result<Value> {
-    let add_bos = gguf.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(default_add_bos);
-    let add_eos = gguf.get_bool("tokenizer.ggml.add_eos_token").unwrap_or(false);
+    let add_bos = gguf
+        .get_bool("tokenizer.ggml.add_bos_token")
+        .unwrap_or(default_add_bos);
+    let add_eos = gguf
+        .get_bool("tokenizer.ggml.add_eos_token")
+        .unwrap_or(false);
     let special = |key: &str| -> Result<Option<(String, u64)>> {
-        let Some(id) = gguf.get_u64(key) else { return Ok(None) };
+        let Some(id) = gguf.get_u64(key) else {
+            return Ok(None);
+        };
         let tok = vocab
             .tokens
             .get(id as usize)
             .ok_or_else(|| tok_err(gguf, format!("{key} {id} is out of range")))?;
         Ok(Some((tok.clone(), id)))
     };
-    let bos = if add_bos { special("tokenizer.ggml.bos_token_id")? } else { None };
-    let eos = if add_eos { special("tokenizer.ggml.eos_token_id")? } else { None };
+    let bos = if add_bos {
+        special("tokenizer.ggml.bos_token_id")?
+    } else {
+        None
+    };
+    let eos = if add_eos {
+        special("tokenizer.ggml.eos_token_id")?
+    } else {
+        None
+    };
     let mut steps = Vec::new();
     if model == "gpt2" {
         steps.push(json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}));
