@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use serde_json::json;
+use tessera_formats::chat_template::ChatTemplate;
 use tokenizers::Tokenizer;
 
 use crate::forward::{ForwardBatch, LogitsWanted, SeqInput};
@@ -106,7 +107,7 @@ pub fn encode_prompt(tokenizer: &Tokenizer, text: &str, templated: bool) -> Resu
 pub fn run(args: &GenerateArgs) -> Result<()> {
     let opts = LoadOptions { dtype: args.dtype, device: args.device, ..LoadOptions::default() };
     let loaded = loader::load(&args.model_id, &opts)?;
-    let text = if args.chat { render_chat(&args.model_id, args)? } else { args.prompt.clone() };
+    let text = if args.chat { render_chat(&args.model_id, loaded.chat_template.as_ref(), args)? } else { args.prompt.clone() };
     let prompt_ids = encode_prompt(&loaded.tokenizer, &text, args.chat)?;
     let g = greedy(&loaded.model, &prompt_ids, args.max_new_tokens, &loaded.config.eos_token_ids)?;
     let generated_text = loaded
@@ -128,6 +129,13 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn render_chat(_model: &std::path::Path, _args: &GenerateArgs) -> Result<String> {
-    Err(Error::Tokenizer("TEMPORARY: chat_template not landed yet".into()))
+fn render_chat(model: &std::path::Path, template: Option<&ChatTemplate>, args: &GenerateArgs) -> Result<String> {
+    let template =
+        template.ok_or_else(|| Error::Tokenizer(format!("{}: the model has no chat template", model.display())))?;
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(json!({"role": "system", "content": system}));
+    }
+    messages.push(json!({"role": "user", "content": args.prompt}));
+    Ok(template.render(&messages, true, None)?)
 }

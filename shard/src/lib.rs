@@ -4,6 +4,7 @@ pub mod error;
 pub use error::{Error, Result};
 
 pub mod backend;
+pub mod bench;
 pub mod comm;
 pub mod config;
 pub mod forward;

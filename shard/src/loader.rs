@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use tessera_formats::chat_template::ChatTemplate;
 use tessera_formats::gguf::Gguf;
 use tokenizers::Tokenizer;
 
@@ -59,6 +60,7 @@ pub struct Loaded {
     pub model: Model,
     pub config: ModelConfig,
     pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
     /// Name of the weight dtype, as `Info` reports it ("float32", "bfloat16", "float16").
     pub dtype_name: String,
 }
@@ -67,7 +69,8 @@ pub struct Loaded {
 pub fn load(model: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let (model_, config, dtype) = load_model(model, opts)?;
     let tokenizer = tessera_formats::tokenizer::load_tokenizer(model)?;
-    Ok(Loaded { model: model_, config, tokenizer, dtype_name: dtype_name(dtype).to_string() })
+    let chat_template = ChatTemplate::load(model)?;
+    Ok(Loaded { model: model_, config, tokenizer, chat_template, dtype_name: dtype_name(dtype).to_string() })
 }
 
 /// Loads only the model (weights and config), for callers that bring their own tokenizer.
