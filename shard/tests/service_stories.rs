@@ -314,3 +314,37 @@ async fn warmup_sizes_the_cache() {
     let out = generate(&mut shard.client, batch(1, vec![r])).await;
     assert_eq!(ids(&out[&1]), REFERENCE_IDS);
 }
+
+#[tokio::test]
+async fn prefix_cache_hit_skips_cached_tokens_and_changes_nothing() {
+    let mut shard = Shard::start(stories(), &[]).await;
+    let mut blocks = Blocks::new();
+    let first = request(1, "Once upon a time", 20, &mut blocks);
+    let shared_block = first.blocks[0];
+    let out = generate(&mut shard.client, batch(1, vec![first])).await;
+    assert_eq!(ids(&out[&1]), REFERENCE_IDS);
+    // The router found the first 4 prompt tokens in block `shared_block`: only the 5th is computed.
+    let mut second = request(2, "Once upon a time", 20, &mut blocks);
+    second.blocks[0] = shared_block;
+    second.slots = slots(&second.blocks);
+    second.cache_len = 4;
+    let r = shard
+        .client
+        .prefill(pb::PrefillRequest {
+            batch: Some(batch(2, vec![second])),
+            cached_batch: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Outputs::new();
+    collect(&mut out, r.generations);
+    let mut cached = r.batch;
+    while let Some(b) = cached {
+        let d = pb::DecodeRequest { batches: vec![b] };
+        let r = shard.client.decode(d).await.unwrap().into_inner();
+        collect(&mut out, r.generations);
+        cached = r.batch;
+    }
+    assert_eq!(ids(&out[&2]), REFERENCE_IDS);
+}

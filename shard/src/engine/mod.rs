@@ -246,3 +246,21 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_fails_only_its_command() {
+        let (reply, mut rx) = oneshot::channel::<Result<(), Error>>();
+        answer(reply, || panic!("boom at step {}", 3));
+        match rx.try_recv() {
+            Ok(Err(Error::EnginePanic(m))) => assert_eq!(m, "boom at step 3"),
+            other => panic!("{other:?}"),
+        }
+        let (reply, mut rx) = oneshot::channel::<Result<u8, Error>>();
+        answer(reply, || Ok(7));
+        assert_eq!(rx.try_recv().unwrap().unwrap(), 7);
+    }
+}
