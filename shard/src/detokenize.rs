@@ -95,13 +95,13 @@ pub fn special_ids(tok: &Tokenizer) -> HashSet<u32> {
 mod tests {
     use super::*;
 
-    const SHARED: &str = "/work/shared/models";
-
+    /// A tokenizer from `../shared/models` beside the repository.
     fn tokenizer(name: &str) -> Tokenizer {
-        let path = std::env::var("TESSERA_SHARED")
-            .map(|s| format!("{s}/models"))
-            .unwrap_or_else(|_| SHARED.to_string());
-        Tokenizer::from_file(format!("{path}/{name}/tokenizer.json")).expect("tokenizer.json")
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/models")
+            .join(name)
+            .join("tokenizer.json");
+        Tokenizer::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
     /// Streams `continuation`'s ids after `prompt`'s and checks every piece is whole characters
