@@ -1,9 +1,10 @@
 //! The launcher's command line (TGI's launcher flags where they apply, each also read from its upper-case env
 //! var). The router's flag groups are flattened in from `tessera_router::args`, so each flag has one definition.
 
-use clap::{Args, Parser, ValueEnum};
+use clap::{Args, Parser};
 use std::path::PathBuf;
 use tessera_router::args::{BatchingArgs, LimitArgs, ServerArgs};
+pub use tessera_shard::loader::{Device, WeightDtype};
 
 /// Tessera launcher: resolves the model, starts the shards and the router, supervises them.
 #[derive(Parser, Debug, Clone, PartialEq)]
@@ -36,36 +37,23 @@ pub struct ModelArgs {
     /// Hub cache folder (default: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else ~/.cache/huggingface/hub).
     #[arg(long, env)]
     pub huggingface_hub_cache: Option<PathBuf>,
-    /// Where the shards run the model.
+    /// Where the shards run the model (the shard's own values).
     #[arg(long, env, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
-    /// Compute dtype of the weights (default: the checkpoint's, f32 on CPU for quantized files).
-    #[arg(long, env, value_enum)]
-    pub dtype: Option<Dtype>,
-    /// Weight quantization. Tessera reads quantized GGUF files as they are; TGI's GPU quantizers
-    /// (awq, gptq, marlin, eetq, exl2, fp8, bitsandbytes...) are rejected with an error.
+    /// Storage dtype of the weights (the shard's own values; math is f32).
+    #[arg(long, env, value_enum, default_value_t = WeightDtype::Auto)]
+    pub dtype: WeightDtype,
+    /// Weight quantization. Tessera reads quantized GGUF files as they are (`gguf`); TGI's GPU
+    /// quantizers (awq, gptq, marlin, eetq, exl2, fp8, bitsandbytes...) are rejected with an error.
     #[arg(long, env)]
     pub quantize: Option<String>,
-    /// Bytes of KV cache per shard (default: the shard's own sizing).
+    /// Bytes of KV cache per shard (default: `--kv-cache-fraction` of available memory).
     #[arg(long, env)]
     pub kv_cache_memory: Option<u64>,
-}
-
-/// Devices the shards can use.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    /// CUDA when a driver and a GPU are found, else CPU.
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-/// Weight dtypes (TGI's names).
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dtype {
-    Float32,
-    Float16,
-    Bfloat16,
+    /// Share of available memory for the KV cache, split between the ranks of a host
+    /// (default: the shard's).
+    #[arg(long, env)]
+    pub kv_cache_fraction: Option<f64>,
 }
 
 /// How many shards, and how they find each other.

@@ -2,12 +2,13 @@
 //! the shard's serve args) so each flag is defined once; the launcher parses each argv back with the
 //! child's parser before spawning, so a bad value fails here, naming the flag, not in a child.
 
-use crate::args::{Device, Dtype, LauncherArgs};
+use crate::args::LauncherArgs;
 use crate::model::ResolvedModel;
 use crate::process::ChildSpec;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use std::path::{Path, PathBuf};
 use tessera_router::args::{Cli as RouterCli, RouterArgs, ShardArgs as RouterShardArgs};
+use tessera_shard::serve::ServeArgs;
 
 /// The socket of shard `rank`: `{shard_uds_path}-{rank}` (TGI's layout).
 pub fn shard_socket(base: &Path, rank: usize) -> PathBuf {
@@ -46,34 +47,83 @@ pub fn router_argv(router: &RouterArgs) -> Result<Vec<String>, String> {
     Ok(argv)
 }
 
-/// Everything a shard rank needs to know.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ShardLaunch {
-    pub model: PathBuf,
-    pub socket_base: PathBuf,
-    pub rank: usize,
-    pub world_size: usize,
-    pub device: Device,
-    pub dtype: Option<Dtype>,
-    pub kv_cache_memory: Option<u64>,
+/// The shard's `serve` arguments under the shard's own parser (`ServeArgs` is a subcommand's group).
+#[derive(Parser, Debug)]
+struct ShardServeCli {
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
-/// The shard's argv for one rank.
-pub fn shard_argv(shard: &ShardLaunch) -> Vec<String> {
+/// The `serve` arguments of shard `rank`: the shard's own defaults, overridden by the launcher's flags.
+pub fn serve_args(
+    args: &LauncherArgs,
+    model: &ResolvedModel,
+    rank: usize,
+    world_size: usize,
+) -> Result<ServeArgs, String> {
+    let model_id = model.path.display().to_string();
+    let defaults = ShardServeCli::try_parse_from(["serve", "--model-id", &model_id])
+        .map_err(|e| format!("shard arguments: {e}"))?;
+    let uds_path = args
+        .sharding
+        .shard_uds_path
+        .to_str()
+        .ok_or("--shard-uds-path is not UTF-8")?;
+    let m = &args.model;
+    Ok(ServeArgs {
+        uds_path: uds_path.to_string(),
+        rank,
+        world_size,
+        device: m.device,
+        dtype: m.dtype,
+        kv_cache_memory: m.kv_cache_memory,
+        kv_cache_fraction: m
+            .kv_cache_fraction
+            .unwrap_or(defaults.serve.kv_cache_fraction),
+        max_batch_prefill_tokens: args.batching.max_batch_prefill_tokens as usize,
+        ..defaults.serve
+    })
+}
+
+/// `--long` of the shard argument whose field is `id`, read from the shard's own definition.
+fn shard_flag(id: &str) -> Result<String, String> {
+    let command = ShardServeCli::command();
+    let arg = command.get_arguments().find(|a| a.get_id() == id);
+    let long = arg
+        .and_then(|a| a.get_long())
+        .ok_or(format!("the shard has no `{id}` argument"))?;
+    Ok(format!("--{long}"))
+}
+
+/// The shard's argv (`serve ...`), checked by parsing it back with the shard's parser.
+pub fn shard_argv(serve: &ServeArgs) -> Result<Vec<String>, String> {
+    let mut pairs = vec![
+        ("model_id", serve.model_id.display().to_string()),
+        ("uds_path", serve.uds_path.clone()),
+        ("rank", serve.rank.to_string()),
+        ("world_size", serve.world_size.to_string()),
+        ("device", value_name(serve.device)),
+        ("dtype", value_name(serve.dtype)),
+        ("kv_cache_fraction", serve.kv_cache_fraction.to_string()),
+        ("initial_kv_blocks", serve.initial_kv_blocks.to_string()),
+        (
+            "max_batch_prefill_tokens",
+            serve.max_batch_prefill_tokens.to_string(),
+        ),
+    ];
+    if let Some(bytes) = serve.kv_cache_memory {
+        pairs.push(("kv_cache_memory", bytes.to_string()));
+    }
     let mut argv = vec!["serve".to_string()];
-    let mut push = |flag: &str, value: String| argv.extend([format!("--{flag}"), value]);
-    push("model-id", shard.model.display().to_string());
-    push("uds-path", shard.socket_base.display().to_string());
-    push("rank", shard.rank.to_string());
-    push("world-size", shard.world_size.to_string());
-    push("device", value_name(shard.device));
-    if let Some(dtype) = shard.dtype {
-        push("dtype", value_name(dtype));
+    for (id, value) in pairs {
+        argv.extend([shard_flag(id)?, value]);
     }
-    if let Some(bytes) = shard.kv_cache_memory {
-        push("kv-cache-memory", bytes.to_string());
+    let parsed =
+        ShardServeCli::try_parse_from(&argv).map_err(|e| format!("shard arguments: {e}"))?;
+    if parsed.serve != *serve {
+        return Err(format!("shard arguments do not round-trip: {argv:?}"));
     }
-    argv
+    Ok(argv)
 }
 
 /// A clap value enum's command-line spelling.
@@ -116,26 +166,16 @@ pub fn plan_children(
     world_size: usize,
 ) -> Result<(Vec<(ChildSpec, PathBuf)>, ChildSpec), String> {
     let shard_bin = child_binary("TESSERA_SHARD_BIN", "tessera-shard");
-    let shards = (0..world_size)
-        .map(|rank| {
-            let launch = ShardLaunch {
-                model: model.path.clone(),
-                socket_base: args.sharding.shard_uds_path.clone(),
-                rank,
-                world_size,
-                device: args.model.device,
-                dtype: args.model.dtype,
-                kv_cache_memory: args.model.kv_cache_memory,
-            };
-            let spec = ChildSpec {
-                name: format!("shard {rank}"),
-                program: shard_bin.clone(),
-                args: shard_argv(&launch),
-                env: shard_env(args, rank, world_size),
-            };
-            (spec, shard_socket(&args.sharding.shard_uds_path, rank))
-        })
-        .collect();
+    let mut shards = Vec::with_capacity(world_size);
+    for rank in 0..world_size {
+        let spec = ChildSpec {
+            name: format!("shard {rank}"),
+            program: shard_bin.clone(),
+            args: shard_argv(&serve_args(args, model, rank, world_size)?)?,
+            env: shard_env(args, rank, world_size),
+        };
+        shards.push((spec, shard_socket(&args.sharding.shard_uds_path, rank)));
+    }
     let router = ChildSpec {
         name: "router".into(),
         program: child_binary("TESSERA_ROUTER_BIN", "tessera-router"),
@@ -213,6 +253,46 @@ mod tests {
             PathBuf::from("/models/smol.gguf")
         );
         assert_eq!(parsed.shard.model_id.as_deref(), Some("smol"));
+    }
+
+    /// Launcher flags → ServeArgs → argv → the shard's own parser → the same values.
+    #[test]
+    fn shard_argv_round_trips_launcher_flags() {
+        let args = launcher(&[
+            "--device=cpu",
+            "--dtype=bfloat16",
+            "--kv-cache-memory=1000000",
+            "--kv-cache-fraction=0.25",
+            "--max-batch-prefill-tokens=256",
+        ]);
+        let serve = serve_args(&args, &model(), 1, 2).unwrap();
+        let argv = shard_argv(&serve).unwrap();
+        let parsed = ShardServeCli::try_parse_from(&argv).unwrap().serve;
+        assert_eq!(parsed, serve);
+        assert_eq!((parsed.rank, parsed.world_size), (1, 2));
+        assert_eq!(parsed.model_id, PathBuf::from("/models/smol.gguf"));
+        assert_eq!(
+            parsed.socket(),
+            PathBuf::from("/tmp/t-1"),
+            "the launcher probes this socket"
+        );
+        assert_eq!(
+            (parsed.device, parsed.dtype),
+            (args.model.device, args.model.dtype)
+        );
+        assert_eq!(parsed.kv_cache_memory, Some(1_000_000));
+        assert_eq!(parsed.kv_cache_fraction, 0.25);
+        assert_eq!(parsed.max_batch_prefill_tokens, 256);
+    }
+
+    #[test]
+    fn shard_defaults_come_from_the_shard() {
+        let serve = serve_args(&launcher(&[]), &model(), 0, 1).unwrap();
+        let own = ShardServeCli::try_parse_from(["serve", "--model-id", "/m"])
+            .unwrap()
+            .serve;
+        assert_eq!(serve.kv_cache_fraction, own.kv_cache_fraction);
+        assert_eq!(serve.initial_kv_blocks, own.initial_kv_blocks);
     }
 
     #[test]
