@@ -165,6 +165,95 @@ mod tests {
         assert_eq!((v[0], v[16], v[1]), (21.0, 7.0, 1.0));
     }
 
+    /// Two blocks of a fixed byte pattern with the f16 scale fields set to `scales` (times the
+    /// block number), the same bytes a gguf-py script built for the expected values below.
+    fn pattern_blocks(block_bytes: usize, scales: &[(usize, f32)]) -> Vec<u8> {
+        let mut b: Vec<u8> = (0..2 * block_bytes)
+            .map(|i| ((i * 37 + 11) % 256) as u8)
+            .collect();
+        for blk in 0..2 {
+            for &(at, v) in scales {
+                let bits = f16::from_f32(v * (blk + 1) as f32).to_bits().to_le_bytes();
+                b[blk * block_bytes + at..blk * block_bytes + at + 2].copy_from_slice(&bits);
+            }
+        }
+        b
+    }
+
+    /// Position-weighted sum, sensitive to both values and their order.
+    fn checksum(v: &[f32]) -> f64 {
+        v.iter()
+            .enumerate()
+            .map(|(i, &x)| x as f64 * (i + 1) as f64)
+            .sum()
+    }
+
+    /// (type, f16 scale fields, expected checksum, expected values at indices).
+    type Case = (
+        GgmlType,
+        &'static [(usize, f32)],
+        f64,
+        &'static [(usize, f32)],
+    );
+
+    #[test]
+    fn matches_gguf_py_on_pattern_blocks() {
+        // Expected checksums and values from gguf-py's `gguf.quants.dequantize` on the same bytes.
+        let cases: &[Case] = &[
+            (
+                GgmlType::Q4_K,
+                &[(0, 0.5), (2, 0.25)],
+                31186556.0,
+                &[(0, 157.75), (1, -12.75), (32, 4.0), (511, 424.0)],
+            ),
+            (
+                GgmlType::Q6_K,
+                &[(208, 0.125)],
+                354154.5,
+                &[(0, -178.875), (64, -380.0), (100, 315.375), (511, -400.0)],
+            ),
+            (
+                GgmlType::Q4_0,
+                &[(0, 0.5)],
+                -812.0,
+                &[(0, -1.5), (1, 1.0), (32, 7.0), (63, -7.0)],
+            ),
+            (GgmlType::Q8_0, &[(0, 0.5)], -9656.0, &[]),
+            (GgmlType::Q4_1, &[(0, 0.5), (2, -1.5)], 8740.5, &[]),
+        ];
+        for &(ty, scales, sum, values) in cases {
+            let l = ty.layout();
+            let v = dequantize(
+                ty,
+                &pattern_blocks(l.block_bytes, scales),
+                2 * l.block_elems,
+            )
+            .unwrap();
+            assert_eq!(checksum(&v), sum, "{ty}");
+            for &(i, want) in values {
+                assert_eq!(v[i], want, "{ty}[{i}]");
+            }
+        }
+    }
+
+    #[test]
+    fn half_floats() {
+        let f16s = [f16::from_f32(1.5).to_bits(), f16::from_f32(-2.0).to_bits()];
+        let bytes: Vec<u8> = f16s.iter().flat_map(|b| b.to_le_bytes()).collect();
+        assert_eq!(
+            dequantize(GgmlType::F16, &bytes, 2).unwrap(),
+            vec![1.5, -2.0]
+        );
+        let bf16s: Vec<u8> = [0x3FC0u16, 0xC000]
+            .iter()
+            .flat_map(|b| b.to_le_bytes())
+            .collect();
+        assert_eq!(
+            dequantize(GgmlType::BF16, &bf16s, 2).unwrap(),
+            vec![1.5, -2.0]
+        );
+    }
+
     #[test]
     fn unsupported_and_mismatched_sizes_are_errors() {
         assert!(dequantize(GgmlType::Q5_K, &[0u8; 176], 256)
