@@ -5,3 +5,6 @@ cd "$(dirname "$0")/.."
 bash tests/fetch-models.sh
 cargo build --workspace --bins
 cargo test --workspace
+# Client compatibility (official `openai` SDK, `huggingface_hub`) against the real router: their own venv.
+python3 -m venv .cache/venv && .cache/venv/bin/pip install -q openai huggingface_hub pytest
+.cache/venv/bin/pytest -q tests/python

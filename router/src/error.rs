@@ -144,9 +144,7 @@ impl RouterError {
 
     /// The SSE event ending an OpenAI stream with this error (the shape OpenAI's SDKs read).
     pub fn to_openai_sse_event(&self) -> Event {
-        let (status, error_type) = self.status_and_type();
-        let error = json!({"message": self.to_string(), "type": error_type, "code": status.as_u16()});
-        Event::default().data(json!({ "error": error }).to_string())
+        Event::default().data(self.openai_body().to_string())
     }
 }
 
@@ -159,6 +157,45 @@ impl IntoResponse for RouterError {
         }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// A `RouterError` answered on an OpenAI route: OpenAI's `{"error": {"message", "type", "code"}}` body
+/// (which OpenAI's SDKs read the message from) plus TGI's top-level `error_type`.
+#[derive(Debug)]
+pub struct OpenAiError(pub RouterError);
+
+impl From<RouterError> for OpenAiError {
+    fn from(error: RouterError) -> Self {
+        OpenAiError(error)
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for OpenAiError {
+    fn from(rejection: axum::extract::rejection::JsonRejection) -> Self {
+        OpenAiError(rejection.into())
+    }
+}
+
+impl RouterError {
+    fn openai_body(&self) -> serde_json::Value {
+        let (status, error_type) = self.status_and_type();
+        json!({"error": {"message": self.to_string(), "type": error_type, "code": status.as_u16()}, "error_type": error_type})
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let body = Json(self.0.openai_body());
+        let mut response = self.0.into_response();
+        let headers = response.headers().clone();
+        response = (response.status(), body).into_response();
+        for name in [header::RETRY_AFTER, header::WWW_AUTHENTICATE] {
+            if let Some(value) = headers.get(&name) {
+                response.headers_mut().insert(name, value.clone());
+            }
         }
         response
     }

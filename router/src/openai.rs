@@ -5,7 +5,7 @@
 
 use crate::api::{ChatTokenizeResponse, CompatGenerateRequest, FinishReason, GenerateParameters, Token};
 use crate::batcher::{Generated, InferEvent};
-use crate::error::{Result, RouterError};
+use crate::error::{OpenAiError, Result, RouterError};
 use crate::metrics as m;
 use crate::openai_types::*;
 use crate::server::{admit, compat_inner, first_event, generate_all, record_failure, request_span, simple_tokens, validate, AppState, AppStateRef};
@@ -107,9 +107,9 @@ fn clean_text(generated: &Generated, stops: &[String]) -> String {
 
 #[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatRequest,
     responses((status = 200, body = ChatCompletion), (status = 422, body = crate::error::ErrorResponse)))]
-pub async fn chat_completions(State(state): State<AppStateRef>, payload: std::result::Result<Json<ChatRequest>, JsonRejection>) -> Result<Response> {
+pub async fn chat_completions(State(state): State<AppStateRef>, payload: std::result::Result<Json<ChatRequest>, JsonRejection>) -> Result<Response, OpenAiError> {
     let Json(request) = payload.inspect_err(|_| metrics::counter!(m::REQUEST_COUNT).increment(1))?;
-    chat_inner(state, request).await
+    Ok(chat_inner(state, request).await?)
 }
 
 async fn chat_inner(state: AppStateRef, request: ChatRequest) -> Result<Response> {
@@ -312,9 +312,9 @@ fn chat_stream(
 
 #[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
     responses((status = 200, body = Completion), (status = 422, body = crate::error::ErrorResponse)))]
-pub async fn completions(State(state): State<AppStateRef>, payload: std::result::Result<Json<CompletionRequest>, JsonRejection>) -> Result<Response> {
+pub async fn completions(State(state): State<AppStateRef>, payload: std::result::Result<Json<CompletionRequest>, JsonRejection>) -> Result<Response, OpenAiError> {
     let Json(request) = payload.inspect_err(|_| metrics::counter!(m::REQUEST_COUNT).increment(1))?;
-    completions_inner(state, request).await
+    Ok(completions_inner(state, request).await?)
 }
 
 async fn completions_inner(state: AppStateRef, request: CompletionRequest) -> Result<Response> {
