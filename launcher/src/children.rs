@@ -10,6 +10,11 @@ use std::path::{Path, PathBuf};
 use tessera_router::args::{Cli as RouterCli, RouterArgs, ShardArgs as RouterShardArgs};
 use tessera_shard::serve::ServeArgs;
 
+/// Children write to a pipe the launcher re-emits: colour codes would only be noise.
+fn no_color() -> (String, String) {
+    ("NO_COLOR".into(), "1".into())
+}
+
 /// The socket of shard `rank`: `{shard_uds_path}-{rank}` (TGI's layout).
 pub fn shard_socket(base: &Path, rank: usize) -> PathBuf {
     let mut path = base.as_os_str().to_owned();
@@ -137,6 +142,7 @@ fn value_name(value: impl clap::ValueEnum) -> String {
 /// The environment of shard `rank`: the communicator's rendezvous, as TGI sets it.
 pub fn shard_env(args: &LauncherArgs, rank: usize, world_size: usize) -> Vec<(String, String)> {
     vec![
+        no_color(),
         ("RANK".into(), rank.to_string()),
         ("WORLD_SIZE".into(), world_size.to_string()),
         ("MASTER_ADDR".into(), args.sharding.master_addr.clone()),
@@ -180,7 +186,7 @@ pub fn plan_children(
         name: "router".into(),
         program: child_binary("TESSERA_ROUTER_BIN", "tessera-router"),
         args: router_argv(&router_args(args, model))?,
-        env: Vec::new(),
+        env: vec![no_color()],
     };
     Ok((shards, router))
 }

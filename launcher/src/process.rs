@@ -194,12 +194,12 @@ async fn relay(stream: impl AsyncRead + Unpin, name: String, tail: Arc<Mutex<Vec
     }
 }
 
-/// A child's JSON log line (tracing-subscriber's format) → its level and `target: message fields`;
-/// anything else is passed through at INFO.
+/// A child's log line → its level and text without the child's own timestamp (the launcher adds its
+/// own). Understands tracing-subscriber's JSON and plain formats; anything else is INFO, as written.
 fn parse_line(line: &str) -> (tracing::Level, String) {
     let Ok(serde_json::Value::Object(json)) = serde_json::from_str::<serde_json::Value>(line)
     else {
-        return (tracing::Level::INFO, line.to_string());
+        return parse_plain(&strip_ansi(line));
     };
     let level = json
         .get("level")
@@ -223,6 +223,48 @@ fn parse_line(line: &str) -> (tracing::Level, String) {
     (level.unwrap_or(tracing::Level::INFO), text)
 }
 
+/// `2026-01-01T00:00:00.000Z  WARN target: message` → (WARN, `target: message`).
+fn parse_plain(line: &str) -> (tracing::Level, String) {
+    let mut words = line.split_whitespace();
+    let stamped = words
+        .next()
+        .is_some_and(|w| w.ends_with('Z') && w.contains('T'));
+    let level = words.next().and_then(|l| l.parse::<tracing::Level>().ok());
+    match (stamped, level) {
+        (true, Some(level)) => {
+            let rest = line
+                .trim_start()
+                .split_once(char::is_whitespace)
+                .map(|(_, r)| r);
+            let rest = rest.unwrap_or_default().trim_start();
+            let text = rest
+                .split_once(char::is_whitespace)
+                .map(|(_, r)| r.trim_start());
+            (level, text.unwrap_or_default().to_string())
+        }
+        _ => (tracing::Level::INFO, line.to_string()),
+    }
+}
+
+/// Removes terminal colour sequences (`ESC [ ... letter`) a child wrote for a terminal it does not have.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // Skip `[`, parameters, and the final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +275,11 @@ mod tests {
         let (level, text) = parse_line(line);
         assert_eq!(level, tracing::Level::WARN);
         assert_eq!(text, "shard::x: slow ms=12");
+        let plain = "\u{1b}[2m2026-11-22T06:17:58.319307Z\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m t: engine ready";
+        assert_eq!(
+            parse_line(plain),
+            (tracing::Level::WARN, "t: engine ready".to_string())
+        );
         assert_eq!(
             parse_line("plain text"),
             (tracing::Level::INFO, "plain text".to_string())

@@ -20,7 +20,11 @@ pub struct Launcher {
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Launcher {
@@ -61,7 +65,12 @@ impl Launcher {
                 out.push('\n');
             }
         });
-        Launcher { child, port, dir, output }
+        Launcher {
+            child,
+            port,
+            dir,
+            output,
+        }
     }
 
     /// Everything the launcher logged so far.
@@ -74,7 +83,10 @@ impl Launcher {
         let start = Instant::now();
         while start.elapsed() < timeout {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("launcher exited ({status}) before ready:\n{}", self.output());
+                panic!(
+                    "launcher exited ({status}) before ready:\n{}",
+                    self.output()
+                );
             }
             if matches!(http(self.port, "GET", "/health", ""), Ok((200, _))) {
                 return;
@@ -95,7 +107,10 @@ impl Launcher {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("launcher still running after {timeout:?}:\n{}", self.output());
+        panic!(
+            "launcher still running after {timeout:?}:\n{}",
+            self.output()
+        );
     }
 
     pub fn signal(&self, signal: i32) {
@@ -120,7 +135,11 @@ impl Drop for Launcher {
 }
 
 pub fn send_signal(pid: i32, signal: i32) {
-    let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     assert!(status.success(), "kill -{signal} {pid}");
 }
 
@@ -172,7 +191,11 @@ pub fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     Ok((status, body.to_string()))
 }
 
@@ -183,7 +206,8 @@ pub fn model_arg(relative: &str) -> String {
 
 /// The shared reference outputs of SmolLM2-135M-Instruct.
 pub fn reference() -> serde_json::Value {
-    let path: PathBuf = tessera_tests::workspace_root().join("../shared/models/smollm2-135m-instruct/reference.json");
+    let path: PathBuf = tessera_tests::workspace_root()
+        .join("../shared/models/smollm2-135m-instruct/reference.json");
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 

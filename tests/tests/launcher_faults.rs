@@ -1,0 +1,66 @@
+//! Supervision faults with the real shard and router: a shard killed with SIGKILL brings the launcher
+//! down within seconds, naming it, with no process left; a SIGKILLed launcher takes its children with it
+//! (PR_SET_PDEATHSIG).
+
+mod launcher_support;
+
+use launcher_support::{assert_all_gone, model_arg, send_signal, Launcher};
+use std::time::{Duration, Instant};
+
+const READY: Duration = Duration::from_secs(240);
+
+fn ready_launcher() -> Launcher {
+    let model = model_arg("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let args = [
+        "--model-id",
+        &model,
+        "--device",
+        "cpu",
+        "--max-batch-prefill-tokens",
+        "256",
+    ];
+    let mut launcher = Launcher::start(&args, &[]);
+    launcher.wait_ready(READY);
+    launcher
+}
+
+/// (shard pid, every child pid) of a ready launcher.
+fn shard_and_children(launcher: &Launcher) -> (i32, Vec<i32>) {
+    let children = launcher.children();
+    let shard = children
+        .iter()
+        .find(|(_, cmd)| cmd.contains("tessera-shard"))
+        .expect("a shard child");
+    (shard.0, children.iter().map(|(pid, _)| *pid).collect())
+}
+
+#[test]
+fn killed_shard_stops_everything_and_is_named() {
+    let mut launcher = ready_launcher();
+    let (shard, children) = shard_and_children(&launcher);
+    assert_eq!(children.len(), 2, "{:?}", launcher.children());
+    let start = Instant::now();
+    send_signal(shard, 9);
+    let status = launcher.wait_exit(Duration::from_secs(10));
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(
+        !status.success(),
+        "a dead shard is a failure:\n{}",
+        launcher.output()
+    );
+    let out = launcher.output();
+    assert!(
+        out.contains("shard 0 was killed by signal 9 (SIGKILL)"),
+        "{out}"
+    );
+    assert_all_gone(&children, Duration::from_secs(2));
+}
+
+#[test]
+fn sigkilled_launcher_takes_its_children_along() {
+    let mut launcher = ready_launcher();
+    let (_, children) = shard_and_children(&launcher);
+    launcher.signal(9);
+    launcher.wait_exit(Duration::from_secs(5));
+    assert_all_gone(&children, Duration::from_secs(5));
+}
