@@ -129,7 +129,10 @@ impl RouterArgs {
             argv.push(value);
         };
         let s = &self.shard;
-        push("master-shard-uds-path", s.master_shard_uds_path.display().to_string());
+        push(
+            "master-shard-uds-path",
+            s.master_shard_uds_path.display().to_string(),
+        );
         push("tokenizer-name", s.tokenizer_name.display().to_string());
         if let Some(id) = &s.model_id {
             push("model-id", id.clone());
@@ -145,7 +148,10 @@ impl RouterArgs {
             push("cors-allow-origin", origin.clone());
         }
         let l = &self.limits;
-        push("max-concurrent-requests", l.max_concurrent_requests.to_string());
+        push(
+            "max-concurrent-requests",
+            l.max_concurrent_requests.to_string(),
+        );
         push("max-best-of", l.max_best_of.to_string());
         push("max-stop-sequences", l.max_stop_sequences.to_string());
         push("max-top-n-tokens", l.max_top_n_tokens.to_string());
@@ -158,7 +164,10 @@ impl RouterArgs {
         push("validation-workers", l.validation_workers.to_string());
         push("max-client-batch-size", l.max_client_batch_size.to_string());
         let b = &self.batching;
-        push("max-batch-prefill-tokens", b.max_batch_prefill_tokens.to_string());
+        push(
+            "max-batch-prefill-tokens",
+            b.max_batch_prefill_tokens.to_string(),
+        );
         if let Some(n) = b.max_batch_total_tokens {
             push("max-batch-total-tokens", n.to_string());
         }

@@ -74,7 +74,12 @@ impl Generated {
     /// Mean logprob of the generated tokens (how `best_of` ranks sequences).
     pub fn mean_logprob(&self) -> f32 {
         let n = self.tokens.len().max(1) as f32;
-        self.tokens.iter().map(|t| t.logprob).filter(|l| l.is_finite()).sum::<f32>() / n
+        self.tokens
+            .iter()
+            .map(|t| t.logprob)
+            .filter(|l| l.is_finite())
+            .sum::<f32>()
+            / n
     }
 }
 
@@ -105,20 +110,41 @@ pub struct Infer {
 
 impl Infer {
     /// Start the batching loop.
-    pub fn spawn(scheduler: Scheduler, client: ShardedClient, max_concurrent_requests: usize) -> Self {
+    pub fn spawn(
+        scheduler: Scheduler,
+        client: ShardedClient,
+        max_concurrent_requests: usize,
+    ) -> Self {
         let (commands, rx) = unbounded_channel();
-        let batcher = Batcher { scheduler, client: client.clone(), commands: rx, requests: HashMap::new(), next_id: 0 };
+        let batcher = Batcher {
+            scheduler,
+            client: client.clone(),
+            commands: rx,
+            requests: HashMap::new(),
+            next_id: 0,
+        };
         tokio::spawn(batcher.run());
-        Infer { commands, limiter: Arc::new(Semaphore::new(max_concurrent_requests)), client }
+        Infer {
+            commands,
+            limiter: Arc::new(Semaphore::new(max_concurrent_requests)),
+            client,
+        }
     }
 
     /// A slot among `max_concurrent_requests`, held for the life of the response.
     pub fn admit(&self) -> Result<OwnedSemaphorePermit> {
-        self.limiter.clone().try_acquire_owned().map_err(|_| RouterError::Overloaded)
+        self.limiter
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| RouterError::Overloaded)
     }
 
     /// Queue a validated request; dropping the receiver cancels it.
-    pub fn submit(&self, request: ValidRequest, span: tracing::Span) -> UnboundedReceiver<InferEvent> {
+    pub fn submit(
+        &self,
+        request: ValidRequest,
+        span: tracing::Span,
+    ) -> UnboundedReceiver<InferEvent> {
         let (tx, rx) = unbounded_channel();
         // The batcher lives as long as the process; if it is gone the receiver just ends.
         let _ = self.commands.send(Command { request, tx, span });
@@ -130,10 +156,18 @@ impl Infer {
         let input_length = request.input_ids.len() as u32;
         let validated = Instant::now();
         let mut rx = self.submit(request, span);
-        let mut generated = Generated { input_length, validated, ..Default::default() };
+        let mut generated = Generated {
+            input_length,
+            validated,
+            ..Default::default()
+        };
         while let Some(event) = rx.recv().await {
             match event {
-                InferEvent::Token { token, top_tokens, prefill } => {
+                InferEvent::Token {
+                    token,
+                    top_tokens,
+                    prefill,
+                } => {
                     if !prefill.is_empty() {
                         generated.prefill = prefill;
                     }
@@ -173,7 +207,9 @@ impl Batcher {
         loop {
             // 1. With nothing to do, sleep until a request arrives.
             if self.scheduler.is_idle() || stalled {
-                let Some(command) = self.commands.recv().await else { return };
+                let Some(command) = self.commands.recv().await else {
+                    return;
+                };
                 self.enqueue(command);
             }
             // 2. Take every other request that arrived meanwhile.
@@ -193,8 +229,15 @@ impl Batcher {
                 for event in self.scheduler.update(outcome) {
                     self.deliver(event);
                 }
-                let method = if matches!(step, Step::Prefill { .. }) { "prefill" } else { "decode" };
-                metrics::histogram!(m::BATCH_FILTER_DURATION, "method" => method).record(delivering.elapsed().as_secs_f64());
+                let method = match step {
+                    Step::Prefill { .. } => Some("prefill"),
+                    Step::Decode { .. } => Some("decode"),
+                    _ => None,
+                };
+                if let Some(method) = method {
+                    metrics::histogram!(m::BATCH_FILTER_DURATION, "method" => method)
+                        .record(delivering.elapsed().as_secs_f64());
+                }
             }
             // 7. Publish the gauges.
             self.publish_gauges();
@@ -220,7 +263,12 @@ impl Batcher {
     }
 
     fn cancel_disconnected(&mut self) {
-        let gone: Vec<RequestId> = self.requests.iter().filter(|(_, t)| t.tx.is_closed()).map(|(id, _)| *id).collect();
+        let gone: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, t)| t.tx.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
         for id in gone {
             self.drop_request(id);
         }
@@ -228,7 +276,9 @@ impl Batcher {
 
     fn drop_request(&mut self, id: RequestId) {
         if let Some(tracked) = self.requests.remove(&id) {
-            tracked.span.in_scope(|| tracing::info!("client disconnected; request cancelled"));
+            tracked
+                .span
+                .in_scope(|| tracing::info!("client disconnected; request cancelled"));
         }
         self.scheduler.cancel(id);
         metrics::counter!(m::REQUEST_FAILURE, "err" => "dropped").increment(1);
@@ -236,14 +286,27 @@ impl Batcher {
 
     async fn execute(&mut self, step: &Step) -> Outcome {
         match step {
-            Step::Prefill { batch, cached, admitted } => {
+            Step::Prefill {
+                batch,
+                cached,
+                admitted,
+            } => {
                 self.on_admitted(batch, cached.is_some(), admitted);
                 let result = self.client.prefill(batch.clone(), cached.clone());
                 forward_outcome("prefill", result).await
             }
-            Step::Decode { batches } => forward_outcome("decode", self.client.decode(batches.clone())).await,
-            Step::Filter { batch_id, request_ids } => {
-                match self.client.filter_batch(*batch_id, request_ids.clone()).await {
+            Step::Decode { batches } => {
+                forward_outcome("decode", self.client.decode(batches.clone())).await
+            }
+            Step::Filter {
+                batch_id,
+                request_ids,
+            } => {
+                match self
+                    .client
+                    .filter_batch(*batch_id, request_ids.clone())
+                    .await
+                {
                     Ok(batch) => Outcome::Filtered(batch),
                     Err(e) => Outcome::Failed(e.to_string()),
                 }
@@ -257,7 +320,12 @@ impl Batcher {
         }
     }
 
-    fn on_admitted(&mut self, batch: &v3::Batch, merged: bool, admitted: &[(RequestId, std::time::Duration)]) {
+    fn on_admitted(
+        &mut self,
+        batch: &v3::Batch,
+        merged: bool,
+        admitted: &[(RequestId, std::time::Duration)],
+    ) {
         let now = Instant::now();
         for (id, waited) in admitted {
             if let Some(tracked) = self.requests.get_mut(id) {
@@ -271,18 +339,26 @@ impl Batcher {
             metrics::counter!(m::BATCH_CONCAT, "reason" => reason).increment(1);
         }
         let cached: u64 = batch.requests.iter().map(|r| r.cache_len as u64).sum();
-        let prompt: u64 = admitted.iter().filter_map(|(id, _)| self.requests.get(id)).map(|t| t.input_length as u64).sum();
+        let prompt: u64 = admitted
+            .iter()
+            .filter_map(|(id, _)| self.requests.get(id))
+            .map(|t| t.input_length as u64)
+            .sum();
         metrics::counter!(m::PREFIX_CACHE_HIT_TOKENS).increment(cached);
         metrics::counter!(m::PREFIX_CACHE_PROMPT_TOKENS).increment(prompt);
     }
 
     fn deliver(&mut self, event: Event) {
         match event {
-            Event::Generation(generation) => self.deliver_generation(generation),
+            Event::Generation(generation) => self.deliver_generation(*generation),
             Event::Failed { id, message } => {
                 if let Some(tracked) = self.requests.remove(&id) {
-                    tracked.span.in_scope(|| tracing::error!("generation failed: {message}"));
-                    let _ = tracked.tx.send(InferEvent::Error(RouterError::Generation(message)));
+                    tracked
+                        .span
+                        .in_scope(|| tracing::error!("generation failed: {message}"));
+                    let _ = tracked
+                        .tx
+                        .send(InferEvent::Error(RouterError::Generation(message)));
                 }
                 metrics::counter!(m::REQUEST_FAILURE, "err" => "generation").increment(1);
             }
@@ -291,29 +367,46 @@ impl Batcher {
 
     fn deliver_generation(&mut self, generation: Generation) {
         let id = RequestId(generation.request_id);
-        let Some(tracked) = self.requests.get_mut(&id) else { return };
+        let Some(tracked) = self.requests.get_mut(&id) else {
+            return;
+        };
         let now = Instant::now();
         let tokens = to_tokens(generation.tokens.as_ref());
         let mut prefill = to_prefill(generation.prefill_tokens.as_ref());
         for (i, token) in tokens.into_iter().enumerate() {
             match tracked.last_token {
-                None => metrics::histogram!(m::TIME_TO_FIRST_TOKEN).record((now - tracked.arrived).as_secs_f64()),
-                Some(last) => metrics::histogram!(m::INTER_TOKEN_LATENCY).record((now - last).as_secs_f64()),
+                None => metrics::histogram!(m::TIME_TO_FIRST_TOKEN)
+                    .record((now - tracked.arrived).as_secs_f64()),
+                Some(last) => {
+                    metrics::histogram!(m::INTER_TOKEN_LATENCY).record((now - last).as_secs_f64())
+                }
             }
             tracked.last_token = Some(now);
             let top_tokens = to_tokens(generation.top_tokens.get(i));
-            let event = InferEvent::Token { token, top_tokens, prefill: std::mem::take(&mut prefill) };
+            let event = InferEvent::Token {
+                token,
+                top_tokens,
+                prefill: std::mem::take(&mut prefill),
+            };
             if tracked.tx.send(event).is_err() {
                 self.drop_request(id);
                 return;
             }
         }
-        let Some(done) = generation.generated_text else { return };
+        let Some(done) = generation.generated_text else {
+            return;
+        };
         let tracked = self.requests.remove(&id).expect("tracked above");
         let started = tracked.started.unwrap_or(tracked.queued);
         record_success(&tracked, started, done.generated_tokens);
         let finish_reason = FinishReason::from_proto(done.finish_reason);
-        tracked.span.in_scope(|| tracing::info!(generated_tokens = done.generated_tokens, ?finish_reason, "request finished"));
+        tracked.span.in_scope(|| {
+            tracing::info!(
+                generated_tokens = done.generated_tokens,
+                ?finish_reason,
+                "request finished"
+            )
+        });
         let end = End {
             text: done.text,
             generated_tokens: done.generated_tokens,
@@ -342,24 +435,35 @@ fn record_success(tracked: &Tracked, started: Instant, generated_tokens: u32) {
     metrics::histogram!(m::REQUEST_INFERENCE_DURATION).record(inference);
     metrics::histogram!(m::REQUEST_GENERATED_TOKENS).record(generated_tokens as f64);
     if generated_tokens > 0 {
-        metrics::histogram!(m::REQUEST_MEAN_TIME_PER_TOKEN).record(inference / generated_tokens as f64);
+        metrics::histogram!(m::REQUEST_MEAN_TIME_PER_TOKEN)
+            .record(inference / generated_tokens as f64);
     }
 }
 
-async fn forward_outcome(method: &'static str, call: impl std::future::Future<Output = Result<ForwardResult>>) -> Outcome {
+async fn forward_outcome(
+    method: &'static str,
+    call: impl std::future::Future<Output = Result<ForwardResult>>,
+) -> Outcome {
     let start = Instant::now();
     metrics::counter!(m::BATCH_INFERENCE_COUNT, "method" => method).increment(1);
     match call.await {
         Ok(result) => {
             metrics::counter!(m::BATCH_INFERENCE_SUCCESS, "method" => method).increment(1);
-            metrics::histogram!(m::BATCH_INFERENCE_DURATION, "method" => method).record(start.elapsed().as_secs_f64());
+            metrics::histogram!(m::BATCH_INFERENCE_DURATION, "method" => method)
+                .record(start.elapsed().as_secs_f64());
             let t = result.timings;
-            metrics::histogram!(m::BATCH_FORWARD_DURATION, "method" => method).record(t.forward_ns as f64 / 1e9);
-            metrics::histogram!(m::BATCH_DECODE_DURATION, "method" => method).record(t.decode_ns as f64 / 1e9);
+            metrics::histogram!(m::BATCH_FORWARD_DURATION, "method" => method)
+                .record(t.forward_ns as f64 / 1e9);
+            metrics::histogram!(m::BATCH_DECODE_DURATION, "method" => method)
+                .record(t.decode_ns as f64 / 1e9);
             if let Some(concat) = t.concat_ns {
-                metrics::histogram!(m::BATCH_CONCAT_DURATION, "method" => method).record(concat as f64 / 1e9);
+                metrics::histogram!(m::BATCH_CONCAT_DURATION, "method" => method)
+                    .record(concat as f64 / 1e9);
             }
-            Outcome::Forward { generations: result.generations, batch: result.batch }
+            Outcome::Forward {
+                generations: result.generations,
+                batch: result.batch,
+            }
         }
         Err(e) => {
             metrics::counter!(m::BATCH_INFERENCE_FAILURE, "method" => method).increment(1);
@@ -374,7 +478,9 @@ fn new_request(id: RequestId, r: ValidRequest) -> NewRequest {
         id: id.0,
         inputs: r.inputs.clone(),
         input_chunks: Some(v3::Input {
-            chunks: vec![v3::InputChunk { chunk: Some(v3::input_chunk::Chunk::Text(r.inputs)) }],
+            chunks: vec![v3::InputChunk {
+                chunk: Some(v3::input_chunk::Chunk::Text(r.inputs)),
+            }],
         }),
         truncate: r.truncate,
         parameters: Some(r.parameters),
@@ -408,6 +514,10 @@ fn to_tokens(tokens: Option<&Tokens>) -> Vec<Token> {
 fn to_prefill(tokens: Option<&Tokens>) -> Vec<PrefillToken> {
     to_tokens(tokens)
         .into_iter()
-        .map(|t| PrefillToken { id: t.id, text: t.text, logprob: t.logprob.is_finite().then_some(t.logprob) })
+        .map(|t| PrefillToken {
+            id: t.id,
+            text: t.text,
+            logprob: t.logprob.is_finite().then_some(t.logprob),
+        })
         .collect()
 }

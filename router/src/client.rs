@@ -55,11 +55,19 @@ impl ShardedClient {
         let mut master_client = connect_uds(master.to_path_buf())
             .await
             .map_err(|e| RouterError::Shard(format!("{} ({e})", master.display())))?;
-        let urls = master_client.service_discovery(ServiceDiscoveryRequest {}).await?.into_inner().urls;
+        let urls = master_client
+            .service_discovery(ServiceDiscoveryRequest {})
+            .await?
+            .into_inner()
+            .urls;
         if urls.is_empty() {
-            return Err(RouterError::Shard("ServiceDiscovery returned no shard".into()));
+            return Err(RouterError::Shard(
+                "ServiceDiscovery returned no shard".into(),
+            ));
         }
-        let paths = urls.iter().map(|u| PathBuf::from(u.trim_start_matches("unix://")));
+        let paths = urls
+            .iter()
+            .map(|u| PathBuf::from(u.trim_start_matches("unix://")));
         let clients = try_join_all(paths.map(connect_uds)).await?;
         Ok(ShardedClient { clients })
     }
@@ -91,7 +99,11 @@ impl ShardedClient {
             let fut = call(client.clone());
             async move {
                 fut.await.map(|r| r.into_inner()).map_err(|status| {
-                    RouterError::Shard(format!("rank {rank}: {:?}: {}", status.code(), status.message()))
+                    RouterError::Shard(format!(
+                        "rank {rank}: {:?}: {}",
+                        status.code(),
+                        status.message()
+                    ))
                 })
             }
         });
@@ -99,19 +111,23 @@ impl ShardedClient {
     }
 
     pub async fn clear_cache(&self, id: Option<u64>) -> Result<()> {
-        self.fan_out(|mut c| async move { c.clear_cache(ClearCacheRequest { id }).await }).await?;
+        self.fan_out(|mut c| async move { c.clear_cache(ClearCacheRequest { id }).await })
+            .await?;
         Ok(())
     }
 
     /// Model info (rank 0's; ranks serve the same model).
     pub async fn info(&self) -> Result<InfoResponse> {
-        let mut answers = self.fan_out(|mut c| async move { c.info(InfoRequest {}).await }).await?;
+        let mut answers = self
+            .fan_out(|mut c| async move { c.info(InfoRequest {}).await })
+            .await?;
         Ok(answers.swap_remove(0))
     }
 
     /// Healthy only when every rank answers (TGI looks at the last rank only).
     pub async fn health(&self) -> Result<()> {
-        self.fan_out(|mut c| async move { c.health(HealthRequest {}).await }).await?;
+        self.fan_out(|mut c| async move { c.health(HealthRequest {}).await })
+            .await?;
         Ok(())
     }
 
@@ -123,23 +139,47 @@ impl ShardedClient {
                 async move { c.warmup(request).await }
             })
             .await?;
-        let min_supported = answers.iter().filter_map(|a| a.max_supported_total_tokens).min();
+        let min_supported = answers
+            .iter()
+            .filter_map(|a| a.max_supported_total_tokens)
+            .min();
         Ok(WarmupResponse {
             max_supported_total_tokens: min_supported,
-            max_input_tokens: answers.iter().map(|a| a.max_input_tokens).min().unwrap_or(0),
-            max_total_tokens: answers.iter().map(|a| a.max_total_tokens).min().unwrap_or(0),
+            max_input_tokens: answers
+                .iter()
+                .map(|a| a.max_input_tokens)
+                .min()
+                .unwrap_or(0),
+            max_total_tokens: answers
+                .iter()
+                .map(|a| a.max_total_tokens)
+                .min()
+                .unwrap_or(0),
         })
     }
 
-    pub async fn prefill(&self, batch: Batch, cached_batch: Option<CachedBatch>) -> Result<ForwardResult> {
-        let request = PrefillRequest { batch: Some(batch), cached_batch };
+    pub async fn prefill(
+        &self,
+        batch: Batch,
+        cached_batch: Option<CachedBatch>,
+    ) -> Result<ForwardResult> {
+        let request = PrefillRequest {
+            batch: Some(batch),
+            cached_batch,
+        };
         let answers = self
             .fan_out(|mut c| {
                 let request = request.clone();
                 async move { c.prefill(request).await }
             })
             .await?;
-        Ok(merge(answers.into_iter().map(|r| (r.generations, r.batch, timings(r.forward_ns, r.decode_ns, r.total_ns, r.concat_ns)))))
+        Ok(merge(answers.into_iter().map(|r| {
+            (
+                r.generations,
+                r.batch,
+                timings(r.forward_ns, r.decode_ns, r.total_ns, r.concat_ns),
+            )
+        })))
     }
 
     pub async fn decode(&self, batches: Vec<CachedBatch>) -> Result<ForwardResult> {
@@ -150,11 +190,24 @@ impl ShardedClient {
                 async move { c.decode(request).await }
             })
             .await?;
-        Ok(merge(answers.into_iter().map(|r| (r.generations, r.batch, timings(r.forward_ns, r.decode_ns, r.total_ns, r.concat_ns)))))
+        Ok(merge(answers.into_iter().map(|r| {
+            (
+                r.generations,
+                r.batch,
+                timings(r.forward_ns, r.decode_ns, r.total_ns, r.concat_ns),
+            )
+        })))
     }
 
-    pub async fn filter_batch(&self, batch_id: u64, request_ids: Vec<u64>) -> Result<Option<CachedBatch>> {
-        let request = FilterBatchRequest { batch_id, request_ids };
+    pub async fn filter_batch(
+        &self,
+        batch_id: u64,
+        request_ids: Vec<u64>,
+    ) -> Result<Option<CachedBatch>> {
+        let request = FilterBatchRequest {
+            batch_id,
+            request_ids,
+        };
         let mut answers = self
             .fan_out(|mut c| {
                 let request = request.clone();
@@ -165,17 +218,33 @@ impl ShardedClient {
     }
 }
 
-fn timings(forward_ns: u64, decode_ns: u64, total_ns: u64, concat_ns: Option<u64>) -> ForwardTimings {
-    ForwardTimings { forward_ns, decode_ns, total_ns, concat_ns }
+fn timings(
+    forward_ns: u64,
+    decode_ns: u64,
+    total_ns: u64,
+    concat_ns: Option<u64>,
+) -> ForwardTimings {
+    ForwardTimings {
+        forward_ns,
+        decode_ns,
+        total_ns,
+        concat_ns,
+    }
 }
 
 /// Generations of all ranks (each rank may emit only its share; duplicates are dropped), the last
 /// rank's batch, the slowest rank's timings.
-fn merge(answers: impl Iterator<Item = (Vec<Generation>, Option<CachedBatch>, ForwardTimings)>) -> ForwardResult {
+fn merge(
+    answers: impl Iterator<Item = (Vec<Generation>, Option<CachedBatch>, ForwardTimings)>,
+) -> ForwardResult {
     let mut result = ForwardResult::default();
     let mut seen = std::collections::HashSet::new();
     for (generations, batch, t) in answers {
-        result.generations.extend(generations.into_iter().filter(|g| seen.insert(g.request_id)));
+        result.generations.extend(
+            generations
+                .into_iter()
+                .filter(|g| seen.insert(g.request_id)),
+        );
         result.batch = batch;
         let r = &mut result.timings;
         r.forward_ns = r.forward_ns.max(t.forward_ns);

@@ -134,7 +134,10 @@ impl RouterError {
     }
 
     pub fn body(&self) -> ErrorResponse {
-        ErrorResponse { error: self.to_string(), error_type: self.status_and_type().1.to_string() }
+        ErrorResponse {
+            error: self.to_string(),
+            error_type: self.status_and_type().1.to_string(),
+        }
     }
 
     /// The SSE event ending a TGI stream with this error.
@@ -153,10 +156,14 @@ impl IntoResponse for RouterError {
         let (status, _) = self.status_and_type();
         let mut response = (status, Json(self.body())).into_response();
         if status == StatusCode::TOO_MANY_REQUESTS {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

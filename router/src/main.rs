@@ -7,7 +7,8 @@ use tessera_router::args::{Cli, Command};
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     if let Some(Command::PrintSchema) = cli.command {
-        let schema = serde_json::to_string_pretty(&tessera_router::openapi::document()).unwrap_or_default();
+        let schema =
+            serde_json::to_string_pretty(&tessera_router::openapi::document()).unwrap_or_default();
         println!("{schema}");
         return std::process::ExitCode::SUCCESS;
     }

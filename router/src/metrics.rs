@@ -44,7 +44,9 @@ fn duration_buckets() -> Vec<f64> {
 
 /// `n` evenly spaced integer buckets up to `max` (deduplicated when `max < n`).
 fn linear_buckets(max: f64, n: usize) -> Vec<f64> {
-    let mut bounds: Vec<u64> = (1..=n).map(|i| ((max * i as f64 / n as f64).round() as u64).max(1)).collect();
+    let mut bounds: Vec<u64> = (1..=n)
+        .map(|i| ((max * i as f64 / n as f64).round() as u64).max(1))
+        .collect();
     bounds.dedup();
     bounds.into_iter().map(|b| b as f64).collect()
 }
@@ -67,15 +69,22 @@ pub fn install(max_input_tokens: u32, max_total_tokens: u32) -> anyhow::Result<P
     ];
     let mut builder = PrometheusBuilder::new();
     for name in durations {
-        builder = builder.set_buckets_for_metric(Matcher::Full(name.into()), &duration_buckets())?;
+        builder =
+            builder.set_buckets_for_metric(Matcher::Full(name.into()), &duration_buckets())?;
     }
     let sizes: Vec<f64> = (0..=10).map(|i| 2f64.powi(i)).collect();
     let tokens: Vec<f64> = (0..=12).map(|i| 2f64.powi(i)).collect();
     builder = builder
         .set_buckets_for_metric(Matcher::Full(BATCH_NEXT_SIZE.into()), &sizes)?
         .set_buckets_for_metric(Matcher::Full(REQUEST_GENERATED_TOKENS.into()), &tokens)?
-        .set_buckets_for_metric(Matcher::Full(REQUEST_INPUT_LENGTH.into()), &linear_buckets(max_input_tokens as f64, 100))?
-        .set_buckets_for_metric(Matcher::Full(REQUEST_MAX_NEW_TOKENS.into()), &linear_buckets(max_total_tokens as f64, 100))?;
+        .set_buckets_for_metric(
+            Matcher::Full(REQUEST_INPUT_LENGTH.into()),
+            &linear_buckets(max_input_tokens as f64, 100),
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(REQUEST_MAX_NEW_TOKENS.into()),
+            &linear_buckets(max_total_tokens as f64, 100),
+        )?;
     let handle = builder.install_recorder()?;
     describe();
     Ok(handle)
@@ -85,32 +94,98 @@ fn describe() {
     describe_counter!(REQUEST_COUNT, "Requests received");
     describe_counter!(REQUEST_SUCCESS, "Requests that completed");
     describe_counter!(REQUEST_FAILURE, "Requests that failed, by `err`");
-    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "End-to-end request duration");
-    describe_histogram!(REQUEST_VALIDATION_DURATION, Unit::Seconds, "Validation and tokenization time");
-    describe_histogram!(REQUEST_QUEUE_DURATION, Unit::Seconds, "Time spent waiting for admission");
-    describe_histogram!(REQUEST_INFERENCE_DURATION, Unit::Seconds, "Time from admission to the last token");
-    describe_histogram!(REQUEST_MEAN_TIME_PER_TOKEN, Unit::Seconds, "Inference time per generated token");
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "End-to-end request duration"
+    );
+    describe_histogram!(
+        REQUEST_VALIDATION_DURATION,
+        Unit::Seconds,
+        "Validation and tokenization time"
+    );
+    describe_histogram!(
+        REQUEST_QUEUE_DURATION,
+        Unit::Seconds,
+        "Time spent waiting for admission"
+    );
+    describe_histogram!(
+        REQUEST_INFERENCE_DURATION,
+        Unit::Seconds,
+        "Time from admission to the last token"
+    );
+    describe_histogram!(
+        REQUEST_MEAN_TIME_PER_TOKEN,
+        Unit::Seconds,
+        "Inference time per generated token"
+    );
     describe_histogram!(REQUEST_GENERATED_TOKENS, "Generated tokens per request");
     describe_histogram!(REQUEST_INPUT_LENGTH, "Prompt tokens per request");
-    describe_histogram!(REQUEST_MAX_NEW_TOKENS, "Requested max_new_tokens per request");
+    describe_histogram!(
+        REQUEST_MAX_NEW_TOKENS,
+        "Requested max_new_tokens per request"
+    );
     describe_gauge!(QUEUE_SIZE, "Requests waiting for admission");
     describe_gauge!(BATCH_CURRENT_SIZE, "Requests in the running batch");
-    describe_gauge!(BATCH_CURRENT_MAX_TOKENS, "Tokens reserved by the running batch");
+    describe_gauge!(
+        BATCH_CURRENT_MAX_TOKENS,
+        "Tokens reserved by the running batch"
+    );
     describe_gauge!(BATCH_MAX_TOTAL_TOKENS, "KV-cache capacity in tokens");
     describe_histogram!(BATCH_NEXT_SIZE, "Requests admitted per prefill");
     describe_counter!(BATCH_INFERENCE_COUNT, "Shard forwards, by `method`");
-    describe_counter!(BATCH_INFERENCE_SUCCESS, "Successful shard forwards, by `method`");
-    describe_counter!(BATCH_INFERENCE_FAILURE, "Failed shard forwards, by `method`");
-    describe_histogram!(BATCH_INFERENCE_DURATION, Unit::Seconds, "Router-side forward time, by `method`");
-    describe_histogram!(BATCH_FORWARD_DURATION, Unit::Seconds, "Shard model forward time, by `method`");
-    describe_histogram!(BATCH_DECODE_DURATION, Unit::Seconds, "Shard sampling and detokenization time, by `method`");
-    describe_histogram!(BATCH_FILTER_DURATION, Unit::Seconds, "Delivering tokens and filtering the batch, by `method`");
-    describe_histogram!(BATCH_CONCAT_DURATION, Unit::Seconds, "Shard batch concatenation time, by `method`");
+    describe_counter!(
+        BATCH_INFERENCE_SUCCESS,
+        "Successful shard forwards, by `method`"
+    );
+    describe_counter!(
+        BATCH_INFERENCE_FAILURE,
+        "Failed shard forwards, by `method`"
+    );
+    describe_histogram!(
+        BATCH_INFERENCE_DURATION,
+        Unit::Seconds,
+        "Router-side forward time, by `method`"
+    );
+    describe_histogram!(
+        BATCH_FORWARD_DURATION,
+        Unit::Seconds,
+        "Shard model forward time, by `method`"
+    );
+    describe_histogram!(
+        BATCH_DECODE_DURATION,
+        Unit::Seconds,
+        "Shard sampling and detokenization time, by `method`"
+    );
+    describe_histogram!(
+        BATCH_FILTER_DURATION,
+        Unit::Seconds,
+        "Delivering tokens and filtering the batch, by `method`"
+    );
+    describe_histogram!(
+        BATCH_CONCAT_DURATION,
+        Unit::Seconds,
+        "Shard batch concatenation time, by `method`"
+    );
     describe_counter!(BATCH_CONCAT, "Admissions into a running batch, by `reason`");
-    describe_histogram!(TIME_TO_FIRST_TOKEN, Unit::Seconds, "Request arrival to its first generated token");
-    describe_histogram!(INTER_TOKEN_LATENCY, Unit::Seconds, "Time between consecutive generated tokens of a request");
-    describe_gauge!(KV_BLOCKS_USED, "KV-cache blocks held by requests or the prefix cache");
+    describe_histogram!(
+        TIME_TO_FIRST_TOKEN,
+        Unit::Seconds,
+        "Request arrival to its first generated token"
+    );
+    describe_histogram!(
+        INTER_TOKEN_LATENCY,
+        Unit::Seconds,
+        "Time between consecutive generated tokens of a request"
+    );
+    describe_gauge!(
+        KV_BLOCKS_USED,
+        "KV-cache blocks held by requests or the prefix cache"
+    );
     describe_gauge!(KV_BLOCKS_FREE, "KV-cache blocks on the free list");
-    describe_counter!(PREFIX_CACHE_HIT_TOKENS, "Prompt tokens served from the prefix cache");
+    describe_counter!(
+        PREFIX_CACHE_HIT_TOKENS,
+        "Prompt tokens served from the prefix cache"
+    );
     describe_counter!(PREFIX_CACHE_PROMPT_TOKENS, "Prompt tokens admitted");
 }

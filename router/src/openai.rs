@@ -3,12 +3,17 @@
 //! `top_p = 1.0`, presence penalty as OpenAI defines it, stop strings trimmed (held back in streams),
 //! `usage` (and `stream_options.include_usage`).
 
-use crate::api::{ChatTokenizeResponse, CompatGenerateRequest, FinishReason, GenerateParameters, Token};
+use crate::api::{
+    ChatTokenizeResponse, CompatGenerateRequest, FinishReason, GenerateParameters, Token,
+};
 use crate::batcher::{Generated, InferEvent};
 use crate::error::{OpenAiError, Result, RouterError};
 use crate::metrics as m;
 use crate::openai_types::*;
-use crate::server::{admit, compat_inner, first_event, generate_all, record_failure, request_span, simple_tokens, validate, AppState, AppStateRef};
+use crate::server::{
+    admit, compat_inner, first_event, generate_all, record_failure, request_span, simple_tokens,
+    validate, AppState, AppStateRef,
+};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -22,7 +27,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn fingerprint() -> String {
@@ -36,7 +43,10 @@ fn normalize_messages(messages: &[Value]) -> Vec<Value> {
         .map(|message| {
             let mut message = message.clone();
             if let Some(parts) = message.get("content").and_then(Value::as_array) {
-                let text: String = parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect();
+                let text: String = parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .collect();
                 message["content"] = Value::String(text);
             }
             message
@@ -45,23 +55,39 @@ fn normalize_messages(messages: &[Value]) -> Vec<Value> {
 }
 
 fn render(state: &AppState, request: &ChatRequest) -> Result<String> {
-    let template = state.template.as_ref().ok_or_else(|| RouterError::Template("template not found".into()))?;
+    let template = state
+        .template
+        .as_ref()
+        .ok_or_else(|| RouterError::Template("template not found".into()))?;
     if request.messages.is_empty() {
-        return Err(RouterError::InvalidRequest("`messages` cannot be empty".into()));
+        return Err(RouterError::InvalidRequest(
+            "`messages` cannot be empty".into(),
+        ));
     }
     template
-        .render(&normalize_messages(&request.messages), true, request.tools.as_ref())
+        .render(
+            &normalize_messages(&request.messages),
+            true,
+            request.tools.as_ref(),
+        )
         .map_err(|e| RouterError::Template(e.to_string()))
 }
 
 /// Shared sampling mapping of both OpenAI routes.
-fn parameters(s: &Sampling, max_new_tokens: Option<u32>, top_n: Option<u32>) -> Result<GenerateParameters> {
-    if s.response_format.as_ref().is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text")) {
+fn parameters(
+    s: &Sampling,
+    max_new_tokens: Option<u32>,
+    top_n: Option<u32>,
+) -> Result<GenerateParameters> {
+    if s.response_format
+        .as_ref()
+        .is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text"))
+    {
         return Err(RouterError::Grammar);
     }
     // OpenAI: temperature 0 means greedy; otherwise sample (default temperature 1).
     let (do_sample, temperature) = match s.temperature {
-        Some(t) if t == 0.0 => (false, None),
+        Some(0.0) => (false, None),
         other => (true, other),
     };
     Ok(GenerateParameters {
@@ -72,7 +98,11 @@ fn parameters(s: &Sampling, max_new_tokens: Option<u32>, top_n: Option<u32>) -> 
         presence_penalty: s.presence_penalty,
         seed: s.seed,
         max_new_tokens,
-        stop: s.stop.clone().map(StopSequences::into_vec).unwrap_or_default(),
+        stop: s
+            .stop
+            .clone()
+            .map(StopSequences::into_vec)
+            .unwrap_or_default(),
         top_n_tokens: top_n,
         details: true,
         ..Default::default()
@@ -107,8 +137,12 @@ fn clean_text(generated: &Generated, stops: &[String]) -> String {
 
 #[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatRequest,
     responses((status = 200, body = ChatCompletion), (status = 422, body = crate::error::ErrorResponse)))]
-pub async fn chat_completions(State(state): State<AppStateRef>, payload: std::result::Result<Json<ChatRequest>, JsonRejection>) -> Result<Response, OpenAiError> {
-    let Json(request) = payload.inspect_err(|_| metrics::counter!(m::REQUEST_COUNT).increment(1))?;
+pub async fn chat_completions(
+    State(state): State<AppStateRef>,
+    payload: std::result::Result<Json<ChatRequest>, JsonRejection>,
+) -> Result<Response, OpenAiError> {
+    let Json(request) =
+        payload.inspect_err(|_| metrics::counter!(m::REQUEST_COUNT).increment(1))?;
     Ok(chat_inner(state, request).await?)
 }
 
@@ -119,8 +153,15 @@ async fn chat_inner(state: AppStateRef, request: ChatRequest) -> Result<Response
         if request.top_logprobs.is_some() && !request.logprobs.unwrap_or(false) {
             return Err(RouterError::TopLogprobsWithoutLogprobs);
         }
-        let top_n = request.logprobs.unwrap_or(false).then_some(request.top_logprobs.unwrap_or(0));
-        let params = parameters(&request.sampling, request.max_completion_tokens.or(request.max_tokens), top_n)?;
+        let top_n = request
+            .logprobs
+            .unwrap_or(false)
+            .then_some(request.top_logprobs.unwrap_or(0));
+        let params = parameters(
+            &request.sampling,
+            request.max_completion_tokens.or(request.max_tokens),
+            top_n,
+        )?;
         Ok((n, params, render(&state, &request)?))
     })();
     let (n, params, inputs) = prepared.inspect_err(record_failure)?;
@@ -130,9 +171,23 @@ async fn chat_inner(state: AppStateRef, request: ChatRequest) -> Result<Response
     if request.sampling.stream {
         let streams = submit_choices(&state, valid, n, "chat_completions").await?;
         let prompt_tokens = streams.prompt_tokens;
-        let include_usage = request.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        let chunks = chat_stream(streams, permit, stops, model, request.logprobs.unwrap_or(false), include_usage, prompt_tokens);
-        return Ok(Sse::new(chunks).keep_alive(KeepAlive::default()).into_response());
+        let include_usage = request
+            .sampling
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage);
+        let chunks = chat_stream(
+            streams,
+            permit,
+            stops,
+            model,
+            request.logprobs.unwrap_or(false),
+            include_usage,
+            prompt_tokens,
+        );
+        return Ok(Sse::new(chunks)
+            .keep_alive(KeepAlive::default())
+            .into_response());
     }
     let runs = generate_all(&state, valid, n, "chat_completions").await?;
     let with_logprobs = request.logprobs.unwrap_or(false);
@@ -141,12 +196,26 @@ async fn chat_inner(state: AppStateRef, request: ChatRequest) -> Result<Response
         .enumerate()
         .map(|(index, run)| ChatChoice {
             index,
-            message: ChatMessage { role: "assistant".into(), content: clean_text(run, &stops) },
-            logprobs: with_logprobs.then(|| ChatLogprobs { content: run.tokens.iter().zip(&run.top_tokens).filter(|(t, _)| !t.special).map(|(t, top)| chat_logprob(t, top)).collect() }),
+            message: ChatMessage {
+                role: "assistant".into(),
+                content: clean_text(run, &stops),
+            },
+            logprobs: with_logprobs.then(|| ChatLogprobs {
+                content: run
+                    .tokens
+                    .iter()
+                    .zip(&run.top_tokens)
+                    .filter(|(t, _)| !t.special)
+                    .map(|(t, top)| chat_logprob(t, top))
+                    .collect(),
+            }),
             finish_reason: run.end().finish_reason.openai().into(),
         })
         .collect();
-    let usage = usage(runs[0].input_length, runs.iter().map(|r| r.end().generated_tokens).sum());
+    let usage = usage(
+        runs[0].input_length,
+        runs.iter().map(|r| r.end().generated_tokens).sum(),
+    );
     Ok(Json(ChatCompletion {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         object: "chat.completion".into(),
@@ -160,11 +229,19 @@ async fn chat_inner(state: AppStateRef, request: ChatRequest) -> Result<Response
 }
 
 fn usage(prompt_tokens: u32, completion_tokens: u32) -> Usage {
-    Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+    Usage {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+    }
 }
 
 fn chat_logprob(token: &Token, top: &[Token]) -> ChatTokenLogprob {
-    let entry = |t: &Token| TopLogprob { token: t.text.clone(), logprob: t.logprob, bytes: Some(t.text.as_bytes().to_vec()) };
+    let entry = |t: &Token| TopLogprob {
+        token: t.text.clone(),
+        logprob: t.logprob,
+        bytes: Some(t.text.as_bytes().to_vec()),
+    };
     ChatTokenLogprob {
         token: token.text.clone(),
         logprob: token.logprob,
@@ -184,16 +261,27 @@ impl ChoiceStreams {
     /// All choices' events, tagged with their choice index.
     fn merged(self) -> impl Stream<Item = (usize, InferEvent)> + Send {
         let firsts = stream::iter(self.firsts.into_iter().enumerate());
-        let rest = select_all(
-            self.receivers.into_iter().enumerate().map(|(i, rx)| UnboundedReceiverStream::new(rx).map(move |e| (i, e)).boxed()),
-        );
+        let rest = select_all(self.receivers.into_iter().enumerate().map(|(i, rx)| {
+            UnboundedReceiverStream::new(rx)
+                .map(move |e| (i, e))
+                .boxed()
+        }));
         firsts.chain(rest)
     }
 }
 
-async fn submit_choices(state: &AppState, valid: crate::validation::ValidRequest, n: usize, route: &'static str) -> Result<ChoiceStreams> {
+async fn submit_choices(
+    state: &AppState,
+    valid: crate::validation::ValidRequest,
+    n: usize,
+    route: &'static str,
+) -> Result<ChoiceStreams> {
     let prompt_tokens = valid.input_ids.len() as u32;
-    let mut streams = ChoiceStreams { firsts: Vec::new(), receivers: Vec::new(), prompt_tokens };
+    let mut streams = ChoiceStreams {
+        firsts: Vec::new(),
+        receivers: Vec::new(),
+        prompt_tokens,
+    };
     let receivers: Vec<_> = (0..n)
         .map(|i| {
             let mut request = valid.clone();
@@ -221,7 +309,10 @@ pub struct StopBuffer {
 
 impl StopBuffer {
     pub fn new(stops: Vec<String>) -> Self {
-        StopBuffer { stops, pending: String::new() }
+        StopBuffer {
+            stops,
+            pending: String::new(),
+        }
     }
 
     /// Add text; returns what can be shown now.
@@ -269,8 +360,10 @@ fn chat_stream(
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let created = unix_now();
     let chunk = move |choices: Value, usage: Option<Usage>| {
-        data(&json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                     "system_fingerprint": fingerprint(), "choices": choices, "usage": usage}))
+        data(
+            &json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                     "system_fingerprint": fingerprint(), "choices": choices, "usage": usage}),
+        )
     };
     async_stream::stream! {
         let _permit = permit;
@@ -312,8 +405,12 @@ fn chat_stream(
 
 #[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
     responses((status = 200, body = Completion), (status = 422, body = crate::error::ErrorResponse)))]
-pub async fn completions(State(state): State<AppStateRef>, payload: std::result::Result<Json<CompletionRequest>, JsonRejection>) -> Result<Response, OpenAiError> {
-    let Json(request) = payload.inspect_err(|_| metrics::counter!(m::REQUEST_COUNT).increment(1))?;
+pub async fn completions(
+    State(state): State<AppStateRef>,
+    payload: std::result::Result<Json<CompletionRequest>, JsonRejection>,
+) -> Result<Response, OpenAiError> {
+    let Json(request) =
+        payload.inspect_err(|_| metrics::counter!(m::REQUEST_COUNT).increment(1))?;
     Ok(completions_inner(state, request).await?)
 }
 
@@ -332,7 +429,11 @@ async fn completions_inner(state: AppStateRef, request: CompletionRequest) -> Re
             return Err(RouterError::EmptyInput);
         }
         let n = choices_count(&state, request.sampling.n)?;
-        Ok((prompts, n, parameters(&request.sampling, request.max_tokens, request.logprobs)?))
+        Ok((
+            prompts,
+            n,
+            parameters(&request.sampling, request.max_tokens, request.logprobs)?,
+        ))
     })();
     let (prompts, n, params) = prepared.inspect_err(record_failure)?;
     let mut valids = Vec::with_capacity(prompts.len());
@@ -343,19 +444,41 @@ async fn completions_inner(state: AppStateRef, request: CompletionRequest) -> Re
     let stops = params.stop.clone();
     let echo = request.echo.unwrap_or(false);
     if request.sampling.stream {
-        let mut all = ChoiceStreams { firsts: Vec::new(), receivers: Vec::new(), prompt_tokens: 0 };
+        let mut all = ChoiceStreams {
+            firsts: Vec::new(),
+            receivers: Vec::new(),
+            prompt_tokens: 0,
+        };
         for valid in valids {
             let streams = submit_choices(&state, valid, n, "completions").await?;
             all.prompt_tokens += streams.prompt_tokens;
             all.firsts.extend(streams.firsts);
             all.receivers.extend(streams.receivers);
         }
-        let include_usage = request.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        let echoes = if echo { prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), n)).collect() } else { Vec::new() };
+        let include_usage = request
+            .sampling
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage);
+        let echoes = if echo {
+            prompts
+                .iter()
+                .flat_map(|p| std::iter::repeat_n(p.clone(), n))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let events = completion_stream(all, permit, stops, model, include_usage, echoes);
-        return Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response());
+        return Ok(Sse::new(events)
+            .keep_alive(KeepAlive::default())
+            .into_response());
     }
-    let runs = futures::future::try_join_all(valids.into_iter().map(|v| generate_all(&state, v, n, "completions"))).await?;
+    let runs = futures::future::try_join_all(
+        valids
+            .into_iter()
+            .map(|v| generate_all(&state, v, n, "completions")),
+    )
+    .await?;
     let mut choices = Vec::new();
     let mut prompt_tokens = 0;
     let mut completion_tokens = 0;
@@ -367,7 +490,9 @@ async fn completions_inner(state: AppStateRef, request: CompletionRequest) -> Re
             choices.push(CompletionChoice {
                 index: p * n + j,
                 text: format!("{prefix}{}", clean_text(run, &stops)),
-                logprobs: request.logprobs.map(|_| completion_logprobs(run, prefix.len())),
+                logprobs: request
+                    .logprobs
+                    .map(|_| completion_logprobs(run, prefix.len())),
                 finish_reason: run.end().finish_reason.openai().into(),
             });
         }
@@ -394,7 +519,11 @@ fn completion_logprobs(run: &Generated, offset: usize) -> CompletionLogprobs {
     CompletionLogprobs {
         tokens: run.tokens.iter().map(|t| t.text.clone()).collect(),
         token_logprobs: run.tokens.iter().map(|t| t.logprob).collect(),
-        top_logprobs: run.top_tokens.iter().map(|top| top.iter().map(|t| (t.text.clone(), t.logprob)).collect()).collect(),
+        top_logprobs: run
+            .top_tokens
+            .iter()
+            .map(|top| top.iter().map(|t| (t.text.clone(), t.logprob)).collect())
+            .collect(),
         text_offset,
     }
 }
@@ -412,8 +541,10 @@ fn completion_stream(
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let created = unix_now();
     let chunk = move |choices: Value, usage: Option<Usage>| {
-        data(&json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                     "system_fingerprint": fingerprint(), "choices": choices, "usage": usage}))
+        data(
+            &json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                     "system_fingerprint": fingerprint(), "choices": choices, "usage": usage}),
+        )
     };
     async_stream::stream! {
         let _permit = permit;
@@ -456,21 +587,38 @@ fn completion_stream(
 #[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList)))]
 pub async fn models(State(state): State<AppStateRef>) -> Json<ModelList> {
     let id = state.info.model_id.clone();
-    Json(ModelList { object: "list".into(), data: vec![Model { id: id.clone(), object: "model".into(), created: 0, owned_by: id }] })
+    Json(ModelList {
+        object: "list".into(),
+        data: vec![Model {
+            id: id.clone(),
+            object: "model".into(),
+            created: 0,
+            owned_by: id,
+        }],
+    })
 }
 
 #[utoipa::path(post, path = "/chat_tokenize", request_body = ChatRequest, responses((status = 200, body = ChatTokenizeResponse)))]
-pub async fn chat_tokenize(State(state): State<AppStateRef>, payload: std::result::Result<Json<ChatRequest>, JsonRejection>) -> Result<Json<ChatTokenizeResponse>> {
+pub async fn chat_tokenize(
+    State(state): State<AppStateRef>,
+    payload: std::result::Result<Json<ChatRequest>, JsonRejection>,
+) -> Result<Json<ChatTokenizeResponse>> {
     let Json(request) = payload?;
     metrics::counter!(m::REQUEST_COUNT).increment(1);
     let templated_text = render(&state, &request).inspect_err(record_failure)?;
     let tokenize_response = simple_tokens(&state, templated_text.clone(), false).await?;
-    Ok(Json(ChatTokenizeResponse { tokenize_response, templated_text }))
+    Ok(Json(ChatTokenizeResponse {
+        tokenize_response,
+        templated_text,
+    }))
 }
 
 /// SageMaker's single route: a chat, completions or TGI body, told apart by its fields.
 #[utoipa::path(post, path = "/invocations", request_body = Object, responses((status = 200)))]
-pub async fn invocations(State(state): State<AppStateRef>, payload: std::result::Result<Json<Value>, JsonRejection>) -> Result<Response> {
+pub async fn invocations(
+    State(state): State<AppStateRef>,
+    payload: std::result::Result<Json<Value>, JsonRejection>,
+) -> Result<Response> {
     let Json(body) = payload?;
     let parse = |e: serde_json::Error| RouterError::InvalidRequest(e.to_string());
     if body.get("messages").is_some() {
@@ -478,7 +626,11 @@ pub async fn invocations(State(state): State<AppStateRef>, payload: std::result:
     } else if body.get("prompt").is_some() {
         completions_inner(state, serde_json::from_value(body).map_err(parse)?).await
     } else {
-        compat_inner(state, serde_json::from_value::<CompatGenerateRequest>(body).map_err(parse)?).await
+        compat_inner(
+            state,
+            serde_json::from_value::<CompatGenerateRequest>(body).map_err(parse)?,
+        )
+        .await
     }
 }
 

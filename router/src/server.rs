@@ -49,7 +49,10 @@ pub fn router(state: AppStateRef, payload_limit: usize, cors_origins: &[String])
         .route("/v1/completions", post(openai::completions))
         .route("/tokenize", post(tokenize))
         .route("/invocations", post(openai::invocations))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
     let open = Router::new()
         .route("/", get(health))
         .route("/health", get(health))
@@ -63,7 +66,9 @@ pub fn router(state: AppStateRef, payload_limit: usize, cors_origins: &[String])
     let cors = if cors_origins.is_empty() {
         CorsLayer::new().allow_origin(AllowOrigin::any())
     } else {
-        let origins = cors_origins.iter().filter_map(|o| o.parse::<HeaderValue>().ok());
+        let origins = cors_origins
+            .iter()
+            .filter_map(|o| o.parse::<HeaderValue>().ok());
         CorsLayer::new().allow_origin(AllowOrigin::list(origins))
     }
     .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
@@ -77,10 +82,18 @@ pub fn router(state: AppStateRef, payload_limit: usize, cors_origins: &[String])
 }
 
 /// Bearer check on generation routes; the secret is compared in constant time.
-async fn require_api_key(State(state): State<AppStateRef>, request: Request, next: Next) -> Response {
+async fn require_api_key(
+    State(state): State<AppStateRef>,
+    request: Request,
+    next: Next,
+) -> Response {
     if let Some(key) = &state.api_key {
         let expected = format!("Bearer {key}");
-        let given = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
         if !bool::from(given.ct_eq(expected.as_bytes())) {
             return RouterError::Unauthorized.into_response();
         }
@@ -91,7 +104,7 @@ async fn require_api_key(State(state): State<AppStateRef>, request: Request, nex
 /// Count a request and reserve its concurrency slot (429 when none is left).
 pub fn admit(state: &AppState) -> Result<OwnedSemaphorePermit> {
     metrics::counter!(m::REQUEST_COUNT).increment(1);
-    state.infer.admit().inspect_err(|e| record_failure(e))
+    state.infer.admit().inspect_err(record_failure)
 }
 
 /// `tgi_request_failure` for errors raised before the batcher (which counts its own).
@@ -106,15 +119,29 @@ pub fn request_span(route: &'static str) -> tracing::Span {
     tracing::info_span!("request", route, request_id = tracing::field::Empty)
 }
 
-pub async fn validate(state: &AppState, inputs: String, p: &GenerateParameters, add_special: bool) -> Result<ValidRequest> {
+pub async fn validate(
+    state: &AppState,
+    inputs: String,
+    p: &GenerateParameters,
+    add_special: bool,
+) -> Result<ValidRequest> {
     let start = Instant::now();
-    let valid = state.validation.validate(inputs, p, add_special).await.inspect_err(record_failure)?;
+    let valid = state
+        .validation
+        .validate(inputs, p, add_special)
+        .await
+        .inspect_err(record_failure)?;
     metrics::histogram!(m::REQUEST_VALIDATION_DURATION).record(start.elapsed().as_secs_f64());
     Ok(valid)
 }
 
 /// Run one request (or `best_of` copies of it with distinct seeds) to completion.
-pub async fn generate_all(state: &AppState, valid: ValidRequest, copies: usize, route: &'static str) -> Result<Vec<Generated>> {
+pub async fn generate_all(
+    state: &AppState,
+    valid: ValidRequest,
+    copies: usize,
+    route: &'static str,
+) -> Result<Vec<Generated>> {
     let runs = (0..copies).map(|i| {
         let mut request = valid.clone();
         if i > 0 {
@@ -128,23 +155,37 @@ pub async fn generate_all(state: &AppState, valid: ValidRequest, copies: usize, 
 #[utoipa::path(post, path = "/generate", request_body = GenerateRequest,
     responses((status = 200, body = GenerateResponse), (status = 422, body = crate::error::ErrorResponse),
               (status = 424, body = crate::error::ErrorResponse), (status = 429, body = crate::error::ErrorResponse)))]
-pub async fn generate(State(state): State<AppStateRef>, payload: std::result::Result<Json<GenerateRequest>, JsonRejection>) -> Result<Response> {
-    let Json(request) = payload.inspect_err(|_| metrics::counter!(m::REQUEST_COUNT).increment(1))?;
+pub async fn generate(
+    State(state): State<AppStateRef>,
+    payload: std::result::Result<Json<GenerateRequest>, JsonRejection>,
+) -> Result<Response> {
+    let Json(request) =
+        payload.inspect_err(|_| metrics::counter!(m::REQUEST_COUNT).increment(1))?;
     let (headers, response) = generate_inner(&state, request).await?;
     Ok((headers, Json(response)).into_response())
 }
 
-async fn generate_inner(state: &AppState, request: GenerateRequest) -> Result<(HeaderMap, GenerateResponse)> {
+async fn generate_inner(
+    state: &AppState,
+    request: GenerateRequest,
+) -> Result<(HeaderMap, GenerateResponse)> {
     let arrived = Instant::now();
     let _permit = admit(state)?;
     let p = &request.parameters;
-    let copies = state.validation.validate_best_of(p.best_of.unwrap_or(1)).inspect_err(record_failure)?;
+    let copies = state
+        .validation
+        .validate_best_of(p.best_of.unwrap_or(1))
+        .inspect_err(record_failure)?;
     let valid = validate(state, request.inputs.clone(), p, true).await?;
     let mut runs = generate_all(state, valid, copies, "generate").await?;
     // Best mean logprob first; the others become `best_of_sequences`.
     runs.sort_by(|a, b| b.mean_logprob().total_cmp(&a.mean_logprob()));
     let best = runs.remove(0);
-    let prefix = if p.return_full_text.unwrap_or(false) { request.inputs.as_str() } else { "" };
+    let prefix = if p.return_full_text.unwrap_or(false) {
+        request.inputs.as_str()
+    } else {
+        ""
+    };
     let end = best.end();
     let headers = timing_headers(state, arrived, &best, request.inputs.len());
     let details = p.details.then(|| Details {
@@ -153,10 +194,17 @@ async fn generate_inner(state: &AppState, request: GenerateRequest) -> Result<(H
         seed: end.seed,
         prefill: best.prefill.clone(),
         tokens: best.tokens.clone(),
-        best_of_sequences: (copies > 1).then(|| runs.iter().map(|r| best_of_sequence(r, prefix)).collect()),
+        best_of_sequences: (copies > 1)
+            .then(|| runs.iter().map(|r| best_of_sequence(r, prefix)).collect()),
         top_tokens: top_tokens(&best),
     });
-    Ok((headers, GenerateResponse { generated_text: format!("{prefix}{}", end.text), details }))
+    Ok((
+        headers,
+        GenerateResponse {
+            generated_text: format!("{prefix}{}", end.text),
+            details,
+        },
+    ))
 }
 
 fn top_tokens(generated: &Generated) -> Vec<Vec<Token>> {
@@ -180,7 +228,12 @@ fn best_of_sequence(run: &Generated, prefix: &str) -> BestOfSequence {
     }
 }
 
-fn timing_headers(state: &AppState, arrived: Instant, generated: &Generated, characters: usize) -> HeaderMap {
+fn timing_headers(
+    state: &AppState,
+    arrived: Instant,
+    generated: &Generated,
+    characters: usize,
+) -> HeaderMap {
     let end = generated.end();
     let total = arrived.elapsed();
     let validation = generated.validated.saturating_duration_since(arrived);
@@ -209,8 +262,12 @@ fn timing_headers(state: &AppState, arrived: Instant, generated: &Generated, cha
 #[utoipa::path(post, path = "/generate_stream", request_body = GenerateRequest,
     responses((status = 200, description = "SSE of StreamResponse", body = StreamResponse),
               (status = 422, body = crate::error::ErrorResponse), (status = 429, body = crate::error::ErrorResponse)))]
-pub async fn generate_stream(State(state): State<AppStateRef>, payload: std::result::Result<Json<GenerateRequest>, JsonRejection>) -> Result<Response> {
-    let Json(request) = payload.inspect_err(|_| metrics::counter!(m::REQUEST_COUNT).increment(1))?;
+pub async fn generate_stream(
+    State(state): State<AppStateRef>,
+    payload: std::result::Result<Json<GenerateRequest>, JsonRejection>,
+) -> Result<Response> {
+    let Json(request) =
+        payload.inspect_err(|_| metrics::counter!(m::REQUEST_COUNT).increment(1))?;
     generate_stream_inner(state, request).await
 }
 
@@ -227,20 +284,31 @@ async fn generate_stream_inner(state: AppStateRef, request: GenerateRequest) -> 
     let input_length = valid.input_ids.len() as u32;
     let rx = state.infer.submit(valid, request_span("generate_stream"));
     let (first, rx) = first_event(rx).await?;
-    let prefix = if p.return_full_text.unwrap_or(false) { request.inputs.clone() } else { String::new() };
+    let prefix = if p.return_full_text.unwrap_or(false) {
+        request.inputs.clone()
+    } else {
+        String::new()
+    };
     let stream = tgi_stream(first, rx, permit, p.details, input_length, prefix);
-    let mut response = Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
+    let mut response = Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response();
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&state.compute_type) {
         headers.insert("x-compute-type", v);
     }
-    headers.insert("x-compute-characters", HeaderValue::from(request.inputs.len()));
+    headers.insert(
+        "x-compute-characters",
+        HeaderValue::from(request.inputs.len()),
+    );
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
 }
 
 /// Wait for a request's first event, so that an error before any token is a real HTTP status.
-pub async fn first_event(mut rx: UnboundedReceiver<InferEvent>) -> Result<(InferEvent, UnboundedReceiver<InferEvent>)> {
+pub async fn first_event(
+    mut rx: UnboundedReceiver<InferEvent>,
+) -> Result<(InferEvent, UnboundedReceiver<InferEvent>)> {
     match rx.recv().await {
         Some(InferEvent::Error(e)) => Err(e),
         Some(event) => Ok((event, rx)),
@@ -299,25 +367,49 @@ fn tgi_stream(
 }
 
 fn stream_details(end: &End, input_length: u32) -> StreamDetails {
-    StreamDetails { finish_reason: end.finish_reason, generated_tokens: end.generated_tokens, seed: end.seed, input_length }
+    StreamDetails {
+        finish_reason: end.finish_reason,
+        generated_tokens: end.generated_tokens,
+        seed: end.seed,
+        input_length,
+    }
 }
 
-fn stream_event(index: u32, token: Token, top_tokens: Vec<Token>, last: Option<(String, Option<StreamDetails>)>) -> Event {
-    let (generated_text, details) = last.map_or((None, None), |(text, details)| (Some(text), details));
-    let response = StreamResponse { index, token, top_tokens, generated_text, details };
+fn stream_event(
+    index: u32,
+    token: Token,
+    top_tokens: Vec<Token>,
+    last: Option<(String, Option<StreamDetails>)>,
+) -> Event {
+    let (generated_text, details) =
+        last.map_or((None, None), |(text, details)| (Some(text), details));
+    let response = StreamResponse {
+        index,
+        token,
+        top_tokens,
+        generated_text,
+        details,
+    };
     Event::default().data(serde_json::to_string(&response).unwrap_or_default())
 }
 
 /// `POST /`: `/generate` answered as a one-element array, or `/generate_stream` when `stream`.
 #[utoipa::path(post, path = "/", request_body = CompatGenerateRequest,
     responses((status = 200, body = [GenerateResponse]), (status = 422, body = crate::error::ErrorResponse)))]
-pub async fn compat_generate(State(state): State<AppStateRef>, payload: std::result::Result<Json<CompatGenerateRequest>, JsonRejection>) -> Result<Response> {
-    let Json(request) = payload.inspect_err(|_| metrics::counter!(m::REQUEST_COUNT).increment(1))?;
+pub async fn compat_generate(
+    State(state): State<AppStateRef>,
+    payload: std::result::Result<Json<CompatGenerateRequest>, JsonRejection>,
+) -> Result<Response> {
+    let Json(request) =
+        payload.inspect_err(|_| metrics::counter!(m::REQUEST_COUNT).increment(1))?;
     compat_inner(state, request).await
 }
 
 pub async fn compat_inner(state: AppStateRef, request: CompatGenerateRequest) -> Result<Response> {
-    let generate = GenerateRequest { inputs: request.inputs, parameters: request.parameters };
+    let generate = GenerateRequest {
+        inputs: request.inputs,
+        parameters: request.parameters,
+    };
     if request.stream {
         generate_stream_inner(state, generate).await
     } else {
@@ -327,19 +419,34 @@ pub async fn compat_inner(state: AppStateRef, request: CompatGenerateRequest) ->
 }
 
 #[utoipa::path(post, path = "/tokenize", request_body = GenerateRequest, responses((status = 200, body = [SimpleToken])))]
-pub async fn tokenize(State(state): State<AppStateRef>, payload: std::result::Result<Json<GenerateRequest>, JsonRejection>) -> Result<Json<Vec<SimpleToken>>> {
+pub async fn tokenize(
+    State(state): State<AppStateRef>,
+    payload: std::result::Result<Json<GenerateRequest>, JsonRejection>,
+) -> Result<Json<Vec<SimpleToken>>> {
     let Json(request) = payload?;
     Ok(Json(simple_tokens(&state, request.inputs, true).await?))
 }
 
-pub async fn simple_tokens(state: &AppState, inputs: String, add_special: bool) -> Result<Vec<SimpleToken>> {
-    let encoding = state.validation.tokenize(inputs.clone(), add_special).await?;
-    let tokens = encoding.get_ids().iter().zip(encoding.get_offsets()).map(|(&id, &(start, stop))| SimpleToken {
-        id,
-        text: inputs.get(start..stop).unwrap_or_default().to_string(),
-        start,
-        stop,
-    });
+pub async fn simple_tokens(
+    state: &AppState,
+    inputs: String,
+    add_special: bool,
+) -> Result<Vec<SimpleToken>> {
+    let encoding = state
+        .validation
+        .tokenize(inputs.clone(), add_special)
+        .await?;
+    let tokens =
+        encoding
+            .get_ids()
+            .iter()
+            .zip(encoding.get_offsets())
+            .map(|(&id, &(start, stop))| SimpleToken {
+                id,
+                text: inputs.get(start..stop).unwrap_or_default().to_string(),
+                start,
+                stop,
+            });
     Ok(tokens.collect())
 }
 
@@ -356,7 +463,10 @@ pub async fn info(State(state): State<AppStateRef>) -> Json<Info> {
 
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", body = String)))]
 pub async fn metrics(State(state): State<AppStateRef>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
 }
 
 async fn openapi_json() -> impl IntoResponse {

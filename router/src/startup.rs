@@ -25,9 +25,20 @@ pub struct DerivedLimits {
 }
 
 /// TGI §1.3 step 5: the Warmup answer (and the flags) give the limits; inconsistent ones are errors.
-pub fn derive_limits(args: &RouterArgs, warmup: &v3::WarmupResponse, support_chunking: bool) -> Result<DerivedLimits> {
-    let max_total_tokens = args.limits.max_total_tokens.unwrap_or(warmup.max_total_tokens);
-    let max_input_tokens = args.limits.max_input_tokens.unwrap_or(warmup.max_input_tokens.min(max_total_tokens.saturating_sub(1)));
+pub fn derive_limits(
+    args: &RouterArgs,
+    warmup: &v3::WarmupResponse,
+    support_chunking: bool,
+) -> Result<DerivedLimits> {
+    let max_total_tokens = args
+        .limits
+        .max_total_tokens
+        .unwrap_or(warmup.max_total_tokens);
+    let max_input_tokens = args.limits.max_input_tokens.unwrap_or(
+        warmup
+            .max_input_tokens
+            .min(max_total_tokens.saturating_sub(1)),
+    );
     let prefill = args.batching.max_batch_prefill_tokens;
     let max_batch_total_tokens = match warmup.max_supported_total_tokens {
         Some(supported) => {
@@ -39,7 +50,10 @@ pub fn derive_limits(args: &RouterArgs, warmup: &v3::WarmupResponse, support_chu
             }
             supported
         }
-        None => args.batching.max_batch_total_tokens.unwrap_or(16000.max(max_total_tokens).max(prefill)),
+        None => args
+            .batching
+            .max_batch_total_tokens
+            .unwrap_or(16000.max(max_total_tokens).max(prefill)),
     };
     let config = |message: String| Err(RouterError::Config(message));
     if max_input_tokens >= max_total_tokens {
@@ -54,13 +68,28 @@ pub fn derive_limits(args: &RouterArgs, warmup: &v3::WarmupResponse, support_chu
     if max_total_tokens > max_batch_total_tokens {
         return config(format!("`max_total_tokens`({max_total_tokens}) must be <= `max_batch_total_tokens`({max_batch_total_tokens})"));
     }
-    Ok(DerivedLimits { max_input_tokens, max_total_tokens, max_batch_total_tokens })
+    Ok(DerivedLimits {
+        max_input_tokens,
+        max_total_tokens,
+        max_batch_total_tokens,
+    })
 }
 
 /// TGI's warmup batch: `_test ` prompts adding up to the prefill budget, each within `max_input`,
 /// laid out in consecutive KV blocks from block 1 (block 0 belongs to health).
-fn warmup_batch(tokenizer: &Tokenizer, prefill: u32, max_input: Option<u32>, max_batch_size: Option<usize>, block_size: u32) -> Result<v3::Batch> {
-    let count = |k: usize| tokenizer.encode("_test ".repeat(k), true).map(|e| e.len() as u32).unwrap_or(u32::MAX);
+fn warmup_batch(
+    tokenizer: &Tokenizer,
+    prefill: u32,
+    max_input: Option<u32>,
+    max_batch_size: Option<usize>,
+    block_size: u32,
+) -> Result<v3::Batch> {
+    let count = |k: usize| {
+        tokenizer
+            .encode("_test ".repeat(k), true)
+            .map(|e| e.len() as u32)
+            .unwrap_or(u32::MAX)
+    };
     let per_repeat = count(64).div_ceil(64).max(1);
     let (mut requests, mut used, mut next_block) = (Vec::new(), 0u32, 1u32);
     while used < prefill && requests.len() < max_batch_size.unwrap_or(usize::MAX) {
@@ -74,16 +103,30 @@ fn warmup_batch(tokenizer: &Tokenizer, prefill: u32, max_input: Option<u32>, max
         let positions = tokens + max_new_tokens - 1;
         let blocks: Vec<u32> = (next_block..next_block + positions.div_ceil(block_size)).collect();
         next_block += blocks.len() as u32;
-        let slots = (0..positions).map(|p| blocks[(p / block_size) as usize] * block_size + p % block_size).collect();
+        let slots = (0..positions)
+            .map(|p| blocks[(p / block_size) as usize] * block_size + p % block_size)
+            .collect();
         requests.push(v3::Request {
             id: requests.len() as u64,
             inputs: "_test ".repeat(k),
             truncate: tokens,
             parameters: Some(v3::NextTokenChooserParameters {
-                temperature: 0.9, top_k: 10, top_p: 0.9, typical_p: 0.9, do_sample: true, seed: 0,
-                repetition_penalty: 1.2, frequency_penalty: 0.1, presence_penalty: 0.1, ..Default::default()
+                temperature: 0.9,
+                top_k: 10,
+                top_p: 0.9,
+                typical_p: 0.9,
+                do_sample: true,
+                seed: 0,
+                repetition_penalty: 1.2,
+                frequency_penalty: 0.1,
+                presence_penalty: 0.1,
+                ..Default::default()
             }),
-            stopping_parameters: Some(v3::StoppingCriteriaParameters { max_new_tokens, stop_sequences: vec![], ignore_eos_token: true }),
+            stopping_parameters: Some(v3::StoppingCriteriaParameters {
+                max_new_tokens,
+                stop_sequences: vec![],
+                ignore_eos_token: true,
+            }),
             prefill_logprobs: true,
             top_n_tokens: 20,
             add_special_tokens: true,
@@ -93,13 +136,27 @@ fn warmup_batch(tokenizer: &Tokenizer, prefill: u32, max_input: Option<u32>, max
         });
         used += tokens;
     }
-    let max_blocks = requests.iter().map(|r| r.blocks.len() as u32).max().unwrap_or(0);
-    Ok(v3::Batch { id: 0, size: requests.len() as u32, max_tokens: used, max_blocks, requests })
+    let max_blocks = requests
+        .iter()
+        .map(|r| r.blocks.len() as u32)
+        .max()
+        .unwrap_or(0);
+    Ok(v3::Batch {
+        id: 0,
+        size: requests.len() as u32,
+        max_tokens: used,
+        max_blocks,
+        requests,
+    })
 }
 
 fn load_tokenizer(path: &Path) -> Result<(Tokenizer, Option<ChatTemplate>)> {
-    let tokenizer = tessera_formats::tokenizer::load_tokenizer(path)
-        .map_err(|e| RouterError::Config(format!("cannot load the tokenizer from {}: {e}", path.display())))?;
+    let tokenizer = tessera_formats::tokenizer::load_tokenizer(path).map_err(|e| {
+        RouterError::Config(format!(
+            "cannot load the tokenizer from {}: {e}",
+            path.display()
+        ))
+    })?;
     let template = ChatTemplate::load(path).unwrap_or_else(|e| {
         tracing::warn!("no usable chat template ({e}); chat routes will answer 422");
         None
@@ -110,24 +167,40 @@ fn load_tokenizer(path: &Path) -> Result<(Tokenizer, Option<ChatTemplate>)> {
 /// Connect, size everything with Warmup, serve until SIGINT/SIGTERM.
 pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     let (tokenizer, template) = load_tokenizer(&args.shard.tokenizer_name)?;
-    let client = ShardedClient::connect_with_retry(&args.shard.master_shard_uds_path, Duration::from_secs(120)).await?;
+    let client = ShardedClient::connect_with_retry(
+        &args.shard.master_shard_uds_path,
+        Duration::from_secs(120),
+    )
+    .await?;
     client.clear_cache(None).await?;
     let shard_info = client.info().await?;
     let block_size = shard_info.block_size.max(1);
     let batching = &args.batching;
     let warmup = client
         .warmup(v3::WarmupRequest {
-            batch: Some(warmup_batch(&tokenizer, batching.max_batch_prefill_tokens, args.limits.max_input_tokens, batching.max_batch_size, block_size)?),
+            batch: Some(warmup_batch(
+                &tokenizer,
+                batching.max_batch_prefill_tokens,
+                args.limits.max_input_tokens,
+                batching.max_batch_size,
+                block_size,
+            )?),
             max_input_tokens: args.limits.max_input_tokens,
             max_prefill_tokens: batching.max_batch_prefill_tokens,
             max_total_tokens: args.limits.max_total_tokens,
         })
         .await?;
     let limits = derive_limits(&args, &warmup, shard_info.support_chunking)?;
-    tracing::info!(?limits, world_size = client.world_size(), block_size, "shards warmed up");
+    tracing::info!(
+        ?limits,
+        world_size = client.world_size(),
+        block_size,
+        "shards warmed up"
+    );
 
     let metrics = crate::metrics::install(limits.max_input_tokens, limits.max_total_tokens)?;
-    metrics::gauge!(crate::metrics::BATCH_MAX_TOTAL_TOKENS).set(limits.max_batch_total_tokens as f64);
+    metrics::gauge!(crate::metrics::BATCH_MAX_TOTAL_TOKENS)
+        .set(limits.max_batch_total_tokens as f64);
     let scheduler = Scheduler::new(SchedulerConfig {
         block_size,
         num_blocks: limits.max_batch_total_tokens / block_size,
@@ -139,7 +212,11 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         waiting_served_ratio: batching.waiting_served_ratio,
         max_waiting_tokens: batching.max_waiting_tokens,
     });
-    let infer = Infer::spawn(scheduler, client.clone(), args.limits.max_concurrent_requests);
+    let infer = Infer::spawn(
+        scheduler,
+        client.clone(),
+        args.limits.max_concurrent_requests,
+    );
     let validation = Validation::new(
         tokenizer,
         args.limits.validation_workers,
@@ -159,21 +236,36 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         info,
         metrics,
         api_key: args.server.api_key.clone(),
-        compute_type: std::env::var("COMPUTE_TYPE").unwrap_or_else(|_| format!("{}-{}", client.world_size(), shard_info.device_type)),
+        compute_type: std::env::var("COMPUTE_TYPE")
+            .unwrap_or_else(|_| format!("{}-{}", client.world_size(), shard_info.device_type)),
     });
-    let app = router(state, args.server.payload_limit, &args.server.cors_allow_origin);
+    let app = router(
+        state,
+        args.server.payload_limit,
+        &args.server.cors_allow_origin,
+    );
     let address = format!("{}:{}", args.server.hostname, args.server.port);
     let listener = tokio::net::TcpListener::bind(&address)
         .await
         .map_err(|e| RouterError::Config(format!("cannot listen on {address}: {e}")))?;
     tracing::info!("listening on {address}");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
     Ok(())
 }
 
-fn model_info(args: &RouterArgs, limits: &DerivedLimits, shard: &v3::InfoResponse, world_size: usize) -> Info {
+fn model_info(
+    args: &RouterArgs,
+    limits: &DerivedLimits,
+    shard: &v3::InfoResponse,
+    world_size: usize,
+) -> Info {
     let path = &args.shard.tokenizer_name;
-    let default_id = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let default_id = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
     Info {
         model_id: args.shard.model_id.clone().unwrap_or(default_id),
         model_sha: None,
@@ -220,25 +312,58 @@ mod tests {
     use clap::Parser;
 
     fn args(extra: &[&str]) -> RouterArgs {
-        let argv = ["tessera-router", "--tokenizer-name", "/m"].iter().chain(extra);
+        let argv = ["tessera-router", "--tokenizer-name", "/m"]
+            .iter()
+            .chain(extra);
         Cli::parse_from(argv).router
     }
 
     fn warmup(supported: Option<u32>, input: u32, total: u32) -> v3::WarmupResponse {
-        v3::WarmupResponse { max_supported_total_tokens: supported, max_input_tokens: input, max_total_tokens: total }
+        v3::WarmupResponse {
+            max_supported_total_tokens: supported,
+            max_input_tokens: input,
+            max_total_tokens: total,
+        }
     }
 
     #[test]
     fn limits_come_from_warmup_and_are_checked() {
         let l = derive_limits(&args(&[]), &warmup(Some(50_000), 8191, 8192), true).unwrap();
-        assert_eq!(l, DerivedLimits { max_input_tokens: 8191, max_total_tokens: 8192, max_batch_total_tokens: 50_000 });
-        let e = derive_limits(&args(&["--max-total-tokens", "60000"]), &warmup(Some(50_000), 8191, 8192), true);
+        assert_eq!(
+            l,
+            DerivedLimits {
+                max_input_tokens: 8191,
+                max_total_tokens: 8192,
+                max_batch_total_tokens: 50_000
+            }
+        );
+        let e = derive_limits(
+            &args(&["--max-total-tokens", "60000"]),
+            &warmup(Some(50_000), 8191, 8192),
+            true,
+        );
         assert_eq!(e.unwrap_err(), RouterError::NotEnoughMemory(60_000, 50_000));
-        let e = derive_limits(&args(&["--max-input-tokens", "100", "--max-total-tokens", "100"]), &warmup(Some(50_000), 0, 0), true);
-        assert!(e.unwrap_err().to_string().contains("must be < `max_total_tokens`(100)"));
-        let e = derive_limits(&args(&["--max-batch-prefill-tokens", "10"]), &warmup(Some(50_000), 8191, 8192), false);
-        assert!(e.unwrap_err().to_string().contains("must be >= `max_input_tokens`(8191)"));
+        let e = derive_limits(
+            &args(&["--max-input-tokens", "100", "--max-total-tokens", "100"]),
+            &warmup(Some(50_000), 0, 0),
+            true,
+        );
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("must be < `max_total_tokens`(100)"));
+        let e = derive_limits(
+            &args(&["--max-batch-prefill-tokens", "10"]),
+            &warmup(Some(50_000), 8191, 8192),
+            false,
+        );
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("must be >= `max_input_tokens`(8191)"));
         let e = derive_limits(&args(&[]), &warmup(Some(3000), 1000, 2000), true);
-        assert!(e.unwrap_err().to_string().contains("`max_batch_prefill_tokens`(4096) must be <= `max_batch_total_tokens`(3000)"));
+        assert!(e.unwrap_err().to_string().contains(
+            "`max_batch_prefill_tokens`(4096) must be <= `max_batch_total_tokens`(3000)"
+        ));
     }
 }

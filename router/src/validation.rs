@@ -44,7 +44,11 @@ pub struct Validation {
 
 impl Validation {
     pub fn new(tokenizer: Tokenizer, workers: usize, limits: Limits) -> Self {
-        Validation { tokenizer: Arc::new(tokenizer), workers: Arc::new(Semaphore::new(workers.max(1))), limits }
+        Validation {
+            tokenizer: Arc::new(tokenizer),
+            workers: Arc::new(Semaphore::new(workers.max(1))),
+            limits,
+        }
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -53,7 +57,11 @@ impl Validation {
 
     /// Tokenize on a blocking worker (at most `validation_workers` at once), off the async threads.
     pub async fn tokenize(&self, text: String, add_special_tokens: bool) -> Result<Encoding> {
-        let _permit = self.workers.acquire().await.map_err(|e| RouterError::Tokenizer(e.to_string()))?;
+        let _permit = self
+            .workers
+            .acquire()
+            .await
+            .map_err(|e| RouterError::Tokenizer(e.to_string()))?;
         let tokenizer = self.tokenizer.clone();
         tokio::task::spawn_blocking(move || tokenizer.encode(text, add_special_tokens))
             .await
@@ -73,7 +81,12 @@ impl Validation {
     }
 
     /// Every check of TGI's `Validation::validate`, in its order.
-    pub async fn validate(&self, inputs: String, p: &GenerateParameters, add_special_tokens: bool) -> Result<ValidRequest> {
+    pub async fn validate(
+        &self,
+        inputs: String,
+        p: &GenerateParameters,
+        add_special_tokens: bool,
+    ) -> Result<ValidRequest> {
         let arrived = Instant::now();
         let (parameters, top_n_tokens) = self.check_parameters(p)?;
         if inputs.is_empty() {
@@ -93,9 +106,15 @@ impl Validation {
         }
         let input_length = ids.len() as u32;
         let max_total = self.limits.max_total_tokens;
-        let max_new_tokens = p.max_new_tokens.unwrap_or_else(|| max_total.saturating_sub(input_length));
+        let max_new_tokens = p
+            .max_new_tokens
+            .unwrap_or_else(|| max_total.saturating_sub(input_length));
         if input_length + max_new_tokens > max_total {
-            return Err(RouterError::MaxTotalTokens(max_total, input_length, max_new_tokens));
+            return Err(RouterError::MaxTotalTokens(
+                max_total,
+                input_length,
+                max_new_tokens,
+            ));
         }
         if input_length > max_input {
             return Err(RouterError::InputLength(max_input, input_length));
@@ -123,8 +142,15 @@ impl Validation {
     }
 
     /// Checks 1–11 (no tokenizer needed); the shard's sampling parameters.
-    fn check_parameters(&self, p: &GenerateParameters) -> Result<(v3::NextTokenChooserParameters, u32)> {
-        let sampling = p.do_sample || p.temperature.is_some() || p.top_k.is_some() || p.top_p.is_some() || p.typical_p.is_some();
+    fn check_parameters(
+        &self,
+        p: &GenerateParameters,
+    ) -> Result<(v3::NextTokenChooserParameters, u32)> {
+        let sampling = p.do_sample
+            || p.temperature.is_some()
+            || p.top_k.is_some()
+            || p.top_p.is_some()
+            || p.typical_p.is_some();
         let best_of = p.best_of.unwrap_or(1);
         if best_of > 1 && !sampling {
             return Err(RouterError::BestOfSampling);
@@ -163,14 +189,20 @@ impl Validation {
             return Err(RouterError::NegativeMaxNewTokens);
         }
         if p.stop.len() > self.limits.max_stop_sequences {
-            return Err(RouterError::StopSequence(self.limits.max_stop_sequences, p.stop.len()));
+            return Err(RouterError::StopSequence(
+                self.limits.max_stop_sequences,
+                p.stop.len(),
+            ));
         }
         if best_of > 1 && p.seed.is_some() {
             return Err(RouterError::BestOfSeed);
         }
         let top_n_tokens = p.top_n_tokens.unwrap_or(0);
         if top_n_tokens > self.limits.max_top_n_tokens {
-            return Err(RouterError::TopNTokens(self.limits.max_top_n_tokens, top_n_tokens));
+            return Err(RouterError::TopNTokens(
+                self.limits.max_top_n_tokens,
+                top_n_tokens,
+            ));
         }
         let warped = temperature != 1.0 || top_k != 0 || top_p < 1.0 || typical_p < 1.0;
         let parameters = v3::NextTokenChooserParameters {
@@ -198,9 +230,17 @@ mod tests {
     use std::path::PathBuf;
 
     fn validation() -> Validation {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/smollm2-135m-instruct");
-        let tokenizer = tessera_formats::tokenizer::load_tokenizer(&dir).expect("shared SmolLM2 tokenizer");
-        let limits = Limits { max_best_of: 2, max_stop_sequences: 4, max_top_n_tokens: 5, max_input_tokens: 10, max_total_tokens: 20 };
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/models/smollm2-135m-instruct");
+        let tokenizer =
+            tessera_formats::tokenizer::load_tokenizer(&dir).expect("shared SmolLM2 tokenizer");
+        let limits = Limits {
+            max_best_of: 2,
+            max_stop_sequences: 4,
+            max_top_n_tokens: 5,
+            max_input_tokens: 10,
+            max_total_tokens: 20,
+        };
         Validation::new(tokenizer, 1, limits)
     }
 
@@ -211,42 +251,162 @@ mod tests {
     #[tokio::test]
     async fn each_check_reports_tgis_message() {
         let cases: Vec<(GenerateParameters, RouterError)> = vec![
-            (GenerateParameters { best_of: Some(2), ..Default::default() }, RouterError::BestOfSampling),
-            (GenerateParameters { temperature: Some(0.0), ..Default::default() }, RouterError::Temperature),
-            (GenerateParameters { repetition_penalty: Some(0.0), ..Default::default() }, RouterError::RepetitionPenalty),
-            (GenerateParameters { frequency_penalty: Some(3.0), ..Default::default() }, RouterError::FrequencyPenalty),
-            (GenerateParameters { presence_penalty: Some(-3.0), ..Default::default() }, RouterError::PresencePenalty),
-            (GenerateParameters { top_p: Some(1.5), ..Default::default() }, RouterError::TopP),
-            (GenerateParameters { typical_p: Some(1.0), ..Default::default() }, RouterError::TypicalP),
-            (GenerateParameters { top_k: Some(0), ..Default::default() }, RouterError::TopK),
-            (GenerateParameters { max_new_tokens: Some(0), ..Default::default() }, RouterError::NegativeMaxNewTokens),
-            (GenerateParameters { stop: vec!["a".into(); 5], ..Default::default() }, RouterError::StopSequence(4, 5)),
-            (GenerateParameters { best_of: Some(2), do_sample: true, seed: Some(1), ..Default::default() }, RouterError::BestOfSeed),
-            (GenerateParameters { top_n_tokens: Some(6), ..Default::default() }, RouterError::TopNTokens(5, 6)),
-            (GenerateParameters { truncate: Some(11), ..Default::default() }, RouterError::Truncate(10, 11)),
-            (GenerateParameters { max_new_tokens: Some(18), ..Default::default() }, RouterError::MaxTotalTokens(20, 4, 18)),
-            (GenerateParameters { grammar: Some(serde_json::json!({"type": "regex", "value": "a"})), ..Default::default() }, RouterError::Grammar),
+            (
+                GenerateParameters {
+                    best_of: Some(2),
+                    ..Default::default()
+                },
+                RouterError::BestOfSampling,
+            ),
+            (
+                GenerateParameters {
+                    temperature: Some(0.0),
+                    ..Default::default()
+                },
+                RouterError::Temperature,
+            ),
+            (
+                GenerateParameters {
+                    repetition_penalty: Some(0.0),
+                    ..Default::default()
+                },
+                RouterError::RepetitionPenalty,
+            ),
+            (
+                GenerateParameters {
+                    frequency_penalty: Some(3.0),
+                    ..Default::default()
+                },
+                RouterError::FrequencyPenalty,
+            ),
+            (
+                GenerateParameters {
+                    presence_penalty: Some(-3.0),
+                    ..Default::default()
+                },
+                RouterError::PresencePenalty,
+            ),
+            (
+                GenerateParameters {
+                    top_p: Some(1.5),
+                    ..Default::default()
+                },
+                RouterError::TopP,
+            ),
+            (
+                GenerateParameters {
+                    typical_p: Some(1.0),
+                    ..Default::default()
+                },
+                RouterError::TypicalP,
+            ),
+            (
+                GenerateParameters {
+                    top_k: Some(0),
+                    ..Default::default()
+                },
+                RouterError::TopK,
+            ),
+            (
+                GenerateParameters {
+                    max_new_tokens: Some(0),
+                    ..Default::default()
+                },
+                RouterError::NegativeMaxNewTokens,
+            ),
+            (
+                GenerateParameters {
+                    stop: vec!["a".into(); 5],
+                    ..Default::default()
+                },
+                RouterError::StopSequence(4, 5),
+            ),
+            (
+                GenerateParameters {
+                    best_of: Some(2),
+                    do_sample: true,
+                    seed: Some(1),
+                    ..Default::default()
+                },
+                RouterError::BestOfSeed,
+            ),
+            (
+                GenerateParameters {
+                    top_n_tokens: Some(6),
+                    ..Default::default()
+                },
+                RouterError::TopNTokens(5, 6),
+            ),
+            (
+                GenerateParameters {
+                    truncate: Some(11),
+                    ..Default::default()
+                },
+                RouterError::Truncate(10, 11),
+            ),
+            (
+                GenerateParameters {
+                    max_new_tokens: Some(18),
+                    ..Default::default()
+                },
+                RouterError::MaxTotalTokens(20, 4, 18),
+            ),
+            (
+                GenerateParameters {
+                    grammar: Some(serde_json::json!({"type": "regex", "value": "a"})),
+                    ..Default::default()
+                },
+                RouterError::Grammar,
+            ),
         ];
         for (params, expected) in cases {
-            assert_eq!(check(params, "Once upon a time").await.unwrap_err(), expected);
+            assert_eq!(
+                check(params, "Once upon a time").await.unwrap_err(),
+                expected
+            );
         }
-        assert_eq!(check(GenerateParameters::default(), "").await.unwrap_err(), RouterError::EmptyInput);
+        assert_eq!(
+            check(GenerateParameters::default(), "").await.unwrap_err(),
+            RouterError::EmptyInput
+        );
         let long = "word ".repeat(15);
-        let p = GenerateParameters { max_new_tokens: Some(1), ..Default::default() };
-        assert!(matches!(check(p, &long).await.unwrap_err(), RouterError::InputLength(10, _)));
-        assert_eq!(RouterError::TopP.to_string(), "Input validation error: `top_p` must be > 0.0 and <= 1.0");
+        let p = GenerateParameters {
+            max_new_tokens: Some(1),
+            ..Default::default()
+        };
+        assert!(matches!(
+            check(p, &long).await.unwrap_err(),
+            RouterError::InputLength(10, _)
+        ));
+        assert_eq!(
+            RouterError::TopP.to_string(),
+            "Input validation error: `top_p` must be > 0.0 and <= 1.0"
+        );
     }
 
     #[tokio::test]
     async fn defaults_truncation_and_sampling_flags() {
-        let valid = check(GenerateParameters::default(), "Once upon a time").await.unwrap();
+        let valid = check(GenerateParameters::default(), "Once upon a time")
+            .await
+            .unwrap();
         assert_eq!(valid.input_ids, vec![6403, 1980, 253, 655]);
-        assert_eq!(valid.stopping.max_new_tokens, 16, "defaults to what the context leaves");
+        assert_eq!(
+            valid.stopping.max_new_tokens, 16,
+            "defaults to what the context leaves"
+        );
         assert!(!valid.parameters.do_sample);
-        let p = GenerateParameters { truncate: Some(2), top_p: Some(1.0), temperature: Some(0.5), ..Default::default() };
+        let p = GenerateParameters {
+            truncate: Some(2),
+            top_p: Some(1.0),
+            temperature: Some(0.5),
+            ..Default::default()
+        };
         let valid = check(p, "Once upon a time").await.unwrap();
         assert_eq!(valid.input_ids, vec![253, 655]);
         assert!(valid.parameters.do_sample);
-        assert_eq!(validation().validate_best_of(3).unwrap_err(), RouterError::BestOf(2, 3));
+        assert_eq!(
+            validation().validate_best_of(3).unwrap_err(),
+            RouterError::BestOf(2, 3)
+        );
     }
 }

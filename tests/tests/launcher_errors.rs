@@ -160,3 +160,37 @@ fn unsupported_architecture_is_reported_by_the_shard() {
     assert!(out.contains("shard 0 exited"), "{out}");
     assert!(out.to_lowercase().contains("gpt2"), "{out}");
 }
+
+#[test]
+fn router_dying_at_startup_stops_the_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = fake_binary(dir.path(), "router", "echo \"no tokenizer here\"; exit 3");
+    let env = [("TESSERA_ROUTER_BIN", router.to_str().unwrap())];
+    let model = model_arg(HF_MODEL);
+    let args = ["--model-id", &model, "--device", "cpu"];
+    let mut launcher = Launcher::start(&args, &env);
+    // Record the real shard while it runs, to check it is stopped.
+    let mut shards = Vec::new();
+    while launcher.child.try_wait().unwrap().is_none() {
+        shards.extend(
+            launcher
+                .children()
+                .into_iter()
+                .filter(|(_, c)| c.contains("tessera-shard")),
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = launcher.output();
+    assert!(
+        !launcher.wait_exit(Duration::from_secs(1)).success(),
+        "{out}"
+    );
+    assert!(
+        out.contains("router exited with status 3 during startup"),
+        "{out}"
+    );
+    assert!(out.contains("no tokenizer here"), "{out}");
+    assert!(!shards.is_empty(), "the shard had started:\n{out}");
+    let pids: Vec<i32> = shards.iter().map(|(pid, _)| *pid).collect();
+    assert_all_gone(&pids, Duration::from_secs(2));
+}

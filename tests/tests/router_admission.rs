@@ -9,11 +9,25 @@ use std::sync::OnceLock;
 
 fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
-    SERVER.get_or_init(|| start("admission", &["--max-concurrent-requests", "2", "--payload-limit", "4000", "--api-key", "s3cret"]))
+    SERVER.get_or_init(|| {
+        start(
+            "admission",
+            &[
+                "--max-concurrent-requests",
+                "2",
+                "--payload-limit",
+                "4000",
+                "--api-key",
+                "s3cret",
+            ],
+        )
+    })
 }
 
 async fn post(path: &str, key: Option<&str>, body: Value) -> reqwest::Response {
-    let mut request = reqwest::Client::new().post(format!("{}{path}", server().base)).json(&body);
+    let mut request = reqwest::Client::new()
+        .post(format!("{}{path}", server().base))
+        .json(&body);
     if let Some(key) = key {
         request = request.bearer_auth(key);
     }
@@ -24,10 +38,35 @@ async fn post(path: &str, key: Option<&str>, body: Value) -> reqwest::Response {
 async fn api_key_payload_limit_and_overload() {
     let small = json!({"inputs": "Hello", "parameters": {"max_new_tokens": 2}});
     assert_eq!(post("/generate", None, small.clone()).await.status(), 401);
-    assert_eq!(post("/generate", Some("s3cre"), small.clone()).await.status(), 401);
-    assert_eq!(post("/v1/chat/completions", Some("wrong"), json!({"messages": []})).await.status(), 401);
-    assert_eq!(post("/generate", Some("s3cret"), small.clone()).await.status(), 200);
-    assert_eq!(reqwest::get(format!("{}/health", server().base)).await.unwrap().status(), 200);
+    assert_eq!(
+        post("/generate", Some("s3cre"), small.clone())
+            .await
+            .status(),
+        401
+    );
+    assert_eq!(
+        post(
+            "/v1/chat/completions",
+            Some("wrong"),
+            json!({"messages": []})
+        )
+        .await
+        .status(),
+        401
+    );
+    assert_eq!(
+        post("/generate", Some("s3cret"), small.clone())
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        reqwest::get(format!("{}/health", server().base))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 
     let big = json!({"inputs": "x".repeat(5000)});
     let response = post("/generate", Some("s3cret"), big).await;
@@ -36,14 +75,27 @@ async fn api_key_payload_limit_and_overload() {
     assert!(body["error"].is_string());
 
     let long = json!({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 64}});
-    let responses = futures::future::join_all((0..6).map(|_| post("/generate", Some("s3cret"), long.clone()))).await;
+    let responses =
+        futures::future::join_all((0..6).map(|_| post("/generate", Some("s3cret"), long.clone())))
+            .await;
     let statuses: Vec<u16> = responses.iter().map(|r| r.status().as_u16()).collect();
-    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 2, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|&&s| s == 429).count(), 4, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 429).count(),
+        4,
+        "{statuses:?}"
+    );
     for response in responses.into_iter().filter(|r| r.status() == 429) {
         assert!(response.headers().contains_key("retry-after"));
         let body: Value = response.json().await.unwrap();
-        assert_eq!(body, json!({"error": "Model is overloaded", "error_type": "overloaded"}));
+        assert_eq!(
+            body,
+            json!({"error": "Model is overloaded", "error_type": "overloaded"})
+        );
     }
     // Still serving.
     assert_eq!(post("/generate", Some("s3cret"), small).await.status(), 200);

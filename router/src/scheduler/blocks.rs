@@ -45,7 +45,10 @@ impl BlockPool {
         // Reversed so that `pop` hands out low ids first (easier to read in logs and tests).
         let ids: Vec<u32> = (1..num_blocks).rev().collect();
         let usable = ids.len();
-        BlockPool { free: Arc::new(Mutex::new(ids)), usable }
+        BlockPool {
+            free: Arc::new(Mutex::new(ids)),
+            usable,
+        }
     }
 
     pub fn free_count(&self) -> usize {
@@ -66,7 +69,14 @@ impl BlockPool {
         let start = free.len() - n;
         let ids: Vec<u32> = free.drain(start..).rev().collect();
         drop(free);
-        Some(ids.into_iter().map(|id| KvBlock { id: BlockId(id), pool: self.free.clone() }).collect())
+        Some(
+            ids.into_iter()
+                .map(|id| KvBlock {
+                    id: BlockId(id),
+                    pool: self.free.clone(),
+                })
+                .collect(),
+        )
     }
 }
 
@@ -145,14 +155,22 @@ impl BlockAllocator {
             .map(|t| blocks[t / bs] * self.block_size + (t % bs) as u32)
             .collect();
         let prefix_len = (lease.len() * bs) as u32;
-        Some(Allocation { lease, own, prefix_len, blocks, slots })
+        Some(Allocation {
+            lease,
+            own,
+            prefix_len,
+            blocks,
+            slots,
+        })
     }
 
     /// Return an allocation. `prefilled_prompt` is the prompt whose KV the blocks now hold (the request
     /// finished its prefill); its full blocks go into the prefix cache, everything else is freed.
     pub fn release(&mut self, allocation: Allocation, prefilled_prompt: Option<&[u32]>) {
         let Allocation { lease, own, .. } = allocation;
-        let prompt = prefilled_prompt.filter(|_| self.prefix_caching).unwrap_or(&[]);
+        let prompt = prefilled_prompt
+            .filter(|_| self.prefix_caching)
+            .unwrap_or(&[]);
         self.cache.release(lease, prompt, own);
     }
 }

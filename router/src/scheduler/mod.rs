@@ -50,17 +50,27 @@ pub enum Step {
         /// Requests admitted by this step and how long each waited.
         admitted: Vec<(RequestId, Duration)>,
     },
-    Decode { batches: Vec<CachedBatch> },
+    Decode {
+        batches: Vec<CachedBatch>,
+    },
     /// Keep only `request_ids` in the shards' batch.
-    Filter { batch_id: u64, request_ids: Vec<u64> },
+    Filter {
+        batch_id: u64,
+        request_ids: Vec<u64>,
+    },
     /// Drop a batch from the shards.
-    Clear { batch_id: u64 },
+    Clear {
+        batch_id: u64,
+    },
 }
 
 /// The result of running a step.
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    Forward { generations: Vec<Generation>, batch: Option<CachedBatch> },
+    Forward {
+        generations: Vec<Generation>,
+        batch: Option<CachedBatch>,
+    },
     Filtered(Option<CachedBatch>),
     Cleared,
     /// The RPC failed; the message goes to every request it involved.
@@ -71,8 +81,11 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Tokens; the request is finished when `generated_text` is set.
-    Generation(Generation),
-    Failed { id: RequestId, message: String },
+    Generation(Box<Generation>),
+    Failed {
+        id: RequestId,
+        message: String,
+    },
 }
 
 /// Gauges for metrics.
@@ -122,7 +135,8 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Self {
-        let allocator = BlockAllocator::new(config.num_blocks, config.block_size, config.prefix_caching);
+        let allocator =
+            BlockAllocator::new(config.num_blocks, config.block_size, config.prefix_caching);
         Scheduler {
             config,
             queue: Queue::default(),
@@ -164,16 +178,26 @@ impl Scheduler {
     }
 
     fn finish(&mut self, id: RequestId) -> bool {
-        let Some(running) = self.running.remove(&id) else { return false };
-        let prompt = running.prefilled.then_some(running.request.input_ids.as_slice());
+        let Some(running) = self.running.remove(&id) else {
+            return false;
+        };
+        let prompt = running
+            .prefilled
+            .then_some(running.request.input_ids.as_slice());
         self.allocator.release(running.allocation, prompt);
         true
     }
 
     /// The next RPC to run, or `None` when there is nothing to do.
     pub fn schedule(&mut self, now: Instant) -> Option<Step> {
-        assert!(self.pending.is_none(), "schedule() called before update() of the previous step");
-        let step = self.cleanup_step().or_else(|| self.admit(now)).or_else(|| self.decode_step())?;
+        assert!(
+            self.pending.is_none(),
+            "schedule() called before update() of the previous step"
+        );
+        let step = self
+            .cleanup_step()
+            .or_else(|| self.admit(now))
+            .or_else(|| self.decode_step())?;
         self.pending = Some(self.pending_for(&step));
         Some(step)
     }
@@ -190,7 +214,10 @@ impl Scheduler {
             if live.is_empty() {
                 Some(Step::Clear { batch_id: batch.id })
             } else if live.len() < batch.request_ids.len() {
-                Some(Step::Filter { batch_id: batch.id, request_ids: live })
+                Some(Step::Filter {
+                    batch_id: batch.id,
+                    request_ids: live,
+                })
             } else {
                 None
             }
@@ -202,16 +229,22 @@ impl Scheduler {
             return None;
         }
         self.waiting_steps += 1;
-        Some(Step::Decode { batches: self.batches.clone() })
+        Some(Step::Decode {
+            batches: self.batches.clone(),
+        })
     }
 
     fn pending_for(&self, step: &Step) -> Pending {
         let ids_of = |batches: &[CachedBatch]| -> Vec<RequestId> {
-            batches.iter().flat_map(|b| b.request_ids.iter().map(|&id| RequestId(id))).collect()
+            batches
+                .iter()
+                .flat_map(|b| b.request_ids.iter().map(|&id| RequestId(id)))
+                .collect()
         };
         match step {
             Step::Prefill { batch, cached, .. } => {
-                let mut involved: Vec<RequestId> = batch.requests.iter().map(|r| RequestId(r.id)).collect();
+                let mut involved: Vec<RequestId> =
+                    batch.requests.iter().map(|r| RequestId(r.id)).collect();
                 involved.extend(ids_of(cached.as_slice()));
                 Pending {
                     consumed: cached.iter().map(|c| c.id).collect(),
@@ -229,7 +262,14 @@ impl Scheduler {
             Step::Filter { batch_id, .. } | Step::Clear { batch_id } => Pending {
                 consumed: vec![*batch_id],
                 created: None,
-                involved: ids_of(&self.batches.iter().filter(|b| b.id == *batch_id).cloned().collect::<Vec<_>>()),
+                involved: ids_of(
+                    &self
+                        .batches
+                        .iter()
+                        .filter(|b| b.id == *batch_id)
+                        .cloned()
+                        .collect::<Vec<_>>(),
+                ),
                 is_clear: matches!(step, Step::Clear { .. }),
             },
         }
@@ -242,7 +282,9 @@ impl Scheduler {
         } else {
             0
         };
-        self.config.max_batch_prefill_tokens.saturating_sub(decoding)
+        self.config
+            .max_batch_prefill_tokens
+            .saturating_sub(decoding)
     }
 
     /// Non-chunking shards pause the running batch for a prefill; TGI's rule for when that pays.
@@ -253,7 +295,8 @@ impl Scheduler {
         if self.waiting_steps >= self.config.max_waiting_tokens {
             return true;
         }
-        let min_size = (self.running.len() as f32 * self.config.waiting_served_ratio).floor() as usize;
+        let min_size =
+            (self.running.len() as f32 * self.config.waiting_served_ratio).floor() as usize;
         self.queue.len() >= min_size
     }
 
@@ -262,14 +305,20 @@ impl Scheduler {
         if self.queue.is_empty() || self.batches.len() > 1 || !self.worth_pausing_decode() {
             return None;
         }
-        let max_size = self.config.max_batch_size.unwrap_or(usize::MAX).saturating_sub(self.running.len());
+        let max_size = self
+            .config
+            .max_batch_size
+            .unwrap_or(usize::MAX)
+            .saturating_sub(self.running.len());
         let mut budget = self.prefill_budget();
         let mut requests = Vec::new();
         let mut admitted = Vec::new();
         let mut max_tokens = 0;
         let mut max_blocks = 0;
         while requests.len() < max_size && budget > 0 {
-            let Some(waiting) = self.queue.pop() else { break };
+            let Some(waiting) = self.queue.pop() else {
+                break;
+            };
             let request = &waiting.request;
             let total = request.total_tokens(self.config.speculate);
             let prompt = (!request.prefill_logprobs).then_some(request.input_ids.as_slice());
@@ -293,7 +342,10 @@ impl Scheduler {
                 break;
             };
             budget = budget.saturating_sub(chunk_len.unwrap_or(to_compute));
-            let Waiting { request, enqueued_at } = waiting;
+            let Waiting {
+                request,
+                enqueued_at,
+            } = waiting;
             let mut shard_request = request.request.clone();
             shard_request.blocks = allocation.blocks.clone();
             shard_request.slots = allocation.slots.clone();
@@ -303,7 +355,14 @@ impl Scheduler {
             max_blocks = max_blocks.max(allocation.blocks.len() as u32);
             admitted.push((request.id, now.saturating_duration_since(enqueued_at)));
             requests.push(shard_request);
-            self.running.insert(request.id, Running { request, allocation, prefilled: false });
+            self.running.insert(
+                request.id,
+                Running {
+                    request,
+                    allocation,
+                    prefilled: false,
+                },
+            );
             if chunk_len.is_some() {
                 break;
             }
@@ -314,14 +373,31 @@ impl Scheduler {
         self.waiting_steps = 0;
         let id = self.next_batch_id;
         self.next_batch_id += 1;
-        let batch = Batch { id, size: requests.len() as u32, requests, max_tokens, max_blocks };
-        let cached = if self.config.support_chunking { self.batches.first().cloned() } else { None };
-        Some(Step::Prefill { batch, cached, admitted })
+        let batch = Batch {
+            id,
+            size: requests.len() as u32,
+            requests,
+            max_tokens,
+            max_blocks,
+        };
+        let cached = if self.config.support_chunking {
+            self.batches.first().cloned()
+        } else {
+            None
+        };
+        Some(Step::Prefill {
+            batch,
+            cached,
+            admitted,
+        })
     }
 
     /// Take the outcome of the last scheduled step.
     pub fn update(&mut self, outcome: Outcome) -> Vec<Event> {
-        let pending = self.pending.take().expect("update() without a scheduled step");
+        let pending = self
+            .pending
+            .take()
+            .expect("update() without a scheduled step");
         self.batches.retain(|b| !pending.consumed.contains(&b.id));
         match outcome {
             Outcome::Forward { generations, batch } => self.on_forward(pending, generations, batch),
@@ -335,24 +411,37 @@ impl Scheduler {
         }
     }
 
-    fn on_forward(&mut self, pending: Pending, generations: Vec<Generation>, batch: Option<CachedBatch>) -> Vec<Event> {
+    fn on_forward(
+        &mut self,
+        pending: Pending,
+        generations: Vec<Generation>,
+        batch: Option<CachedBatch>,
+    ) -> Vec<Event> {
         let mut events = Vec::with_capacity(generations.len());
         let mut finished = HashSet::new();
         for generation in generations {
             let id = RequestId(generation.request_id);
-            let Some(running) = self.running.get_mut(&id) else { continue };
+            let Some(running) = self.running.get_mut(&id) else {
+                continue;
+            };
             running.prefilled = true;
             if generation.generated_text.is_some() {
                 finished.insert(id);
                 self.finish(id);
             }
-            events.push(Event::Generation(generation));
+            events.push(Event::Generation(Box::new(generation)));
         }
-        let kept: HashSet<u64> = batch.iter().flat_map(|b| b.request_ids.iter().copied()).collect();
+        let kept: HashSet<u64> = batch
+            .iter()
+            .flat_map(|b| b.request_ids.iter().copied())
+            .collect();
         // A live request the shards no longer hold can never produce a token: fail it rather than hang.
         for id in pending.involved {
             if !finished.contains(&id) && !kept.contains(&id.0) && self.finish(id) {
-                events.push(Event::Failed { id, message: "the shard dropped the request".into() });
+                events.push(Event::Failed {
+                    id,
+                    message: "the shard dropped the request".into(),
+                });
             }
         }
         self.batches.extend(batch);
@@ -363,13 +452,19 @@ impl Scheduler {
         let mut events = Vec::new();
         for id in pending.involved {
             if self.finish(id) {
-                events.push(Event::Failed { id, message: message.clone() });
+                events.push(Event::Failed {
+                    id,
+                    message: message.clone(),
+                });
             }
         }
         // The shards' copies of every batch the step touched are in an unknown state: clear them.
         for batch_id in pending.consumed.into_iter().chain(pending.created) {
             if !self.batches.iter().any(|b| b.id == batch_id) {
-                self.batches.push(CachedBatch { id: batch_id, ..Default::default() });
+                self.batches.push(CachedBatch {
+                    id: batch_id,
+                    ..Default::default()
+                });
             }
         }
         events

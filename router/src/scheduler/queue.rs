@@ -47,7 +47,10 @@ pub struct Queue {
 
 impl Queue {
     pub fn push(&mut self, request: NewRequest, now: Instant) {
-        self.entries.push_back(Waiting { request, enqueued_at: now });
+        self.entries.push_back(Waiting {
+            request,
+            enqueued_at: now,
+        });
     }
 
     pub fn pop(&mut self) -> Option<Waiting> {

@@ -61,7 +61,13 @@ impl PrefixCache {
             refs: 0,
             last_used: 0,
         };
-        PrefixCache { block_size, nodes: vec![Some(root)], vacant: Vec::new(), clock: 0, cached: 0 }
+        PrefixCache {
+            block_size,
+            nodes: vec![Some(root)],
+            vacant: Vec::new(),
+            clock: 0,
+            cached: 0,
+        }
     }
 
     /// Cached blocks.
@@ -87,7 +93,9 @@ impl PrefixCache {
         let mut nodes = Vec::new();
         let mut at = ROOT;
         for key in tokens.chunks_exact(self.block_size).take(max_blocks) {
-            let Some(&child) = self.node(at).children.get(key) else { break };
+            let Some(&child) = self.node(at).children.get(key) else {
+                break;
+            };
             let clock = self.clock;
             let node = self.node_mut(child);
             node.refs += 1;
@@ -102,7 +110,14 @@ impl PrefixCache {
         lease
             .nodes
             .iter()
-            .map(|&n| self.node(n).block.as_ref().expect("non-root node owns a block").id().0)
+            .map(|&n| {
+                self.node(n)
+                    .block
+                    .as_ref()
+                    .expect("non-root node owns a block")
+                    .id()
+                    .0
+            })
             .collect()
     }
 
@@ -120,7 +135,9 @@ impl PrefixCache {
         let mut at = lease.nodes.last().copied().unwrap_or(ROOT);
         for (j, block) in own.into_iter().enumerate() {
             let index = lease.nodes.len() + j;
-            let Some(key) = prompt.get(index * bs..(index + 1) * bs) else { break };
+            let Some(key) = prompt.get(index * bs..(index + 1) * bs) else {
+                break;
+            };
             at = match self.node(at).children.get(key) {
                 Some(&existing) => existing,
                 None => self.insert(at, key.to_vec(), block),

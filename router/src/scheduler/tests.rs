@@ -25,7 +25,10 @@ impl FakeShard {
     fn run(&mut self, step: &Step) -> Outcome {
         match step {
             Step::Prefill { batch, cached, .. } => {
-                let mut seqs = cached.as_ref().map(|c| self.batches.remove(&c.id).unwrap()).unwrap_or_default();
+                let mut seqs = cached
+                    .as_ref()
+                    .map(|c| self.batches.remove(&c.id).unwrap())
+                    .unwrap_or_default();
                 let fresh: Vec<Seq> = batch
                     .requests
                     .iter()
@@ -36,16 +39,25 @@ impl FakeShard {
                         max_new: r.stopping_parameters.as_ref().unwrap().max_new_tokens,
                     })
                     .collect();
-                let chunks: HashMap<u64, u32> =
-                    batch.requests.iter().filter_map(|r| r.chunk_len.map(|c| (r.id, c))).collect();
+                let chunks: HashMap<u64, u32> = batch
+                    .requests
+                    .iter()
+                    .filter_map(|r| r.chunk_len.map(|c| (r.id, c)))
+                    .collect();
                 seqs.extend(fresh);
                 self.forward(batch.id, seqs, &chunks)
             }
             Step::Decode { batches } => {
-                let seqs = batches.iter().flat_map(|b| self.batches.remove(&b.id).unwrap()).collect();
+                let seqs = batches
+                    .iter()
+                    .flat_map(|b| self.batches.remove(&b.id).unwrap())
+                    .collect();
                 self.forward(batches[0].id, seqs, &HashMap::new())
             }
-            Step::Filter { batch_id, request_ids } => {
+            Step::Filter {
+                batch_id,
+                request_ids,
+            } => {
                 let mut seqs = self.batches.remove(batch_id).unwrap();
                 seqs.retain(|s| request_ids.contains(&s.id));
                 let cached = Self::cached(*batch_id, &seqs);
@@ -63,7 +75,11 @@ impl FakeShard {
         let mut generations = Vec::new();
         for seq in seqs.iter_mut().filter(|s| s.generated < s.max_new) {
             if seq.to_prefill > 0 {
-                let step = chunks.get(&seq.id).copied().unwrap_or(if self.chunk > 0 { self.chunk } else { u32::MAX });
+                let step = chunks.get(&seq.id).copied().unwrap_or(if self.chunk > 0 {
+                    self.chunk
+                } else {
+                    u32::MAX
+                });
                 seq.to_prefill = seq.to_prefill.saturating_sub(step);
                 if seq.to_prefill > 0 {
                     continue;
@@ -73,7 +89,12 @@ impl FakeShard {
             let done = seq.generated == seq.max_new;
             generations.push(Generation {
                 request_id: seq.id,
-                tokens: Some(Tokens { ids: vec![7], logprobs: vec![-0.5], texts: vec!["x".into()], is_special: vec![false] }),
+                tokens: Some(Tokens {
+                    ids: vec![7],
+                    logprobs: vec![-0.5],
+                    texts: vec!["x".into()],
+                    is_special: vec![false],
+                }),
                 generated_text: done.then(|| GeneratedText {
                     text: "x".repeat(seq.generated as usize),
                     generated_tokens: seq.generated,
@@ -84,15 +105,27 @@ impl FakeShard {
             });
         }
         if seqs.iter().all(|s| s.generated == s.max_new) {
-            return Outcome::Forward { generations, batch: None };
+            return Outcome::Forward {
+                generations,
+                batch: None,
+            };
         }
         let cached = Self::cached(id, &seqs);
         self.batches.insert(id, seqs);
-        Outcome::Forward { generations, batch: Some(cached) }
+        Outcome::Forward {
+            generations,
+            batch: Some(cached),
+        }
     }
 
     fn cached(id: u64, seqs: &[Seq]) -> CachedBatch {
-        let current = seqs.iter().filter(|s| s.generated < s.max_new).map(|s| if s.to_prefill > 0 { s.to_prefill } else { 1 });
+        let current = seqs.iter().filter(|s| s.generated < s.max_new).map(|s| {
+            if s.to_prefill > 0 {
+                s.to_prefill
+            } else {
+                1
+            }
+        });
         CachedBatch {
             id,
             request_ids: seqs.iter().map(|s| s.id).collect(),
@@ -128,7 +161,10 @@ fn request(id: u64, prompt: &[u32], max_new: u32) -> NewRequest {
         request: v3::Request {
             id,
             inputs: "p".repeat(prompt.len()),
-            stopping_parameters: Some(v3::StoppingCriteriaParameters { max_new_tokens: max_new, ..Default::default() }),
+            stopping_parameters: Some(v3::StoppingCriteriaParameters {
+                max_new_tokens: max_new,
+                ..Default::default()
+            }),
             ..Default::default()
         },
     }
@@ -167,12 +203,30 @@ fn chunking_merges_new_prefills_and_chunks_the_last_one_to_the_budget() {
     for id in 0..3 {
         s.enqueue(request(id, &prompt(100 * id as u32, 6), 3), now);
     }
-    let Some(Step::Prefill { batch, cached: None, admitted }) = s.schedule(now) else { panic!("prefill") };
+    let Some(Step::Prefill {
+        batch,
+        cached: None,
+        admitted,
+    }) = s.schedule(now)
+    else {
+        panic!("prefill")
+    };
     assert_eq!(admitted.len(), 3);
     let chunks: Vec<Option<u32>> = batch.requests.iter().map(|r| r.chunk_len).collect();
-    assert_eq!(chunks, vec![None, None, Some(4)], "6 + 6 + 4 = the 16-token budget");
-    let mut shard = FakeShard { chunk: 16, ..Default::default() };
-    let outcome = shard.run(&Step::Prefill { batch, cached: None, admitted });
+    assert_eq!(
+        chunks,
+        vec![None, None, Some(4)],
+        "6 + 6 + 4 = the 16-token budget"
+    );
+    let mut shard = FakeShard {
+        chunk: 16,
+        ..Default::default()
+    };
+    let outcome = shard.run(&Step::Prefill {
+        batch,
+        cached: None,
+        admitted,
+    });
     s.update(outcome);
     let (_, events) = drive(&mut s, &mut shard);
     let mut done = finished(&events);
@@ -189,7 +243,13 @@ fn new_requests_join_the_running_batch_in_one_forward() {
     let step = s.schedule(Instant::now()).unwrap();
     s.update(shard.run(&step));
     s.enqueue(request(1, &prompt(50, 4), 2), Instant::now());
-    let Some(Step::Prefill { cached: Some(cached), .. }) = s.schedule(Instant::now()) else { panic!("merged prefill") };
+    let Some(Step::Prefill {
+        cached: Some(cached),
+        ..
+    }) = s.schedule(Instant::now())
+    else {
+        panic!("merged prefill")
+    };
     assert_eq!(cached.request_ids, vec![0]);
 }
 
@@ -199,14 +259,26 @@ fn non_chunking_prefills_separately_then_decodes_both_batches() {
     let mut shard = FakeShard::default();
     s.enqueue(request(0, &prompt(0, 10), 5), Instant::now());
     s.enqueue(request(1, &prompt(50, 10), 5), Instant::now());
-    let Some(Step::Prefill { batch, .. }) = s.schedule(Instant::now()) else { panic!() };
-    assert_eq!(batch.requests.len(), 1, "the second prompt exceeds the remaining budget");
-    let step = Step::Prefill { batch, cached: None, admitted: vec![] };
+    let Some(Step::Prefill { batch, .. }) = s.schedule(Instant::now()) else {
+        panic!()
+    };
+    assert_eq!(
+        batch.requests.len(),
+        1,
+        "the second prompt exceeds the remaining budget"
+    );
+    let step = Step::Prefill {
+        batch,
+        cached: None,
+        admitted: vec![],
+    };
     s.update(shard.run(&step));
     let step = s.schedule(Instant::now()).unwrap();
     assert!(matches!(step, Step::Prefill { cached: None, .. }));
     s.update(shard.run(&step));
-    let Some(Step::Decode { batches }) = s.schedule(Instant::now()) else { panic!("decode") };
+    let Some(Step::Decode { batches }) = s.schedule(Instant::now()) else {
+        panic!("decode")
+    };
     assert_eq!(batches.len(), 2);
 }
 
@@ -223,11 +295,18 @@ fn a_shared_prefix_reuses_cached_blocks() {
     let mut longer = system.clone();
     longer.extend([500, 501]);
     s.enqueue(request(1, &longer, 2), Instant::now());
-    let Some(Step::Prefill { batch, .. }) = s.schedule(Instant::now()) else { panic!() };
+    let Some(Step::Prefill { batch, .. }) = s.schedule(Instant::now()) else {
+        panic!()
+    };
     let r = &batch.requests[0];
     assert_eq!(r.cache_len, 8);
     assert_eq!(r.slots.len(), 12);
-    assert_eq!(r.slots[..8], (0..8).map(|t| r.blocks[t / 4] * 4 + t as u32 % 4).collect::<Vec<_>>()[..]);
+    assert_eq!(
+        r.slots[..8],
+        (0..8)
+            .map(|t| r.blocks[t / 4] * 4 + t as u32 % 4)
+            .collect::<Vec<_>>()[..]
+    );
 }
 
 #[test]
@@ -237,7 +316,9 @@ fn a_fully_cached_prompt_still_computes_its_last_block() {
     s.enqueue(request(0, &prompt(0, 8), 1), Instant::now());
     drive(&mut s, &mut shard);
     s.enqueue(request(1, &prompt(0, 8), 1), Instant::now());
-    let Some(Step::Prefill { batch, .. }) = s.schedule(Instant::now()) else { panic!() };
+    let Some(Step::Prefill { batch, .. }) = s.schedule(Instant::now()) else {
+        panic!()
+    };
     assert_eq!(batch.requests[0].cache_len, 4);
 }
 
@@ -251,7 +332,9 @@ fn cached_prefixes_are_evicted_lru_when_blocks_run_out() {
     drive(&mut s, &mut shard);
     assert_eq!(s.stats().blocks_used, 2);
     s.enqueue(request(1, &prompt(100, 12), 4), Instant::now());
-    let Some(Step::Prefill { batch, .. }) = s.schedule(Instant::now()) else { panic!("evicts and admits") };
+    let Some(Step::Prefill { batch, .. }) = s.schedule(Instant::now()) else {
+        panic!("evicts and admits")
+    };
     assert_eq!(batch.requests[0].blocks.len(), 4);
     assert_eq!(batch.requests[0].cache_len, 0);
 }
@@ -264,10 +347,16 @@ fn without_free_blocks_the_head_waits_for_a_finish() {
     let mut shard = FakeShard::default();
     s.enqueue(request(0, &prompt(0, 4), 5), Instant::now());
     s.enqueue(request(1, &prompt(50, 4), 5), Instant::now());
-    let Some(Step::Prefill { batch, .. }) = s.schedule(Instant::now()) else { panic!() };
+    let Some(Step::Prefill { batch, .. }) = s.schedule(Instant::now()) else {
+        panic!()
+    };
     assert_eq!(batch.requests.len(), 1);
     assert_eq!(s.stats().queued, 1);
-    let step = Step::Prefill { batch, cached: None, admitted: vec![] };
+    let step = Step::Prefill {
+        batch,
+        cached: None,
+        admitted: vec![],
+    };
     s.update(shard.run(&step));
     let (_, events) = drive(&mut s, &mut shard);
     assert_eq!(finished(&events), vec![0, 1]);
@@ -282,17 +371,29 @@ fn finished_requests_are_filtered_and_cancelled_batches_cleared() {
     let step = s.schedule(Instant::now()).unwrap();
     let events = s.update(shard.run(&step));
     assert_eq!(finished(&events), vec![0]);
-    let Some(Step::Filter { request_ids, .. }) = s.schedule(Instant::now()) else { panic!("filter") };
+    let Some(Step::Filter { request_ids, .. }) = s.schedule(Instant::now()) else {
+        panic!("filter")
+    };
     assert_eq!(request_ids, vec![1]);
-    let step = Step::Filter { batch_id: 0, request_ids };
+    let step = Step::Filter {
+        batch_id: 0,
+        request_ids,
+    };
     s.update(shard.run(&step));
 
     assert!(s.cancel(RequestId(1)));
     assert_eq!(s.stats().running, 0);
-    assert!(matches!(s.schedule(Instant::now()), Some(Step::Clear { batch_id: 0 })));
+    assert!(matches!(
+        s.schedule(Instant::now()),
+        Some(Step::Clear { batch_id: 0 })
+    ));
     s.update(Outcome::Cleared);
     assert!(s.is_idle());
-    assert_eq!(s.stats().blocks_used, 2, "both prefilled prompts keep their full block cached; the rest is free");
+    assert_eq!(
+        s.stats().blocks_used,
+        2,
+        "both prefilled prompts keep their full block cached; the rest is free"
+    );
 }
 
 #[test]
@@ -310,9 +411,19 @@ fn a_failed_forward_fails_only_its_requests_and_clears_the_batch() {
     s.enqueue(request(0, &prompt(0, 4), 3), Instant::now());
     let step = s.schedule(Instant::now()).unwrap();
     let events = s.update(Outcome::Failed("boom".into()));
-    assert_eq!(events, vec![Event::Failed { id: RequestId(0), message: "boom".into() }]);
-    let Some(Step::Clear { batch_id }) = s.schedule(Instant::now()) else { panic!("clear") };
-    let Step::Prefill { batch, .. } = step else { panic!() };
+    assert_eq!(
+        events,
+        vec![Event::Failed {
+            id: RequestId(0),
+            message: "boom".into()
+        }]
+    );
+    let Some(Step::Clear { batch_id }) = s.schedule(Instant::now()) else {
+        panic!("clear")
+    };
+    let Step::Prefill { batch, .. } = step else {
+        panic!()
+    };
     assert_eq!(batch_id, batch.id);
     s.update(Outcome::Cleared);
     assert_eq!(s.stats().blocks_used, 0);
@@ -332,9 +443,14 @@ fn long_generations_are_scheduled_whole() {
     let mut shard = FakeShard::default();
     s.enqueue(request(0, &prompt(0, 4), 1500), Instant::now());
     let (steps, events) = drive(&mut s, &mut shard);
-    let prefills = steps.iter().filter(|s| matches!(s, Step::Prefill { .. })).count();
+    let prefills = steps
+        .iter()
+        .filter(|s| matches!(s, Step::Prefill { .. }))
+        .count();
     assert_eq!(prefills, 1, "no re-queue at 1024 tokens");
-    let Some(Event::Generation(last)) = events.last() else { panic!() };
+    let Some(Event::Generation(last)) = events.last() else {
+        panic!()
+    };
     assert_eq!(last.generated_text.as_ref().unwrap().generated_tokens, 1500);
 }
 
@@ -346,6 +462,8 @@ fn max_batch_size_caps_admission() {
     for id in 0..4 {
         s.enqueue(request(id, &prompt(10 * id as u32, 2), 2), Instant::now());
     }
-    let Some(Step::Prefill { batch, .. }) = s.schedule(Instant::now()) else { panic!() };
+    let Some(Step::Prefill { batch, .. }) = s.schedule(Instant::now()) else {
+        panic!()
+    };
     assert_eq!(batch.requests.len(), 2);
 }

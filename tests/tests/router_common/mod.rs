@@ -64,7 +64,10 @@ pub fn start(name: &str, router_args: &[&str]) -> Server {
         let router = std::fs::read_to_string(logs.join("router.log")).unwrap_or_default();
         panic!("server did not start: {e}\n--- shard ---\n{shard}\n--- router ---\n{router}");
     }
-    Server { base: format!("http://127.0.0.1:{port}"), logs }
+    Server {
+        base: format!("http://127.0.0.1:{port}"),
+        logs,
+    }
 }
 
 fn spawn(command: &mut Command, log: &PathBuf) -> Child {
@@ -76,17 +79,28 @@ fn spawn(command: &mut Command, log: &PathBuf) -> Child {
             Ok(())
         });
     }
-    command.stdin(Stdio::null()).stdout(out).stderr(err).spawn().expect("spawn a workspace binary")
+    command
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("spawn a workspace binary")
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Raw HTTP status of `GET path` (no client library needed before tokio starts).
 pub fn get_status(port: u16, path: &str) -> Option<u16> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
@@ -112,12 +126,19 @@ fn wait_healthy(port: u16, router: &mut Child, shard: &mut Child) -> Result<(), 
 
 /// The reference outputs of SmolLM2 (transformers, float32, greedy).
 pub fn reference() -> serde_json::Value {
-    let path = tessera_tests::workspace_root().join("../shared/models/smollm2-135m-instruct/reference.json");
+    let path = tessera_tests::workspace_root()
+        .join("../shared/models/smollm2-135m-instruct/reference.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 pub fn reference_case(name: &str) -> serde_json::Value {
-    reference()["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone()
+    reference()["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap()
+        .clone()
 }
 
 /// A metric's value in the Prometheus text (0 when absent).
