@@ -180,11 +180,9 @@ fn router_dying_at_startup_stops_the_shard() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    let status = launcher.wait_exit(Duration::from_secs(1));
     let out = launcher.output();
-    assert!(
-        !launcher.wait_exit(Duration::from_secs(1)).success(),
-        "{out}"
-    );
+    assert!(!status.success(), "{out}");
     assert!(
         out.contains("router exited with status 3 during startup"),
         "{out}"
