@@ -44,6 +44,8 @@ pub(crate) struct BatchPlan {
     pub slots: Vec<usize>,
     /// Per sequence: the slot of every position `0..end`, from its block table.
     pub seq_slots: Vec<Vec<usize>>,
+    /// Per sequence: its tokens' flat indices (sequences are contiguous).
+    pub seq_tokens: Vec<std::ops::Range<usize>>,
     /// Flat indices of the tokens whose logits are returned, grouped by sequence in order.
     pub logit_rows: Vec<usize>,
     /// How many of `logit_rows` belong to each sequence.
@@ -60,6 +62,7 @@ impl BatchPlan {
             seq_of: Vec::new(),
             slots: Vec::new(),
             seq_slots: Vec::new(),
+            seq_tokens: Vec::new(),
             logit_rows: Vec::new(),
             logit_counts: Vec::new(),
         };
@@ -85,6 +88,7 @@ impl BatchPlan {
             plan.logit_counts.push(rows.len());
             plan.logit_rows.extend(rows);
             plan.seq_slots.push(seq_slots);
+            plan.seq_tokens.push(base..plan.tokens.len());
         }
         Ok(plan)
     }

@@ -1,13 +1,20 @@
 //! Paged attention on CPU: the batch's new K/V are first written into their cache slots, then
-//! every (token, query head) attends over its sequence's positions read through the block table
-//! — causal within a prefill chunk, limited to the sliding window when the model has one.
-//! Grouped-query attention maps query head h to KV head h / (heads / kv_heads).
+//! each query attends over its sequence's positions read through the block table — causal within
+//! a prefill chunk, limited to the sliding window when the model has one.
+//!
+//! Work is tiled as (sequence, KV head, block of up to 16 tokens): all query heads of the GQA group
+//! and all tokens of the block share each K/V row, so a row is read once per tile rather than once
+//! per query (the FlashAttention idea of reusing K/V across a query tile, without the online softmax
+//! since a CPU tile's scores fit in cache).
 
 use rayon::prelude::*;
 
-use crate::backend::cpu::{axpy, dot};
+use crate::backend::cpu::{avx512, matmul_serial, PackedMatrix, NR};
 use crate::forward::BatchPlan;
 use crate::kv_cache::LayerCache;
+
+/// Tokens per query tile.
+const QUERY_BLOCK: usize = 16;
 
 /// Head geometry of this rank.
 #[derive(Debug, Clone, Copy)]
@@ -27,33 +34,127 @@ pub fn write_kv(cache: &mut LayerCache, k: &[f32], v: &[f32], slots: &[usize], k
     }
 }
 
+/// One tile: tokens `tokens` (flat indices, one sequence) and KV head `kv_head`.
+#[derive(Debug, Clone)]
+struct Tile {
+    seq: usize,
+    kv_head: usize,
+    tokens: std::ops::Range<usize>,
+}
+
 /// `q` is `[n, heads · head_dim]`; returns the attention output of the same shape.
 pub(crate) fn paged_attention(q: &[f32], cache: &LayerCache, plan: &BatchPlan, h: Heads) -> Vec<f32> {
-    let hd = h.head_dim;
-    let kv_dim = h.num_kv_heads * hd;
-    let group = h.num_heads / h.num_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let mut tiles = Vec::new();
+    for (seq, range) in plan.seq_tokens.iter().enumerate() {
+        for kv_head in 0..h.num_kv_heads {
+            for t0 in range.clone().step_by(QUERY_BLOCK) {
+                tiles.push(Tile { seq, kv_head, tokens: t0..(t0 + QUERY_BLOCK).min(range.end) });
+            }
+        }
+    }
+    let use_avx512 = avx512::available();
+    let results: Vec<Vec<f32>> = tiles
+        .par_iter()
+        .map(|tile| {
+            if use_avx512 {
+                // SAFETY: AVX-512F is present (checked at run time above).
+                unsafe { attend_avx512(q, cache, plan, h, tile) }
+            } else {
+                attend(q, cache, plan, h, tile)
+            }
+        })
+        .collect();
+    let (hd, group) = (h.head_dim, h.num_heads / h.num_kv_heads);
     let mut out = vec![0.0; q.len()];
-    out.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
-        let (t, head) = (i / h.num_heads, i % h.num_heads);
-        let pos = plan.positions[t];
-        let slots = &plan.seq_slots[plan.seq_of[t]];
-        let first = h.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let qv = &q[i * hd..(i + 1) * hd];
-        let kv_off = (head / group) * hd;
-        let mut scores: Vec<f32> = slots[first..=pos]
-            .iter()
-            .map(|&s| dot(qv, &cache.k[s * kv_dim + kv_off..s * kv_dim + kv_off + hd]) * scale)
-            .collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for s in &mut scores {
-            *s = (*s - max).exp();
-            sum += *s;
+    for (tile, res) in tiles.iter().zip(&results) {
+        for (i, t) in tile.tokens.clone().enumerate() {
+            let dst = (t * h.num_heads + tile.kv_head * group) * hd;
+            out[dst..dst + group * hd].copy_from_slice(&res[i * group * hd..(i + 1) * group * hd]);
         }
-        for (&s, &slot) in scores.iter().zip(&slots[first..=pos]) {
-            axpy(o, s / sum, &cache.v[slot * kv_dim + kv_off..slot * kv_dim + kv_off + hd]);
-        }
-    });
+    }
     out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn attend_avx512(q: &[f32], cache: &LayerCache, plan: &BatchPlan, h: Heads, tile: &Tile) -> Vec<f32> {
+    attend(q, cache, plan, h, tile)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn attend_avx512(q: &[f32], cache: &LayerCache, plan: &BatchPlan, h: Heads, tile: &Tile) -> Vec<f32> {
+    attend(q, cache, plan, h, tile)
+}
+
+/// Attention of one tile; returns `[tokens][group heads][head_dim]`. Scores and the weighted sum
+/// are two small GEMMs on the CPU matmul kernel: K gathered into panels (Q·Kᵀ) and V into panels
+/// of Vᵀ (P·V), so neither needs horizontal sums.
+#[inline(always)]
+fn attend(q: &[f32], cache: &LayerCache, plan: &BatchPlan, h: Heads, tile: &Tile) -> Vec<f32> {
+    let (hd, group) = (h.head_dim, h.num_heads / h.num_kv_heads);
+    let kv_dim = h.num_kv_heads * hd;
+    let kv_off = tile.kv_head * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let slots = &plan.seq_slots[tile.seq];
+    // Query i is (token, head of the group) and sees positions lo..=hi.
+    let bounds: Vec<(usize, usize)> = tile
+        .tokens
+        .clone()
+        .flat_map(|t| {
+            let pos = plan.positions[t];
+            let lo = h.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            std::iter::repeat_n((lo, pos), group)
+        })
+        .collect();
+    let first = bounds.iter().map(|b| b.0).min().unwrap_or(0);
+    let last = bounds.iter().map(|b| b.1).max().unwrap_or(0);
+    let (span, nq) = (last + 1 - first, bounds.len());
+    let mut qs = Vec::with_capacity(nq * hd);
+    for t in tile.tokens.clone() {
+        let row = (t * h.num_heads + tile.kv_head * group) * hd;
+        qs.extend(q[row..row + group * hd].iter().map(|v| v * scale));
+    }
+    let (keys, values_t) = gather_kv(cache, &slots[first..=last], kv_dim, kv_off, hd);
+    let mut probs = vec![0f32; nq * span];
+    matmul_serial(&qs, nq, &keys, &mut probs);
+    for (i, &(lo, hi)) in bounds.iter().enumerate() {
+        let row = &mut probs[i * span..(i + 1) * span];
+        row[..lo - first].fill(0.0);
+        row[hi + 1 - first..].fill(0.0);
+        softmax(&mut row[lo - first..=hi - first]);
+    }
+    let mut out = vec![0f32; nq * hd];
+    matmul_serial(&probs, nq, &values_t, &mut out);
+    out
+}
+
+/// Packs the K rows of `slots` as a `[span, hd]` matrix and the V rows as `[hd, span]` (Vᵀ).
+fn gather_kv(cache: &LayerCache, slots: &[usize], kv_dim: usize, kv_off: usize, hd: usize) -> (PackedMatrix, PackedMatrix) {
+    let span = slots.len();
+    let mut k = vec![0f32; span.div_ceil(NR) * hd * NR];
+    let mut vt = vec![0f32; hd.div_ceil(NR) * span * NR];
+    for (j, &slot) in slots.iter().enumerate() {
+        let base = slot * kv_dim + kv_off;
+        let (kp, lane) = ((j / NR) * hd * NR, j % NR);
+        for (d, &kv) in cache.k[base..base + hd].iter().enumerate() {
+            k[kp + d * NR + lane] = kv;
+        }
+        for (p, chunk) in cache.v[base..base + hd].chunks(NR).enumerate() {
+            let at = p * span * NR + j * NR;
+            vt[at..at + chunk.len()].copy_from_slice(chunk);
+        }
+    }
+    (PackedMatrix::from_f32_panels(span, hd, k), PackedMatrix::from_f32_panels(hd, span, vt))
+}
+
+#[inline(always)]
+fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
 }

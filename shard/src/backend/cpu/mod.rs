@@ -6,7 +6,7 @@
 //! micro-kernel streams one contiguous panel, broadcasts activations and needs no horizontal sums.
 //! A panel is read once for up to MR = 8 tokens, so batched decode reads each weight once per step.
 
-mod avx512;
+pub(crate) mod avx512;
 mod portable;
 
 use half::{bf16, f16};
@@ -76,6 +76,13 @@ impl PackedMatrix {
             }
         };
         PackedMatrix { rows, cols, data }
+    }
+
+    /// Wraps f32 data already in panel layout (`rows.div_ceil(NR) · cols · NR` values: value
+    /// `(r, c)` at `(r / NR) · cols · NR + c · NR + r % NR`), e.g. K or Vᵀ gathered by attention.
+    pub fn from_f32_panels(rows: usize, cols: usize, data: Vec<f32>) -> Self {
+        assert_eq!(data.len(), rows.div_ceil(NR) * cols * NR, "from_f32_panels: wrong length");
+        PackedMatrix { rows, cols, data: Packed::F32(data) }
     }
 
     pub fn rows(&self) -> usize {
@@ -148,6 +155,16 @@ pub fn matmul(x: &[f32], n: usize, w: &PackedMatrix, out: &mut [f32]) {
     });
 }
 
+/// `matmul` on the calling thread only, for callers already running inside a parallel task.
+pub fn matmul_serial(x: &[f32], n: usize, w: &PackedMatrix, out: &mut [f32]) {
+    assert!(x.len() >= n * w.cols && out.len() >= n * w.rows, "matmul_serial: buffers too small");
+    let ptr = OutPtr(out.as_mut_ptr());
+    let use_avx512 = avx512::available();
+    for p in 0..w.rows.div_ceil(NR) {
+        run_panel(x, 0..n, w, p, use_avx512, ptr);
+    }
+}
+
 /// One panel against a block of tokens, MR tokens at a time.
 fn run_panel(x: &[f32], tokens: std::ops::Range<usize>, w: &PackedMatrix, p: usize, avx: bool, out: OutPtr) {
     let (k, m) = (w.cols, w.rows);
@@ -176,6 +193,7 @@ fn run_panel(x: &[f32], tokens: std::ops::Range<usize>, w: &PackedMatrix, p: usi
 }
 
 /// Dot product with 16 independent lanes so the compiler vectorizes it without reassociation.
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
@@ -190,6 +208,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `y += a · x`.
+#[inline(always)]
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += a * xi;
