@@ -5,7 +5,7 @@
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
 use std::io::IsTerminal;
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -109,10 +109,7 @@ pub fn check_reachable(hub: &HubConfig) -> Result<(), String> {
         return Err("HF_HUB_OFFLINE is set".to_string());
     }
     let (host, port) = host_and_port(&hub.endpoint)?;
-    let addrs: Vec<_> = (host.as_str(), port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?
-        .collect();
+    let addrs = resolve(&host, port)?;
     let mut last = format!("{host} has no address");
     for addr in addrs {
         match TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
@@ -121,6 +118,23 @@ pub fn check_reachable(hub: &HubConfig) -> Result<(), String> {
         }
     }
     Err(last)
+}
+
+/// DNS lookup bounded by the probe timeout: a resolver that never answers must not stall the launcher.
+fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let target = (host.to_string(), port);
+    // The lookup thread is detached: on timeout it finishes (or not) on its own.
+    std::thread::spawn(move || {
+        let _ = tx.send(target.to_socket_addrs().map(|a| a.collect::<Vec<_>>()));
+    });
+    match rx.recv_timeout(PROBE_TIMEOUT) {
+        Ok(Ok(addrs)) => Ok(addrs),
+        Ok(Err(e)) => Err(format!("cannot resolve {host}: {e}")),
+        Err(_) => Err(format!(
+            "cannot resolve {host}: no answer in {PROBE_TIMEOUT:?}"
+        )),
+    }
 }
 
 /// `https://host[:port][/...]` → (host, port).

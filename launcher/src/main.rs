@@ -53,6 +53,11 @@ fn launch(args: LauncherArgs) -> anyhow::Result<()> {
         .sharding
         .world_size(args.model.device)
         .map_err(anyhow::Error::msg)?;
+    // An unsupported method fails before any download; whether the model suits it is known only after.
+    args.model
+        .check_quantize(true)
+        .map_err(anyhow::Error::msg)?;
+    check_port(&args.server.hostname, args.server.port)?;
     let sources = model::Sources::from_env(args.model.huggingface_hub_cache.clone());
     let model = model::resolve(
         args.model.model_id.as_deref(),
@@ -71,7 +76,6 @@ fn launch(args: LauncherArgs) -> anyhow::Result<()> {
         model.name,
         model.path.display()
     );
-    check_port(&args.server.hostname, args.server.port)?;
     let (shards, router) =
         children::plan_children(&args, &model, world_size).map_err(anyhow::Error::msg)?;
     let plan = supervise::Plan {
@@ -88,7 +92,8 @@ fn launch(args: LauncherArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Fails before loading any weights when the router's port is taken (it would fail only after warmup).
+/// Fails before downloading or loading anything when the router's port is taken (the router itself
+/// would fail only after the shards' load and warmup).
 fn check_port(hostname: &str, port: u16) -> anyhow::Result<()> {
     match TcpListener::bind((hostname, port)) {
         Ok(listener) => {
