@@ -50,18 +50,32 @@ pub struct Stats {
 impl Stats {
     fn of(mut v: Vec<f64>) -> Stats {
         v.sort_by(f64::total_cmp);
-        Stats { median: v[v.len() / 2], min: v[0], max: v[v.len() - 1] }
+        Stats {
+            median: v[v.len() / 2],
+            min: v[0],
+            max: v[v.len() - 1],
+        }
     }
 }
 
 /// A synthetic prompt: deterministic ids spread over the vocabulary (content does not change cost).
 fn prompt(len: usize, vocab: usize, seed: usize) -> Vec<u32> {
-    (0..len).map(|i| ((i * 7919 + seed * 104_729 + 13) % vocab) as u32).collect()
+    (0..len)
+        .map(|i| ((i * 7919 + seed * 104_729 + 13) % vocab) as u32)
+        .collect()
 }
 
 fn seq_input(tokens: Vec<u32>, start: usize, blocks: &[u32], bs: usize) -> SeqInput {
-    let slots = (start..start + tokens.len()).map(|p| blocks[p / bs] * bs as u32 + (p % bs) as u32).collect();
-    SeqInput { tokens, start_pos: start, slots, block_table: blocks.to_vec(), logits: LogitsWanted::Last }
+    let slots = (start..start + tokens.len())
+        .map(|p| blocks[p / bs] * bs as u32 + (p % bs) as u32)
+        .collect();
+    SeqInput {
+        tokens,
+        start_pos: start,
+        slots,
+        block_table: blocks.to_vec(),
+        logits: LogitsWanted::Last,
+    }
 }
 
 /// Tokens/s of one prefill of `len` tokens, per run.
@@ -72,7 +86,9 @@ pub fn prefill(model: &Model, len: usize, runs: usize) -> Result<Stats> {
     let ids = prompt(len, model.config().vocab_size, 0);
     let mut rates = Vec::new();
     for _ in 0..runs.max(1) {
-        let batch = ForwardBatch { seqs: vec![seq_input(ids.clone(), 0, &blocks, bs)] };
+        let batch = ForwardBatch {
+            seqs: vec![seq_input(ids.clone(), 0, &blocks, bs)],
+        };
         let t = Instant::now();
         model.forward(&batch, &mut cache)?;
         rates.push(len as f64 / t.elapsed().as_secs_f64());
@@ -81,19 +97,49 @@ pub fn prefill(model: &Model, len: usize, runs: usize) -> Result<Stats> {
 }
 
 /// Generated tokens/s of `batch` sequences decoding `steps` tokens each after a `context` prefill.
-pub fn decode(model: &Model, batch: usize, context: usize, steps: usize, runs: usize) -> Result<Stats> {
+pub fn decode(
+    model: &Model,
+    batch: usize,
+    context: usize,
+    steps: usize,
+    runs: usize,
+) -> Result<Stats> {
     let bs = DEFAULT_BLOCK_SIZE;
     let per_seq = (context + steps).div_ceil(bs);
     let mut cache = KvCache::new(model.config(), per_seq * batch, bs);
-    let tables: Vec<Vec<u32>> = (0..batch).map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect()).collect();
+    let tables: Vec<Vec<u32>> = (0..batch)
+        .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
+        .collect();
     let mut rates = Vec::new();
     for _ in 0..runs.max(1) {
-        let seqs = (0..batch).map(|s| seq_input(prompt(context, model.config().vocab_size, s), 0, &tables[s], bs));
-        let mut next: Vec<u32> = model.forward(&ForwardBatch { seqs: seqs.collect() }, &mut cache)?.iter().map(|l| argmax(l)).collect();
+        let seqs = (0..batch).map(|s| {
+            seq_input(
+                prompt(context, model.config().vocab_size, s),
+                0,
+                &tables[s],
+                bs,
+            )
+        });
+        let mut next: Vec<u32> = model
+            .forward(
+                &ForwardBatch {
+                    seqs: seqs.collect(),
+                },
+                &mut cache,
+            )?
+            .iter()
+            .map(|l| argmax(l))
+            .collect();
         let t = Instant::now();
         for step in 0..steps {
-            let seqs = (0..batch).map(|s| seq_input(vec![next[s]], context + step, &tables[s], bs)).collect();
-            next = model.forward(&ForwardBatch { seqs }, &mut cache)?.iter().map(|l| argmax(l)).collect();
+            let seqs = (0..batch)
+                .map(|s| seq_input(vec![next[s]], context + step, &tables[s], bs))
+                .collect();
+            next = model
+                .forward(&ForwardBatch { seqs }, &mut cache)?
+                .iter()
+                .map(|l| argmax(l))
+                .collect();
         }
         rates.push((batch * steps) as f64 / t.elapsed().as_secs_f64());
     }
@@ -110,7 +156,11 @@ pub fn peak_rss_mib() -> Option<f64> {
 
 /// Runs the `bench` subcommand and prints a report.
 pub fn run(args: &BenchArgs) -> Result<()> {
-    let opts = LoadOptions { dtype: args.dtype, device: args.device, ..LoadOptions::default() };
+    let opts = LoadOptions {
+        dtype: args.dtype,
+        device: args.device,
+        ..LoadOptions::default()
+    };
     let t = Instant::now();
     let (model, config, dtype) = loader::load_model(&args.model_id, &opts)?;
     println!(

@@ -33,8 +33,11 @@ impl Comm for Local {
     }
 
     fn all_gather_columns(&self, local: &[f32], rows: usize) -> Result<Vec<f32>> {
-        if rows > 0 && local.len() % rows != 0 {
-            return Err(Error::InvalidBatch(format!("all_gather: {} values do not form {rows} rows", local.len())));
+        if rows > 0 && !local.len().is_multiple_of(rows) {
+            return Err(Error::InvalidBatch(format!(
+                "all_gather: {} values do not form {rows} rows",
+                local.len()
+            )));
         }
         Ok(local.to_vec())
     }
@@ -50,12 +53,15 @@ pub struct Shard {
 
 impl Shard {
     pub fn of(comm: &dyn Comm) -> Self {
-        Shard { rank: comm.rank(), world: comm.world_size().max(1) }
+        Shard {
+            rank: comm.rank(),
+            world: comm.world_size().max(1),
+        }
     }
 
     /// `total / world`, or an error naming `what` when it does not divide.
     pub fn split(&self, total: usize, what: &str) -> Result<usize> {
-        if total % self.world != 0 {
+        if !total.is_multiple_of(self.world) {
             return Err(Error::Device(format!(
                 "`{what}` ({total}) must be divisible by the number of shards ({})",
                 self.world

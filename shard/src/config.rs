@@ -44,7 +44,9 @@ impl fmt::Display for Architecture {
 pub enum RopeScaling {
     None,
     /// Position interpolation: every inverse frequency divided by `factor`.
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
     /// Llama 3.1's piecewise rescaling of low frequencies.
     Llama3 {
         factor: f32,
@@ -103,8 +105,9 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .or_else(|| j.get("architectures")?.get(0)?.as_str())
             .ok_or("neither 'model_type' nor 'architectures' is set")?;
-        let architecture = Architecture::parse(arch_name)
-            .ok_or_else(|| format!("unsupported architecture '{arch_name}' (supported: llama, mistral, qwen2)"))?;
+        let architecture = Architecture::parse(arch_name).ok_or_else(|| {
+            format!("unsupported architecture '{arch_name}' (supported: llama, mistral, qwen2)")
+        })?;
         let hidden_size = req_usize(j, "hidden_size")?;
         let num_heads = req_usize(j, "num_attention_heads")?;
         let num_kv_heads = opt_usize(j, "num_key_value_heads")?.unwrap_or(num_heads);
@@ -114,7 +117,10 @@ impl ModelConfig {
             None => 0,
         };
         let use_window = match architecture {
-            Architecture::Qwen2 => j.get("use_sliding_window").and_then(Value::as_bool).unwrap_or(false),
+            Architecture::Qwen2 => j
+                .get("use_sliding_window")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             _ => true,
         };
         let config = ModelConfig {
@@ -130,11 +136,21 @@ impl ModelConfig {
             rope_theta: opt_f64(j, "rope_theta")?.unwrap_or(10000.0) as f32,
             rope_scaling: rope_scaling(j.get("rope_scaling"))?,
             max_position_embeddings: opt_usize(j, "max_position_embeddings")?.unwrap_or(2048),
-            sliding_window: if use_window { opt_usize(j, "sliding_window")? } else { None },
-            tie_word_embeddings: j.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            sliding_window: if use_window {
+                opt_usize(j, "sliding_window")?
+            } else {
+                None
+            },
+            tie_word_embeddings: j
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             attention_bias: match architecture {
                 Architecture::Qwen2 => true,
-                _ => j.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
+                _ => j
+                    .get("attention_bias")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
             },
             bos_token_id: token_ids(j.get("bos_token_id"))?.first().copied(),
             eos_token_ids: token_ids(j.get("eos_token_id"))?,
@@ -147,16 +163,22 @@ impl ModelConfig {
     /// token embedding's shape and tying from the absence of `output.weight`.
     pub fn from_gguf(g: &Gguf) -> Result<Self> {
         let bad = |msg: String| Error::model_file(g.path(), msg);
-        let arch_name = g.get_str("general.architecture").ok_or_else(|| bad("missing general.architecture".into()))?;
-        let architecture =
-            Architecture::parse(arch_name).ok_or_else(|| Error::UnsupportedArchitecture(arch_name.into()))?;
+        let arch_name = g
+            .get_str("general.architecture")
+            .ok_or_else(|| bad("missing general.architecture".into()))?;
+        let architecture = Architecture::parse(arch_name)
+            .ok_or_else(|| Error::UnsupportedArchitecture(arch_name.into()))?;
         let key = |k: &str| format!("{arch_name}.{k}");
         let req = |k: &str| -> Result<usize> {
-            g.get_u64(&key(k)).map(|v| v as usize).ok_or_else(|| bad(format!("missing metadata {}", key(k))))
+            g.get_u64(&key(k))
+                .map(|v| v as usize)
+                .ok_or_else(|| bad(format!("missing metadata {}", key(k))))
         };
         let hidden_size = req("embedding_length")?;
         let num_heads = req("attention.head_count")?;
-        let num_kv_heads = g.get_u64(&key("attention.head_count_kv")).map_or(num_heads, |v| v as usize);
+        let num_kv_heads = g
+            .get_u64(&key("attention.head_count_kv"))
+            .map_or(num_heads, |v| v as usize);
         let head_dim = g
             .get_u64(&key("attention.key_length"))
             .map_or(hidden_size / num_heads.max(1), |v| v as usize);
@@ -178,15 +200,25 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             vocab_size,
-            rms_eps: g.get_f32(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            rms_eps: g
+                .get_f32(&key("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5),
             rope_theta: g.get_f32(&key("rope.freq_base")).unwrap_or(10000.0),
             rope_scaling,
-            max_position_embeddings: g.get_u64(&key("context_length")).map_or(2048, |v| v as usize),
-            sliding_window: g.get_u64(&key("attention.sliding_window")).map(|v| v as usize),
+            max_position_embeddings: g
+                .get_u64(&key("context_length"))
+                .map_or(2048, |v| v as usize),
+            sliding_window: g
+                .get_u64(&key("attention.sliding_window"))
+                .map(|v| v as usize),
             tie_word_embeddings: !g.tensors().iter().any(|t| t.name == "output.weight"),
             attention_bias: g.tensors().iter().any(|t| t.name == "blk.0.attn_q.bias"),
             bos_token_id: g.get_u64("tokenizer.ggml.bos_token_id").map(|v| v as u32),
-            eos_token_ids: g.get_u64("tokenizer.ggml.eos_token_id").map(|v| v as u32).into_iter().collect(),
+            eos_token_ids: g
+                .get_u64("tokenizer.ggml.eos_token_id")
+                .map(|v| v as u32)
+                .into_iter()
+                .collect(),
         };
         config.check().map_err(bad)?;
         Ok(config)
@@ -206,14 +238,17 @@ impl ModelConfig {
         if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
             return Err(format!("'{name}' must be positive"));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return Err(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(format!(
+                "head_dim ({}) must be even for rotary embeddings",
+                self.head_dim
+            ));
         }
         if self.sliding_window == Some(0) {
             return Err("'sliding_window' must be positive".into());
@@ -254,7 +289,10 @@ fn req_usize(j: &Value, key: &str) -> std::result::Result<usize, String> {
 fn opt_f64(j: &Value, key: &str) -> std::result::Result<Option<f64>, String> {
     match j.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_f64().map(Some).ok_or_else(|| format!("'{key}' must be a number, got {v}")),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| format!("'{key}' must be a number, got {v}")),
     }
 }
 
@@ -267,7 +305,9 @@ fn token_ids(v: Option<&Value>) -> std::result::Result<Vec<u32>, String> {
             .iter()
             .map(|x| one(x).ok_or_else(|| format!("invalid token id {x}")))
             .collect(),
-        Some(x) => one(x).map(|id| vec![id]).ok_or_else(|| format!("invalid token id {x}")),
+        Some(x) => one(x)
+            .map(|id| vec![id])
+            .ok_or_else(|| format!("invalid token id {x}")),
     }
 }
 

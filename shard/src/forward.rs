@@ -55,7 +55,12 @@ pub(crate) struct BatchPlan {
 impl BatchPlan {
     /// Checks the batch against the cache geometry and vocabulary; the error names the
     /// sequence and the problem.
-    pub fn new(batch: &ForwardBatch, vocab: usize, num_blocks: usize, block_size: usize) -> Result<Self, String> {
+    pub fn new(
+        batch: &ForwardBatch,
+        vocab: usize,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self, String> {
         let mut plan = BatchPlan {
             tokens: Vec::new(),
             positions: Vec::new(),
@@ -68,12 +73,15 @@ impl BatchPlan {
         };
         let mut seen_slots = std::collections::HashSet::new();
         for (s, seq) in batch.seqs.iter().enumerate() {
-            let seq_slots = check_seq(seq, vocab, num_blocks, block_size).map_err(|m| format!("sequence {s}: {m}"))?;
+            let seq_slots = check_seq(seq, vocab, num_blocks, block_size)
+                .map_err(|m| format!("sequence {s}: {m}"))?;
             let base = plan.tokens.len();
             for (i, &t) in seq.tokens.iter().enumerate() {
                 let slot = seq.slots[i] as usize;
                 if !seen_slots.insert(slot) {
-                    return Err(format!("sequence {s}: slot {slot} is written twice in this batch"));
+                    return Err(format!(
+                        "sequence {s}: slot {slot} is written twice in this batch"
+                    ));
                 }
                 plan.tokens.push(t);
                 plan.positions.push(seq.start_pos + i);
@@ -99,7 +107,12 @@ impl BatchPlan {
 }
 
 /// Validates one sequence and returns the slot of each of its positions.
-fn check_seq(seq: &SeqInput, vocab: usize, num_blocks: usize, block_size: usize) -> Result<Vec<usize>, String> {
+fn check_seq(
+    seq: &SeqInput,
+    vocab: usize,
+    num_blocks: usize,
+    block_size: usize,
+) -> Result<Vec<usize>, String> {
     let n = seq.tokens.len();
     if n == 0 {
         return Err("no tokens".into());
@@ -108,7 +121,9 @@ fn check_seq(seq: &SeqInput, vocab: usize, num_blocks: usize, block_size: usize)
         return Err(format!("{} slots for {n} tokens", seq.slots.len()));
     }
     if let Some(t) = seq.tokens.iter().find(|&&t| t as usize >= vocab) {
-        return Err(format!("token id {t} is outside the vocabulary (size {vocab})"));
+        return Err(format!(
+            "token id {t} is outside the vocabulary (size {vocab})"
+        ));
     }
     let end = seq.start_pos + n;
     let needed = end.div_ceil(block_size);
@@ -119,7 +134,9 @@ fn check_seq(seq: &SeqInput, vocab: usize, num_blocks: usize, block_size: usize)
         ));
     }
     if let Some(b) = seq.block_table.iter().find(|&&b| b as usize >= num_blocks) {
-        return Err(format!("block {b} is out of range (cache has {num_blocks} blocks)"));
+        return Err(format!(
+            "block {b} is out of range (cache has {num_blocks} blocks)"
+        ));
     }
     let slots: Vec<usize> = (0..end)
         .map(|p| seq.block_table[p / block_size] as usize * block_size + p % block_size)
@@ -144,12 +161,23 @@ mod tests {
         let slots = (start_pos..start_pos + tokens.len())
             .map(|p| blocks[p / 4] * 4 + (p % 4) as u32)
             .collect();
-        SeqInput { tokens, start_pos, slots, block_table: blocks, logits: LogitsWanted::Last }
+        SeqInput {
+            tokens,
+            start_pos,
+            slots,
+            block_table: blocks,
+            logits: LogitsWanted::Last,
+        }
     }
 
     #[test]
     fn plan_flattens_and_validates() {
-        let batch = ForwardBatch { seqs: vec![seq(vec![1, 2, 3, 4, 5], 0, vec![3, 1]), seq(vec![7], 6, vec![0, 2])] };
+        let batch = ForwardBatch {
+            seqs: vec![
+                seq(vec![1, 2, 3, 4, 5], 0, vec![3, 1]),
+                seq(vec![7], 6, vec![0, 2]),
+            ],
+        };
         let plan = BatchPlan::new(&batch, 10, 4, 4).unwrap();
         assert_eq!(plan.positions, vec![0, 1, 2, 3, 4, 6]);
         assert_eq!(plan.slots, vec![12, 13, 14, 15, 4, 10]);
@@ -157,15 +185,23 @@ mod tests {
 
         let mut bad = batch.clone();
         bad.seqs[0].tokens[0] = 10;
-        assert!(BatchPlan::new(&bad, 10, 4, 4).unwrap_err().contains("outside the vocabulary"));
+        assert!(BatchPlan::new(&bad, 10, 4, 4)
+            .unwrap_err()
+            .contains("outside the vocabulary"));
         let mut bad = batch.clone();
         bad.seqs[1].block_table = vec![0, 9];
-        assert!(BatchPlan::new(&bad, 10, 4, 4).unwrap_err().contains("out of range"));
+        assert!(BatchPlan::new(&bad, 10, 4, 4)
+            .unwrap_err()
+            .contains("out of range"));
         let mut bad = batch.clone();
         bad.seqs[1].block_table.pop();
-        assert!(BatchPlan::new(&bad, 10, 4, 4).unwrap_err().contains("need 2"));
+        assert!(BatchPlan::new(&bad, 10, 4, 4)
+            .unwrap_err()
+            .contains("need 2"));
         let mut bad = batch;
         bad.seqs[0].slots[1] = 0;
-        assert!(BatchPlan::new(&bad, 10, 4, 4).unwrap_err().contains("does not match"));
+        assert!(BatchPlan::new(&bad, 10, 4, 4)
+            .unwrap_err()
+            .contains("does not match"));
     }
 }

@@ -51,7 +51,9 @@ pub struct Greedy {
 /// `max_new` tokens or an id in `eos` (included).
 pub fn greedy(model: &Model, prompt: &[u32], max_new: usize, eos: &[u32]) -> Result<Greedy> {
     if prompt.is_empty() {
-        return Err(Error::InvalidBatch("empty prompt: nothing to condition on".into()));
+        return Err(Error::InvalidBatch(
+            "empty prompt: nothing to condition on".into(),
+        ));
     }
     let bs = DEFAULT_BLOCK_SIZE;
     let total = prompt.len() + max_new;
@@ -64,7 +66,14 @@ pub fn greedy(model: &Model, prompt: &[u32], max_new: usize, eos: &[u32]) -> Res
         block_table: blocks.clone(),
         logits: LogitsWanted::Last,
     };
-    let mut logits = model.forward(&ForwardBatch { seqs: vec![seq(prompt.to_vec(), 0)] }, &mut cache)?.remove(0);
+    let mut logits = model
+        .forward(
+            &ForwardBatch {
+                seqs: vec![seq(prompt.to_vec(), 0)],
+            },
+            &mut cache,
+        )?
+        .remove(0);
     let first_logits = logits.clone();
     let mut out = Vec::new();
     while out.len() < max_new {
@@ -74,9 +83,19 @@ pub fn greedy(model: &Model, prompt: &[u32], max_new: usize, eos: &[u32]) -> Res
             break;
         }
         let pos = prompt.len() + out.len() - 1;
-        logits = model.forward(&ForwardBatch { seqs: vec![seq(vec![next], pos)] }, &mut cache)?.remove(0);
+        logits = model
+            .forward(
+                &ForwardBatch {
+                    seqs: vec![seq(vec![next], pos)],
+                },
+                &mut cache,
+            )?
+            .remove(0);
     }
-    Ok(Greedy { generated_ids: out, first_logits })
+    Ok(Greedy {
+        generated_ids: out,
+        first_logits,
+    })
 }
 
 /// Index of the largest logit (the first one on ties, as torch.argmax).
@@ -94,28 +113,49 @@ pub fn argmax(logits: &[f32]) -> u32 {
 pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut idx: Vec<usize> = (0..logits.len()).collect();
     idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-    idx.into_iter().take(k).map(|i| (i as u32, logits[i])).collect()
+    idx.into_iter()
+        .take(k)
+        .map(|i| (i as u32, logits[i]))
+        .collect()
 }
 
 /// Encodes the prompt as `generate` does: templated text without special tokens, plain text with.
 pub fn encode_prompt(tokenizer: &Tokenizer, text: &str, templated: bool) -> Result<Vec<u32>> {
-    let enc = tokenizer.encode(text, !templated).map_err(|e| Error::Tokenizer(format!("encoding the prompt: {e}")))?;
+    let enc = tokenizer
+        .encode(text, !templated)
+        .map_err(|e| Error::Tokenizer(format!("encoding the prompt: {e}")))?;
     Ok(enc.get_ids().to_vec())
 }
 
 /// Runs the `generate` subcommand and prints its result.
 pub fn run(args: &GenerateArgs) -> Result<()> {
-    let opts = LoadOptions { dtype: args.dtype, device: args.device, ..LoadOptions::default() };
+    let opts = LoadOptions {
+        dtype: args.dtype,
+        device: args.device,
+        ..LoadOptions::default()
+    };
     let loaded = loader::load(&args.model_id, &opts)?;
-    let text = if args.chat { render_chat(&args.model_id, loaded.chat_template.as_ref(), args)? } else { args.prompt.clone() };
+    let text = if args.chat {
+        render_chat(&args.model_id, loaded.chat_template.as_ref(), args)?
+    } else {
+        args.prompt.clone()
+    };
     let prompt_ids = encode_prompt(&loaded.tokenizer, &text, args.chat)?;
-    let g = greedy(&loaded.model, &prompt_ids, args.max_new_tokens, &loaded.config.eos_token_ids)?;
+    let g = greedy(
+        &loaded.model,
+        &prompt_ids,
+        args.max_new_tokens,
+        &loaded.config.eos_token_ids,
+    )?;
     let generated_text = loaded
         .tokenizer
         .decode(&g.generated_ids, false)
         .map_err(|e| Error::Tokenizer(format!("decoding: {e}")))?;
     if args.json {
-        let top5: Vec<_> = top_k(&g.first_logits, 5).into_iter().map(|(i, l)| json!([i, l])).collect();
+        let top5: Vec<_> = top_k(&g.first_logits, 5)
+            .into_iter()
+            .map(|(i, l)| json!([i, l]))
+            .collect();
         let line = json!({
             "prompt_ids": prompt_ids,
             "generated_ids": g.generated_ids,
@@ -129,9 +169,17 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn render_chat(model: &std::path::Path, template: Option<&ChatTemplate>, args: &GenerateArgs) -> Result<String> {
-    let template =
-        template.ok_or_else(|| Error::Tokenizer(format!("{}: the model has no chat template", model.display())))?;
+fn render_chat(
+    model: &std::path::Path,
+    template: Option<&ChatTemplate>,
+    args: &GenerateArgs,
+) -> Result<String> {
+    let template = template.ok_or_else(|| {
+        Error::Tokenizer(format!(
+            "{}: the model has no chat template",
+            model.display()
+        ))
+    })?;
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
         messages.push(json!({"role": "system", "content": system}));

@@ -30,9 +30,17 @@ impl KvCache {
         let kv_dim = config.kv_dim();
         let slots = num_blocks * block_size;
         let layers = (0..config.num_layers)
-            .map(|_| LayerCache { k: vec![0.0; slots * kv_dim], v: vec![0.0; slots * kv_dim] })
+            .map(|_| LayerCache {
+                k: vec![0.0; slots * kv_dim],
+                v: vec![0.0; slots * kv_dim],
+            })
             .collect();
-        KvCache { num_blocks, block_size, kv_dim, layers }
+        KvCache {
+            num_blocks,
+            block_size,
+            kv_dim,
+            layers,
+        }
     }
 
     /// Bytes one block takes across all layers (K and V, f32).

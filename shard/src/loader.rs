@@ -51,7 +51,11 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: WeightDtype::Auto, device: Device::Auto, comm: Arc::new(Local) }
+        LoadOptions {
+            dtype: WeightDtype::Auto,
+            device: Device::Auto,
+            comm: Arc::new(Local),
+        }
     }
 }
 
@@ -70,7 +74,13 @@ pub fn load(model: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let (model_, config, dtype) = load_model(model, opts)?;
     let tokenizer = tessera_formats::tokenizer::load_tokenizer(model)?;
     let chat_template = ChatTemplate::load(model)?;
-    Ok(Loaded { model: model_, config, tokenizer, chat_template, dtype_name: dtype_name(dtype).to_string() })
+    Ok(Loaded {
+        model: model_,
+        config,
+        tokenizer,
+        chat_template,
+        dtype_name: dtype_name(dtype).to_string(),
+    })
 }
 
 /// Loads only the model (weights and config), for callers that bring their own tokenizer.
@@ -90,16 +100,24 @@ pub fn load_model(model: &Path, opts: &LoadOptions) -> Result<(Model, ModelConfi
         let m = Model::load(&src, &config, dtype, opts.comm.clone())?;
         Ok((m, config, dtype))
     } else if !model.exists() {
-        Err(Error::io(model, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")))
+        Err(Error::io(
+            model,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        ))
     } else {
-        Err(Error::model_file(model, "not a model: expected a directory with config.json or a .gguf file"))
+        Err(Error::model_file(
+            model,
+            "not a model: expected a directory with config.json or a .gguf file",
+        ))
     }
 }
 
 fn check_device(device: Device) -> Result<()> {
     match device {
         Device::Auto | Device::Cpu => Ok(()),
-        Device::Cuda => Err(Error::Device("CUDA backend not available in this build".into())),
+        Device::Cuda => Err(Error::Device(
+            "CUDA backend not available in this build".into(),
+        )),
     }
 }
 

@@ -38,7 +38,9 @@ fn shuffled(n: usize, seed: u64) -> Vec<u32> {
     let mut v: Vec<u32> = (0..n as u32).collect();
     let mut s = seed;
     for i in (1..n).rev() {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         v.swap(i, (s >> 33) as usize % (i + 1));
     }
     v
@@ -47,7 +49,10 @@ fn shuffled(n: usize, seed: u64) -> Vec<u32> {
 /// The next input of `r`, or `None` when it has generated `steps` tokens.
 fn next_input(r: &SeqRun, chunk: usize, steps: usize) -> Option<SeqInput> {
     let (tokens, logits) = if r.fed < r.prompt.len() {
-        (r.prompt[r.fed..(r.fed + chunk).min(r.prompt.len())].to_vec(), LogitsWanted::All)
+        (
+            r.prompt[r.fed..(r.fed + chunk).min(r.prompt.len())].to_vec(),
+            LogitsWanted::All,
+        )
     } else if r.generated.len() < steps {
         (vec![*r.generated.last().unwrap()], LogitsWanted::Last)
     } else {
@@ -56,13 +61,26 @@ fn next_input(r: &SeqRun, chunk: usize, steps: usize) -> Option<SeqInput> {
     let slots = (r.fed..r.fed + tokens.len())
         .map(|p| r.blocks[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32)
         .collect();
-    Some(SeqInput { tokens, start_pos: r.fed, slots, block_table: r.blocks.clone(), logits })
+    Some(SeqInput {
+        tokens,
+        start_pos: r.fed,
+        slots,
+        block_table: r.blocks.clone(),
+        logits,
+    })
 }
 
 fn run(model: &Model, prompts: &[Vec<u32>], steps: usize, s: Schedule) -> Vec<SeqRun> {
-    let needed: Vec<usize> = prompts.iter().map(|p| (p.len() + steps).div_ceil(BLOCK)).collect();
+    let needed: Vec<usize> = prompts
+        .iter()
+        .map(|p| (p.len() + steps).div_ceil(BLOCK))
+        .collect();
     let total: usize = needed.iter().sum::<usize>() + if s.scatter { 7 } else { 0 };
-    let pool = if s.scatter { shuffled(total, 42) } else { (0..total as u32).collect() };
+    let pool = if s.scatter {
+        shuffled(total, 42)
+    } else {
+        (0..total as u32).collect()
+    };
     let mut cache = KvCache::new(model.config(), total, BLOCK);
     let mut at = 0;
     let mut runs: Vec<SeqRun> = prompts
@@ -70,7 +88,11 @@ fn run(model: &Model, prompts: &[Vec<u32>], steps: usize, s: Schedule) -> Vec<Se
         .zip(&needed)
         .map(|(p, &n)| {
             at += n;
-            SeqRun { prompt: p.clone(), blocks: pool[at - n..at].to_vec(), ..SeqRun::default() }
+            SeqRun {
+                prompt: p.clone(),
+                blocks: pool[at - n..at].to_vec(),
+                ..SeqRun::default()
+            }
         })
         .collect();
     loop {
@@ -93,7 +115,8 @@ fn run(model: &Model, prompts: &[Vec<u32>], steps: usize, s: Schedule) -> Vec<Se
         for ((&i, input), logits) in who.iter().zip(&batch.seqs).zip(out) {
             let r = &mut runs[i];
             r.fed += input.tokens.len();
-            r.rows.extend(logits.chunks_exact(vocab).map(<[f32]>::to_vec));
+            r.rows
+                .extend(logits.chunks_exact(vocab).map(<[f32]>::to_vec));
             if r.fed >= r.prompt.len() {
                 r.generated.push(argmax(r.rows.last().unwrap()));
             }
@@ -113,13 +136,50 @@ fn assert_same(a: &[SeqRun], b: &[SeqRun], what: &str) {
 }
 
 fn check_invariance(model: &Model, prompts: &[Vec<u32>], steps: usize) {
-    let base = run(model, prompts, steps, Schedule { chunk: usize::MAX, together: false, scatter: false });
+    let base = run(
+        model,
+        prompts,
+        steps,
+        Schedule {
+            chunk: usize::MAX,
+            together: false,
+            scatter: false,
+        },
+    );
     assert!(base.iter().all(|r| r.generated.len() == steps));
     let schedules = [
-        ("batched", Schedule { chunk: usize::MAX, together: true, scatter: false }),
-        ("chunked", Schedule { chunk: 5, together: false, scatter: false }),
-        ("chunked+batched", Schedule { chunk: 3, together: true, scatter: false }),
-        ("scattered blocks", Schedule { chunk: 7, together: true, scatter: true }),
+        (
+            "batched",
+            Schedule {
+                chunk: usize::MAX,
+                together: true,
+                scatter: false,
+            },
+        ),
+        (
+            "chunked",
+            Schedule {
+                chunk: 5,
+                together: false,
+                scatter: false,
+            },
+        ),
+        (
+            "chunked+batched",
+            Schedule {
+                chunk: 3,
+                together: true,
+                scatter: false,
+            },
+        ),
+        (
+            "scattered blocks",
+            Schedule {
+                chunk: 7,
+                together: true,
+                scatter: true,
+            },
+        ),
     ];
     for (what, s) in schedules {
         assert_same(&base, &run(model, prompts, steps, s), what);
@@ -127,7 +187,17 @@ fn check_invariance(model: &Model, prompts: &[Vec<u32>], steps: usize) {
 }
 
 fn encode(loaded: &tessera_shard::loader::Loaded, texts: &[&str]) -> Vec<Vec<u32>> {
-    texts.iter().map(|t| loaded.tokenizer.encode(*t, true).unwrap().get_ids().to_vec()).collect()
+    texts
+        .iter()
+        .map(|t| {
+            loaded
+                .tokenizer
+                .encode(*t, true)
+                .unwrap()
+                .get_ids()
+                .to_vec()
+        })
+        .collect()
 }
 
 #[test]
@@ -135,7 +205,11 @@ fn stories260k_is_batch_invariant() {
     let loaded = load(&stories(), &LoadOptions::default()).unwrap();
     let prompts = encode(
         &loaded,
-        &["Once upon a time", "Lily and Tom went to the park to play with a big red ball and a small dog", "The"],
+        &[
+            "Once upon a time",
+            "Lily and Tom went to the park to play with a big red ball and a small dog",
+            "The",
+        ],
     );
     check_invariance(&loaded.model, &prompts, 12);
 }
@@ -143,6 +217,13 @@ fn stories260k_is_batch_invariant() {
 #[test]
 fn smollm2_is_batch_invariant() {
     let loaded = load(&smollm2_gguf(), &LoadOptions::default()).unwrap();
-    let prompts = encode(&loaded, &["def fibonacci(n):", "The capital of France is a city where", "Hi"]);
+    let prompts = encode(
+        &loaded,
+        &[
+            "def fibonacci(n):",
+            "The capital of France is a city where",
+            "Hi",
+        ],
+    );
     check_invariance(&loaded.model, &prompts, 5);
 }

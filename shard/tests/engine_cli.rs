@@ -8,21 +8,38 @@ use engine_common::*;
 use serde_json::Value;
 
 fn generate(args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_tessera-shard")).arg("generate").args(args).output().unwrap();
-    assert!(out.status.success(), "generate failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera-shard"))
+        .arg("generate")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "generate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(stdout.lines().count(), 1, "--json prints one line: {stdout}");
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "--json prints one line: {stdout}"
+    );
     serde_json::from_str(&stdout).unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u64> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
 }
 
 #[test]
 fn chat_generation_from_gguf_stops_after_eos() {
     let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(shared().join("models/smollm2-135m-instruct/reference.json")).unwrap(),
+        &std::fs::read_to_string(shared().join("models/smollm2-135m-instruct/reference.json"))
+            .unwrap(),
     )
     .unwrap();
     let case = &reference["cases"][1];
@@ -43,24 +60,48 @@ fn chat_generation_from_gguf_stops_after_eos() {
     assert_eq!(out["generated_text"], case["generated_text"]);
     let top = &out["first_token_top5"][0];
     assert_eq!(top[0], case["first_token"]["top5"][0][0]);
-    assert!((top[1].as_f64().unwrap() - case["first_token"]["top5"][0][1].as_f64().unwrap()).abs() < 1e-3);
+    assert!(
+        (top[1].as_f64().unwrap() - case["first_token"]["top5"][0][1].as_f64().unwrap()).abs()
+            < 1e-3
+    );
 }
 
 #[test]
 fn empty_prompt_starts_from_bos() {
     let model = stories();
-    let out = generate(&["--model-id", model.to_str().unwrap(), "--prompt", "", "--max-new-tokens", "6", "--json"]);
+    let out = generate(&[
+        "--model-id",
+        model.to_str().unwrap(),
+        "--prompt",
+        "",
+        "--max-new-tokens",
+        "6",
+        "--json",
+    ]);
     assert_eq!(ids(&out["prompt_ids"]), vec![1]);
-    assert_eq!(ids(&out["generated_ids"]), vec![403, 407, 261, 378, 432, 383]);
+    assert_eq!(
+        ids(&out["generated_ids"]),
+        vec![403, 407, 261, 378, 432, 383]
+    );
 }
 
 #[test]
 fn cuda_request_is_a_clear_error() {
     let model = stories();
     let out = Command::new(env!("CARGO_BIN_EXE_tessera-shard"))
-        .args(["generate", "--model-id", model.to_str().unwrap(), "--device", "cuda", "--prompt", "x"])
+        .args([
+            "generate",
+            "--model-id",
+            model.to_str().unwrap(),
+            "--device",
+            "cuda",
+            "--prompt",
+            "x",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("CUDA backend not available in this build"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("CUDA backend not available in this build")
+    );
 }

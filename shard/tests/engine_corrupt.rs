@@ -30,7 +30,12 @@ fn with_header(edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> tempfi
 
 fn copy_model() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         std::fs::copy(stories().join(f), dir.path().join(f)).unwrap();
     }
     dir
@@ -58,9 +63,15 @@ fn truncated_safetensors() {
     let path = dir.path().join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    assert_mentions(&load_error(dir.path()), &["model.safetensors", "run past the end"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["model.safetensors", "run past the end"],
+    );
     std::fs::write(&path, &bytes[..5]).unwrap();
-    assert_mentions(&load_error(dir.path()), &["model.safetensors", "shorter than the 8-byte header"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["model.safetensors", "shorter than the 8-byte header"],
+    );
 }
 
 #[test]
@@ -70,27 +81,47 @@ fn header_length_past_the_end() {
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
     std::fs::write(&path, &bytes).unwrap();
-    assert_mentions(&load_error(dir.path()), &["model.safetensors", "header length"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["model.safetensors", "header length"],
+    );
 }
 
 #[test]
 fn tensor_offsets_past_the_end() {
     let dir = with_header(|h| h[Q]["data_offsets"][1] = Value::from(10_000_000_000u64));
-    assert_mentions(&load_error(dir.path()), &["model.safetensors", Q, "past the end"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["model.safetensors", Q, "past the end"],
+    );
 }
 
 #[test]
 fn wrong_shape() {
     let dir = with_header(|h| h[Q]["shape"] = serde_json::json!([32, 128]));
-    assert_mentions(&load_error(dir.path()), &["model.safetensors", Q, "expected shape [64, 64]", "[32, 128]"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &[
+            "model.safetensors",
+            Q,
+            "expected shape [64, 64]",
+            "[32, 128]",
+        ],
+    );
 }
 
 #[test]
 fn unknown_and_unsupported_dtypes() {
     let dir = with_header(|h| h[Q]["dtype"] = Value::from("F7"));
-    assert_mentions(&load_error(dir.path()), &["model.safetensors", Q, "unknown dtype 'F7'"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["model.safetensors", Q, "unknown dtype 'F7'"],
+    );
     let dir = with_header(|h| h[Q]["dtype"] = Value::from("I32"));
-    assert_mentions(&load_error(dir.path()), &["model.safetensors", Q, "unsupported dtype 'I32'"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["model.safetensors", Q, "unsupported dtype 'I32'"],
+    );
 }
 
 #[test]
@@ -99,7 +130,10 @@ fn missing_tensor() {
     let dir = with_header(|h| {
         h.remove(name);
     });
-    assert_mentions(&load_error(dir.path()), &["model.safetensors", name, "missing"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["model.safetensors", name, "missing"],
+    );
 }
 
 #[test]
@@ -109,9 +143,16 @@ fn bad_config_json() {
     std::fs::write(&config, "{ not json").unwrap();
     assert_mentions(&load_error(dir.path()), &["config.json", "invalid JSON"]);
     std::fs::write(&config, r#"{"model_type": "llama", "hidden_size": 64}"#).unwrap();
-    assert_mentions(&load_error(dir.path()), &["config.json", "missing 'num_attention_heads'"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["config.json", "missing 'num_attention_heads'"],
+    );
     let original = std::fs::read_to_string(stories().join("config.json")).unwrap();
-    std::fs::write(&config, original.replace("\"num_key_value_heads\": 4", "\"num_key_value_heads\": 3")).unwrap();
+    std::fs::write(
+        &config,
+        original.replace("\"num_key_value_heads\": 4", "\"num_key_value_heads\": 3"),
+    )
+    .unwrap();
     assert_mentions(&load_error(dir.path()), &["config.json", "not a multiple"]);
 }
 
@@ -121,7 +162,10 @@ fn unsupported_architecture() {
     let original = std::fs::read_to_string(stories().join("config.json")).unwrap();
     let edited = original.replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt2\"");
     std::fs::write(dir.path().join("config.json"), edited).unwrap();
-    assert_mentions(&load_error(dir.path()), &["config.json", "unsupported architecture 'gpt2'"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["config.json", "unsupported architecture 'gpt2'"],
+    );
 }
 
 #[test]
@@ -138,19 +182,42 @@ fn invalid_batches_are_errors() {
     let loaded = load(&stories(), &LoadOptions::default()).unwrap();
     let mut cache = KvCache::new(&loaded.config, 2, 16);
     let seq = |tokens: Vec<u32>, slots: Vec<u32>, blocks: Vec<u32>| ForwardBatch {
-        seqs: vec![SeqInput { tokens, start_pos: 0, slots, block_table: blocks, logits: LogitsWanted::Last }],
+        seqs: vec![SeqInput {
+            tokens,
+            start_pos: 0,
+            slots,
+            block_table: blocks,
+            logits: LogitsWanted::Last,
+        }],
     };
     let cases = [
-        (seq(vec![1, 9999], vec![0, 1], vec![0]), "outside the vocabulary"),
+        (
+            seq(vec![1, 9999], vec![0, 1], vec![0]),
+            "outside the vocabulary",
+        ),
         (seq(vec![1, 2], vec![0], vec![0]), "1 slots for 2 tokens"),
         (seq(vec![1], vec![48], vec![3]), "out of range"),
         (seq(vec![], vec![], vec![0]), "no tokens"),
     ];
     for (batch, want) in cases {
-        let err = loaded.model.forward(&batch, &mut cache).err().expect("invalid batch must fail");
+        let err = loaded
+            .model
+            .forward(&batch, &mut cache)
+            .expect_err("invalid batch must fail");
         assert_mentions(&err.to_string(), &[want]);
     }
-    let small = KvCache::new(&tessera_shard::config::ModelConfig { num_layers: 1, ..loaded.config.clone() }, 2, 16);
-    let err = loaded.model.forward(&seq(vec![1], vec![0], vec![0]), &mut small.clone()).err().unwrap();
+    let small = KvCache::new(
+        &tessera_shard::config::ModelConfig {
+            num_layers: 1,
+            ..loaded.config.clone()
+        },
+        2,
+        16,
+    );
+    let err = loaded
+        .model
+        .forward(&seq(vec![1], vec![0], vec![0]), &mut small.clone())
+        .err()
+        .unwrap();
     assert_mentions(&err.to_string(), &["KV cache has 1 layers"]);
 }

@@ -16,31 +16,61 @@ fn reference() -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// Runs every reference case; `exact` demands all greedy ids and top-5 logits within `tol`,
 /// otherwise only the first `prefix` greedy ids are compared.
 fn check_model(model: &Path, dtype: WeightDtype, tol: f32, prefix: Option<usize>) {
-    let loaded = load(model, &LoadOptions { dtype, ..LoadOptions::default() }).unwrap();
+    let loaded = load(
+        model,
+        &LoadOptions {
+            dtype,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
     for case in reference()["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let (text, special) = match case["templated_text"].as_str() {
             Some(t) => (t.to_string(), false),
             None => (case["input"].as_str().unwrap().to_string(), true),
         };
-        let prompt = loaded.tokenizer.encode(text, special).unwrap().get_ids().to_vec();
+        let prompt = loaded
+            .tokenizer
+            .encode(text, special)
+            .unwrap()
+            .get_ids()
+            .to_vec();
         assert_eq!(prompt, ids(&case["prompt_ids"]), "{name}: prompt ids");
-        let eos = if case["stop_at_eos"].as_bool().unwrap() { loaded.config.eos_token_ids.clone() } else { vec![] };
+        let eos = if case["stop_at_eos"].as_bool().unwrap() {
+            loaded.config.eos_token_ids.clone()
+        } else {
+            vec![]
+        };
         let want = ids(&case["generated_ids"]);
         let n = prefix.unwrap_or(want.len()).min(want.len());
         let g = greedy(&loaded.model, &prompt, n, &eos).unwrap();
         assert_eq!(g.generated_ids, want[..n], "{name}: greedy ids");
         let top5 = top_k(&g.first_logits, 5);
-        for (got, want) in top5.iter().zip(case["first_token"]["top5"].as_array().unwrap()) {
-            let (id, logit) = (want[0].as_u64().unwrap() as u32, want[1].as_f64().unwrap() as f32);
+        for (got, want) in top5
+            .iter()
+            .zip(case["first_token"]["top5"].as_array().unwrap())
+        {
+            let (id, logit) = (
+                want[0].as_u64().unwrap() as u32,
+                want[1].as_f64().unwrap() as f32,
+            );
             assert_eq!(got.0, id, "{name}: top-5 ids {top5:?}");
-            assert!((got.1 - logit).abs() < tol, "{name}: logit of {id}: {} vs {logit}", got.1);
+            assert!(
+                (got.1 - logit).abs() < tol,
+                "{name}: logit of {id}: {} vs {logit}",
+                got.1
+            );
         }
     }
 }
@@ -52,11 +82,21 @@ fn gguf_dequantized_to_f32_matches_reference() {
 
 #[test]
 fn hf_float32_matches_reference() {
-    check_model(&fetched("smollm2-hf-float32"), WeightDtype::Auto, 1e-3, None);
+    check_model(
+        &fetched("smollm2-hf-float32"),
+        WeightDtype::Auto,
+        1e-3,
+        None,
+    );
 }
 
 #[test]
 fn hf_bfloat16_weights_follow_reference() {
     // bf16 weights are a different (rounded) model: only the first tokens and looser logits agree.
-    check_model(&fetched("smollm2-hf-bfloat16"), WeightDtype::Auto, 0.35, Some(4));
+    check_model(
+        &fetched("smollm2-hf-bfloat16"),
+        WeightDtype::Auto,
+        0.35,
+        Some(4),
+    );
 }

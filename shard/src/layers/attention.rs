@@ -28,7 +28,10 @@ pub struct Heads {
 /// Copies each token's K and V rows (`[n, kv_dim]`) into its slot.
 pub fn write_kv(cache: &mut LayerCache, k: &[f32], v: &[f32], slots: &[usize], kv_dim: usize) {
     for (t, &slot) in slots.iter().enumerate() {
-        let (src, dst) = (t * kv_dim..(t + 1) * kv_dim, slot * kv_dim..(slot + 1) * kv_dim);
+        let (src, dst) = (
+            t * kv_dim..(t + 1) * kv_dim,
+            slot * kv_dim..(slot + 1) * kv_dim,
+        );
         cache.k[dst.clone()].copy_from_slice(&k[src.clone()]);
         cache.v[dst].copy_from_slice(&v[src]);
     }
@@ -43,12 +46,21 @@ struct Tile {
 }
 
 /// `q` is `[n, heads · head_dim]`; returns the attention output of the same shape.
-pub(crate) fn paged_attention(q: &[f32], cache: &LayerCache, plan: &BatchPlan, h: Heads) -> Vec<f32> {
+pub(crate) fn paged_attention(
+    q: &[f32],
+    cache: &LayerCache,
+    plan: &BatchPlan,
+    h: Heads,
+) -> Vec<f32> {
     let mut tiles = Vec::new();
     for (seq, range) in plan.seq_tokens.iter().enumerate() {
         for kv_head in 0..h.num_kv_heads {
             for t0 in range.clone().step_by(QUERY_BLOCK) {
-                tiles.push(Tile { seq, kv_head, tokens: t0..(t0 + QUERY_BLOCK).min(range.end) });
+                tiles.push(Tile {
+                    seq,
+                    kv_head,
+                    tokens: t0..(t0 + QUERY_BLOCK).min(range.end),
+                });
             }
         }
     }
@@ -77,12 +89,24 @@ pub(crate) fn paged_attention(q: &[f32], cache: &LayerCache, plan: &BatchPlan, h
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn attend_avx512(q: &[f32], cache: &LayerCache, plan: &BatchPlan, h: Heads, tile: &Tile) -> Vec<f32> {
+unsafe fn attend_avx512(
+    q: &[f32],
+    cache: &LayerCache,
+    plan: &BatchPlan,
+    h: Heads,
+    tile: &Tile,
+) -> Vec<f32> {
     attend(q, cache, plan, h, tile)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn attend_avx512(q: &[f32], cache: &LayerCache, plan: &BatchPlan, h: Heads, tile: &Tile) -> Vec<f32> {
+unsafe fn attend_avx512(
+    q: &[f32],
+    cache: &LayerCache,
+    plan: &BatchPlan,
+    h: Heads,
+    tile: &Tile,
+) -> Vec<f32> {
     attend(q, cache, plan, h, tile)
 }
 
@@ -129,7 +153,13 @@ fn attend(q: &[f32], cache: &LayerCache, plan: &BatchPlan, h: Heads, tile: &Tile
 }
 
 /// Packs the K rows of `slots` as a `[span, hd]` matrix and the V rows as `[hd, span]` (Vᵀ).
-fn gather_kv(cache: &LayerCache, slots: &[usize], kv_dim: usize, kv_off: usize, hd: usize) -> (PackedMatrix, PackedMatrix) {
+fn gather_kv(
+    cache: &LayerCache,
+    slots: &[usize],
+    kv_dim: usize,
+    kv_off: usize,
+    hd: usize,
+) -> (PackedMatrix, PackedMatrix) {
     let span = slots.len();
     let mut k = vec![0f32; span.div_ceil(NR) * hd * NR];
     let mut vt = vec![0f32; hd.div_ceil(NR) * span * NR];
@@ -144,7 +174,10 @@ fn gather_kv(cache: &LayerCache, slots: &[usize], kv_dim: usize, kv_off: usize, 
             vt[at..at + chunk.len()].copy_from_slice(chunk);
         }
     }
-    (PackedMatrix::from_f32_panels(span, hd, k), PackedMatrix::from_f32_panels(hd, span, vt))
+    (
+        PackedMatrix::from_f32_panels(span, hd, k),
+        PackedMatrix::from_f32_panels(hd, span, vt),
+    )
 }
 
 #[inline(always)]
@@ -157,4 +190,81 @@ fn softmax(x: &mut [f32]) {
     }
     let inv = 1.0 / sum;
     x.iter_mut().for_each(|v| *v *= inv);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forward::{ForwardBatch, LogitsWanted, SeqInput};
+
+    /// Naive attention of query `qv` at position `pos` over positions `lo..=pos`.
+    fn naive(qv: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], lo: usize, pos: usize) -> Vec<f32> {
+        let scale = 1.0 / (qv.len() as f32).sqrt();
+        let s: Vec<f32> = (lo..=pos)
+            .map(|j| qv.iter().zip(&k[j]).map(|(a, b)| a * b).sum::<f32>() * scale)
+            .collect();
+        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = s.iter().map(|x| (x - max).exp()).collect();
+        let sum: f32 = e.iter().sum();
+        let mut out = vec![0.0; qv.len()];
+        for (j, w) in (lo..=pos).zip(&e) {
+            for (o, vv) in out.iter_mut().zip(&v[j]) {
+                *o += w / sum * vv;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_naive_attention_with_and_without_sliding_window() {
+        let (n, hd, nh) = (21, 4, 2);
+        let val = |i: usize| ((i * 37 % 23) as f32 - 11.0) / 7.0;
+        let k: Vec<Vec<f32>> = (0..n)
+            .map(|j| (0..hd).map(|d| val(j * hd + d)).collect())
+            .collect();
+        let v: Vec<Vec<f32>> = (0..n)
+            .map(|j| (0..hd).map(|d| val(j * hd + d + 5)).collect())
+            .collect();
+        let q: Vec<f32> = (0..n * nh * hd).map(|i| val(i + 11)).collect();
+        // Blocks of 4 handed out in reverse order, to go through the block table.
+        let blocks: Vec<u32> = (0..6).rev().collect();
+        let slots: Vec<u32> = (0..n).map(|p| blocks[p / 4] * 4 + (p % 4) as u32).collect();
+        let batch = ForwardBatch {
+            seqs: vec![SeqInput {
+                tokens: vec![0; n],
+                start_pos: 0,
+                slots,
+                block_table: blocks,
+                logits: LogitsWanted::None,
+            }],
+        };
+        let plan = BatchPlan::new(&batch, 1, 6, 4).unwrap();
+        let mut cache = LayerCache {
+            k: vec![0.0; 24 * hd],
+            v: vec![0.0; 24 * hd],
+        };
+        write_kv(&mut cache, &k.concat(), &v.concat(), &plan.slots, hd);
+        for window in [None, Some(1), Some(5)] {
+            let h = Heads {
+                num_heads: nh,
+                num_kv_heads: 1,
+                head_dim: hd,
+                sliding_window: window,
+            };
+            let out = paged_attention(&q, &cache, &plan, h);
+            for t in 0..n {
+                let lo = window.map_or(0, |w| (t + 1).saturating_sub(w));
+                for head in 0..nh {
+                    let at = (t * nh + head) * hd;
+                    let want = naive(&q[at..at + hd], &k, &v, lo, t);
+                    for (a, b) in out[at..at + hd].iter().zip(&want) {
+                        assert!(
+                            (a - b).abs() < 1e-5,
+                            "window {window:?} token {t} head {head}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

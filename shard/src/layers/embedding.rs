@@ -11,9 +11,18 @@ pub struct Embedding {
 }
 
 impl Embedding {
-    pub fn load(src: &dyn WeightSource, name: &str, vocab: usize, hidden: usize, dtype: DType) -> Result<Self> {
+    pub fn load(
+        src: &dyn WeightSource,
+        name: &str,
+        vocab: usize,
+        hidden: usize,
+        dtype: DType,
+    ) -> Result<Self> {
         let t = expect_shape(src, name, &[vocab, hidden])?;
-        Ok(Embedding { table: t.data.convert(dtype), hidden })
+        Ok(Embedding {
+            table: t.data.convert(dtype),
+            hidden,
+        })
     }
 
     /// The table itself (the tied lm_head packs it).

@@ -27,7 +27,14 @@ impl Linear {
 
     /// Fuses `parts` (e.g. q, k, v) by rows, each split across ranks by rows. `{prefix}.bias` is
     /// loaded too when `bias` is set.
-    pub fn column(src: &dyn WeightSource, parts: &[Part], cols: usize, bias: bool, dtype: DType, shard: Shard) -> Result<Self> {
+    pub fn column(
+        src: &dyn WeightSource,
+        parts: &[Part],
+        cols: usize,
+        bias: bool,
+        dtype: DType,
+        shard: Shard,
+    ) -> Result<Self> {
         let mut weights = Vec::new();
         let mut biases = Vec::new();
         for part in parts {
@@ -42,16 +49,33 @@ impl Linear {
         }
         let total: usize = parts.iter().map(|p| p.rows / shard.world).sum();
         let data = stack_rows(weights, dtype);
-        Ok(Linear::new(PackedMatrix::pack(total, cols, &data), bias.then_some(biases)))
+        Ok(Linear::new(
+            PackedMatrix::pack(total, cols, &data),
+            bias.then_some(biases),
+        ))
     }
 
     /// Row-parallel: this rank keeps its slice of the input columns (no bias in our families).
-    pub fn row(src: &dyn WeightSource, prefix: &str, rows: usize, cols: usize, dtype: DType, shard: Shard) -> Result<Self> {
+    pub fn row(
+        src: &dyn WeightSource,
+        prefix: &str,
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+        shard: Shard,
+    ) -> Result<Self> {
         let name = format!("{prefix}.weight");
         let t = expect_shape(src, &name, &[rows, cols])?;
-        let data = if shard.world == 1 { t.data } else { t.data.slice_cols(shard.range(cols), cols) };
+        let data = if shard.world == 1 {
+            t.data
+        } else {
+            t.data.slice_cols(shard.range(cols), cols)
+        };
         let local = cols / shard.world;
-        Ok(Linear::new(PackedMatrix::pack(rows, local, &data.convert(dtype)), None))
+        Ok(Linear::new(
+            PackedMatrix::pack(rows, local, &data.convert(dtype)),
+            None,
+        ))
     }
 
     pub fn in_features(&self) -> usize {
@@ -86,7 +110,11 @@ impl Linear {
 pub fn load_vector(src: &dyn WeightSource, name: &str, len: usize) -> Result<Vec<f32>> {
     let t = src.tensor(name)?;
     if t.shape != [len] {
-        return Err(Error::tensor(src.file_of(name), name, format!("expected shape [{len}], found {:?}", t.shape)));
+        return Err(Error::tensor(
+            src.file_of(name),
+            name,
+            format!("expected shape [{len}], found {:?}", t.shape),
+        ));
     }
     Ok(match t.data {
         TensorData::F32(v) => v,

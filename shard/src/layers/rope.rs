@@ -20,12 +20,18 @@ pub struct RopeTables {
 impl Rope {
     pub fn new(head_dim: usize, theta: f32, scaling: RopeScaling) -> Self {
         let half = head_dim / 2;
-        let mut inv_freq: Vec<f32> =
-            (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+        let mut inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
         match scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
                 let old = original_max_position_embeddings as f32;
                 let (low_wl, high_wl) = (old / low_freq_factor, old / high_freq_factor);
                 for f in &mut inv_freq {
@@ -33,7 +39,8 @@ impl Rope {
                     if wavelen > low_wl {
                         *f /= factor;
                     } else if wavelen >= high_wl {
-                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         *f = (1.0 - smooth) * *f / factor + smooth * *f;
                     }
                 }
@@ -63,7 +70,10 @@ impl RopeTables {
         let half = self.half;
         let width = x.len() / n.max(1);
         for t in 0..n {
-            let (c, s) = (&self.cos[t * half..(t + 1) * half], &self.sin[t * half..(t + 1) * half]);
+            let (c, s) = (
+                &self.cos[t * half..(t + 1) * half],
+                &self.sin[t * half..(t + 1) * half],
+            );
             for head in x[t * width..(t + 1) * width].chunks_exact_mut(2 * half) {
                 let (x1, x2) = head.split_at_mut(half);
                 for i in 0..half {
@@ -98,7 +108,10 @@ mod tests {
             high_freq_factor: 4.0,
             original_max_position_embeddings: 8192,
         };
-        let (plain, scaled) = (Rope::new(128, 500000.0, RopeScaling::None), Rope::new(128, 500000.0, scaling));
+        let (plain, scaled) = (
+            Rope::new(128, 500000.0, RopeScaling::None),
+            Rope::new(128, 500000.0, scaling),
+        );
         assert_eq!(plain.inv_freq[0], scaled.inv_freq[0]);
         assert!((plain.inv_freq[63] / scaled.inv_freq[63] - 8.0).abs() < 1e-4);
     }

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use crate::backend::cpu::PackedMatrix;
 use crate::comm::{Comm, Shard};
 use crate::config::ModelConfig;
 use crate::forward::{BatchPlan, ForwardBatch};
@@ -15,7 +16,6 @@ use crate::layers::embedding::Embedding;
 use crate::layers::linear::{Linear, Part};
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::{Rope, RopeTables};
-use crate::backend::cpu::PackedMatrix;
 use crate::weights::{DType, WeightSource};
 use crate::{Error, Result};
 
@@ -41,7 +41,12 @@ pub struct Llama {
 }
 
 impl Llama {
-    pub fn load(src: &dyn WeightSource, config: &ModelConfig, dtype: DType, comm: Arc<dyn Comm>) -> Result<Self> {
+    pub fn load(
+        src: &dyn WeightSource,
+        config: &ModelConfig,
+        dtype: DType,
+        comm: Arc<dyn Comm>,
+    ) -> Result<Self> {
         let shard = Shard::of(comm.as_ref());
         let heads = Heads {
             num_heads: shard.split(config.num_heads, "num_heads")?,
@@ -62,10 +67,29 @@ impl Llama {
             let table = embed.table().slice_rows(rows.clone(), h);
             Linear::new(PackedMatrix::pack(rows.len(), h, &table), None)
         } else {
-            Linear::column(src, &[Part { prefix: "lm_head", rows: v }], h, false, dtype, shard)?
+            Linear::column(
+                src,
+                &[Part {
+                    prefix: "lm_head",
+                    rows: v,
+                }],
+                h,
+                false,
+                dtype,
+                shard,
+            )?
         };
         let rope = Rope::new(config.head_dim, config.rope_theta, config.rope_scaling);
-        Ok(Llama { config: config.clone(), heads, embed, layers, norm, lm_head, rope, comm })
+        Ok(Llama {
+            config: config.clone(),
+            heads,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            comm,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -74,15 +98,23 @@ impl Llama {
 
     pub fn weight_bytes(&self) -> usize {
         let layer = |l: &Layer| {
-            [&l.qkv, &l.o_proj, &l.gate_up, &l.down].iter().map(|x| x.weight().nbytes()).sum::<usize>()
+            [&l.qkv, &l.o_proj, &l.gate_up, &l.down]
+                .iter()
+                .map(|x| x.weight().nbytes())
+                .sum::<usize>()
         };
         self.layers.iter().map(layer).sum::<usize>() + self.lm_head.weight().nbytes()
     }
 
     pub fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Vec<Vec<f32>>> {
         self.check_cache(cache)?;
-        let plan = BatchPlan::new(batch, self.config.vocab_size, cache.num_blocks(), cache.block_size())
-            .map_err(Error::InvalidBatch)?;
+        let plan = BatchPlan::new(
+            batch,
+            self.config.vocab_size,
+            cache.num_blocks(),
+            cache.block_size(),
+        )
+        .map_err(Error::InvalidBatch)?;
         let n = plan.len();
         if n == 0 {
             return Ok(Vec::new());
@@ -108,7 +140,14 @@ impl Llama {
         Ok(())
     }
 
-    fn layer_forward(&self, l: &Layer, x: &mut [f32], plan: &BatchPlan, rope: &RopeTables, cache: &mut LayerCache) -> Result<()> {
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        x: &mut [f32],
+        plan: &BatchPlan,
+        rope: &RopeTables,
+        cache: &mut LayerCache,
+    ) -> Result<()> {
         let n = plan.len();
         let hd = self.heads.head_dim;
         let (qd, kvd) = (self.heads.num_heads * hd, self.heads.num_kv_heads * hd);
@@ -150,14 +189,46 @@ impl Llama {
     }
 }
 
-fn load_layer(src: &dyn WeightSource, c: &ModelConfig, i: usize, dtype: DType, shard: Shard) -> Result<Layer> {
+fn load_layer(
+    src: &dyn WeightSource,
+    c: &ModelConfig,
+    i: usize,
+    dtype: DType,
+    shard: Shard,
+) -> Result<Layer> {
     let p = format!("model.layers.{i}");
     let (h, ff) = (c.hidden_size, c.intermediate_size);
     let name = |s: &str| format!("{p}.{s}");
-    let (q, k, v) = (name("self_attn.q_proj"), name("self_attn.k_proj"), name("self_attn.v_proj"));
-    let qkv_parts = [Part { prefix: &q, rows: c.q_dim() }, Part { prefix: &k, rows: c.kv_dim() }, Part { prefix: &v, rows: c.kv_dim() }];
+    let (q, k, v) = (
+        name("self_attn.q_proj"),
+        name("self_attn.k_proj"),
+        name("self_attn.v_proj"),
+    );
+    let qkv_parts = [
+        Part {
+            prefix: &q,
+            rows: c.q_dim(),
+        },
+        Part {
+            prefix: &k,
+            rows: c.kv_dim(),
+        },
+        Part {
+            prefix: &v,
+            rows: c.kv_dim(),
+        },
+    ];
     let (gate, up) = (name("mlp.gate_proj"), name("mlp.up_proj"));
-    let gate_up_parts = [Part { prefix: &gate, rows: ff }, Part { prefix: &up, rows: ff }];
+    let gate_up_parts = [
+        Part {
+            prefix: &gate,
+            rows: ff,
+        },
+        Part {
+            prefix: &up,
+            rows: ff,
+        },
+    ];
     Ok(Layer {
         input_norm: RmsNorm::load(src, &name("input_layernorm.weight"), h, c.rms_eps)?,
         qkv: Linear::column(src, &qkv_parts, h, c.attention_bias, dtype, shard)?,
@@ -171,7 +242,11 @@ fn load_layer(src: &dyn WeightSource, c: &ModelConfig, i: usize, dtype: DType, s
 /// Splits fused `[n, q | k | v]` rows into three row-major buffers.
 fn split_qkv(qkv: &[f32], n: usize, qd: usize, kvd: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let w = qd + 2 * kvd;
-    let (mut q, mut k, mut v) = (Vec::with_capacity(n * qd), Vec::with_capacity(n * kvd), Vec::with_capacity(n * kvd));
+    let (mut q, mut k, mut v) = (
+        Vec::with_capacity(n * qd),
+        Vec::with_capacity(n * kvd),
+        Vec::with_capacity(n * kvd),
+    );
     for row in qkv.chunks_exact(w) {
         q.extend_from_slice(&row[..qd]);
         k.extend_from_slice(&row[qd..qd + kvd]);

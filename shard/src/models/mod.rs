@@ -19,8 +19,15 @@ pub struct Model {
 
 impl Model {
     /// Builds the model from `src`, keeping weights in `dtype` (math is always f32).
-    pub fn load(src: &dyn WeightSource, config: &ModelConfig, dtype: DType, comm: Arc<dyn Comm>) -> Result<Self> {
-        Ok(Model { inner: llama::Llama::load(src, config, dtype, comm)? })
+    pub fn load(
+        src: &dyn WeightSource,
+        config: &ModelConfig,
+        dtype: DType,
+        comm: Arc<dyn Comm>,
+    ) -> Result<Self> {
+        Ok(Model {
+            inner: llama::Llama::load(src, config, dtype, comm)?,
+        })
     }
 
     /// Runs one ragged forward. Returns, per sequence, its requested logits rows concatenated

@@ -20,7 +20,12 @@ pub struct GgufSource<'a> {
 impl<'a> GgufSource<'a> {
     pub fn new(gguf: &'a Gguf, num_heads: usize, num_kv_heads: usize) -> Self {
         let unpermute = gguf.get_str("general.architecture") == Some("llama");
-        GgufSource { gguf, unpermute, num_heads, num_kv_heads }
+        GgufSource {
+            gguf,
+            unpermute,
+            num_heads,
+            num_kv_heads,
+        }
     }
 }
 
@@ -54,9 +59,16 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 }
 
 /// Undoes llama.cpp's `permute`: within each head, GGUF row `2j + t` is HF row `t * hd/2 + j`.
-fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Result<Vec<f32>, String> {
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
-        return Err(format!("{rows} rows cannot be split into {heads} heads of even size"));
+fn unpermute_rows(
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+    heads: usize,
+) -> Result<Vec<f32>, String> {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
+        return Err(format!(
+            "{rows} rows cannot be split into {heads} heads of even size"
+        ));
     }
     let hd = rows / heads;
     let mut out = vec![0.0; data.len()];
@@ -75,7 +87,8 @@ fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Resul
 impl WeightSource for GgufSource<'_> {
     fn tensor(&self, name: &str) -> Result<HostTensor> {
         let path = self.gguf.path();
-        let g = gguf_name(name).ok_or_else(|| Error::tensor(path, name, "has no GGUF counterpart"))?;
+        let g =
+            gguf_name(name).ok_or_else(|| Error::tensor(path, name, "has no GGUF counterpart"))?;
         let (shape, mut data) = self.gguf.tensor_f32(&g)?;
         let heads = if g.ends_with("attn_q.weight") || g.ends_with("attn_q.bias") {
             Some(self.num_heads)
@@ -86,9 +99,13 @@ impl WeightSource for GgufSource<'_> {
         };
         if let (true, Some(heads)) = (self.unpermute, heads) {
             let cols = if shape.len() == 2 { shape[1] } else { 1 };
-            data = unpermute_rows(&data, shape[0], cols, heads).map_err(|m| Error::tensor(path, &g, m))?;
+            data = unpermute_rows(&data, shape[0], cols, heads)
+                .map_err(|m| Error::tensor(path, &g, m))?;
         }
-        Ok(HostTensor { shape, data: TensorData::F32(data) })
+        Ok(HostTensor {
+            shape,
+            data: TensorData::F32(data),
+        })
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -111,8 +128,14 @@ mod tests {
 
     #[test]
     fn names_map_to_gguf() {
-        assert_eq!(gguf_name("model.layers.3.self_attn.q_proj.weight").unwrap(), "blk.3.attn_q.weight");
-        assert_eq!(gguf_name("model.layers.0.mlp.down_proj.weight").unwrap(), "blk.0.ffn_down.weight");
+        assert_eq!(
+            gguf_name("model.layers.3.self_attn.q_proj.weight").unwrap(),
+            "blk.3.attn_q.weight"
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.mlp.down_proj.weight").unwrap(),
+            "blk.0.ffn_down.weight"
+        );
         assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
         assert!(gguf_name("model.rotary.inv_freq").is_none());
     }
@@ -121,7 +144,10 @@ mod tests {
     fn unpermute_inverts_llama_cpp_permute() {
         // One head of 4 rows: HF rows [a, b, c, d] are stored by llama.cpp as [a, c, b, d].
         let gguf = [0.0, 2.0, 1.0, 3.0];
-        assert_eq!(unpermute_rows(&gguf, 4, 1, 1).unwrap(), vec![0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(
+            unpermute_rows(&gguf, 4, 1, 1).unwrap(),
+            vec![0.0, 1.0, 2.0, 3.0]
+        );
         assert!(unpermute_rows(&gguf, 4, 1, 3).is_err());
     }
 }

@@ -97,7 +97,9 @@ impl TensorData {
     /// Keeps columns `range` of a row-major matrix with `cols` columns.
     pub fn slice_cols(&self, range: std::ops::Range<usize>, cols: usize) -> TensorData {
         fn pick<T: Copy>(v: &[T], r: &std::ops::Range<usize>, cols: usize) -> Vec<T> {
-            v.chunks_exact(cols).flat_map(|row| row[r.clone()].iter().copied()).collect()
+            v.chunks_exact(cols)
+                .flat_map(|row| row[r.clone()].iter().copied())
+                .collect()
         }
         match self {
             TensorData::F32(v) => TensorData::F32(pick(v, &range, cols)),
@@ -110,7 +112,10 @@ impl TensorData {
 /// Stacks row-major matrices by rows after converting each to `dtype` (fused q/k/v, gate/up).
 pub fn stack_rows(parts: Vec<TensorData>, dtype: DType) -> TensorData {
     let mut parts = parts.into_iter().map(|p| p.convert(dtype));
-    let mut out = parts.next().unwrap_or(TensorData::F32(Vec::new())).convert(dtype);
+    let mut out = parts
+        .next()
+        .unwrap_or(TensorData::F32(Vec::new()))
+        .convert(dtype);
     for p in parts {
         match (&mut out, p) {
             (TensorData::F32(a), TensorData::F32(b)) => a.extend(b),

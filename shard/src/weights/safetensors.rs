@@ -36,24 +36,39 @@ impl SafetensorsFile {
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let bad = |msg: String| Error::model_file(path, format!("invalid safetensors: {msg}"));
         if mmap.len() < 8 {
-            return Err(bad(format!("file is {} bytes, shorter than the 8-byte header length", mmap.len())));
+            return Err(bad(format!(
+                "file is {} bytes, shorter than the 8-byte header length",
+                mmap.len()
+            )));
         }
         let header_len = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes"));
         let data_start = 8u64
             .checked_add(header_len)
             .filter(|&end| end <= mmap.len() as u64)
-            .ok_or_else(|| bad(format!("header length {header_len} runs past the end of the file ({} bytes)", mmap.len())))?
-            as usize;
+            .ok_or_else(|| {
+                bad(format!(
+                    "header length {header_len} runs past the end of the file ({} bytes)",
+                    mmap.len()
+                ))
+            })? as usize;
         let header: Value = serde_json::from_slice(&mmap[8..data_start])
             .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
-        let obj = header.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
+        let obj = header
+            .as_object()
+            .ok_or_else(|| bad("header is not a JSON object".into()))?;
         let data_len = mmap.len() - data_start;
         let mut entries = BTreeMap::new();
         for (name, v) in obj.iter().filter(|(k, _)| *k != "__metadata__") {
-            let entry = parse_entry(v, data_len).map_err(|msg| bad(format!("tensor '{name}': {msg}")))?;
+            let entry =
+                parse_entry(v, data_len).map_err(|msg| bad(format!("tensor '{name}': {msg}")))?;
             entries.insert(name.clone(), entry);
         }
-        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, data_start, entries })
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            mmap,
+            data_start,
+            entries,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -80,19 +95,33 @@ impl SafetensorsFile {
             .ok_or_else(|| Error::tensor(&self.path, name, "missing from the checkpoint"))?;
         let bytes = &self.mmap[self.data_start + e.start..self.data_start + e.end];
         let data = match e.dtype.as_str() {
-            "F32" => TensorData::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect()),
+            "F32" => TensorData::F32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+                    .collect(),
+            ),
             "F16" => TensorData::F16(u16s(bytes).map(f16::from_bits).collect()),
             "BF16" => TensorData::Bf16(u16s(bytes).map(bf16::from_bits).collect()),
             other => {
-                return Err(Error::tensor(&self.path, name, format!("unsupported dtype '{other}' (supported: F32, F16, BF16)")))
+                return Err(Error::tensor(
+                    &self.path,
+                    name,
+                    format!("unsupported dtype '{other}' (supported: F32, F16, BF16)"),
+                ))
             }
         };
-        Ok(HostTensor { shape: e.shape.clone(), data })
+        Ok(HostTensor {
+            shape: e.shape.clone(),
+            data,
+        })
     }
 }
 
 fn u16s(bytes: &[u8]) -> impl Iterator<Item = u16> + '_ {
-    bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]))
+    bytes
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
 }
 
 fn dtype_size(name: &str) -> Option<usize> {
@@ -106,29 +135,57 @@ fn dtype_size(name: &str) -> Option<usize> {
 }
 
 fn parse_entry(v: &Value, data_len: usize) -> std::result::Result<Entry, String> {
-    let dtype = v.get("dtype").and_then(Value::as_str).ok_or("no 'dtype'")?.to_string();
+    let dtype = v
+        .get("dtype")
+        .and_then(Value::as_str)
+        .ok_or("no 'dtype'")?
+        .to_string();
     let elem = dtype_size(&dtype).ok_or_else(|| format!("unknown dtype '{dtype}'"))?;
     let shape = v
         .get("shape")
         .and_then(Value::as_array)
         .ok_or("no 'shape'")?
         .iter()
-        .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(|| format!("bad dimension {d}")))
+        .map(|d| {
+            d.as_u64()
+                .map(|d| d as usize)
+                .ok_or_else(|| format!("bad dimension {d}"))
+        })
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let offs = v.get("data_offsets").and_then(Value::as_array).ok_or("no 'data_offsets'")?;
-    let off = |i: usize| offs.get(i).and_then(Value::as_u64).ok_or("'data_offsets' must be two integers");
+    let offs = v
+        .get("data_offsets")
+        .and_then(Value::as_array)
+        .ok_or("no 'data_offsets'")?;
+    let off = |i: usize| {
+        offs.get(i)
+            .and_then(Value::as_u64)
+            .ok_or("'data_offsets' must be two integers")
+    };
     let (start, end) = (off(0)? as usize, off(1)? as usize);
     if offs.len() != 2 || start > end {
         return Err(format!("bad data_offsets [{start}, {end}]"));
     }
     if end > data_len {
-        return Err(format!("data_offsets [{start}, {end}] run past the end of the data ({data_len} bytes)"));
+        return Err(format!(
+            "data_offsets [{start}, {end}] run past the end of the data ({data_len} bytes)"
+        ));
     }
-    let n = shape.iter().try_fold(elem, |acc, &d| acc.checked_mul(d)).ok_or("shape overflows")?;
+    let n = shape
+        .iter()
+        .try_fold(elem, |acc, &d| acc.checked_mul(d))
+        .ok_or("shape overflows")?;
     if n != end - start {
-        return Err(format!("shape {shape:?} of {dtype} needs {n} bytes but data_offsets span {}", end - start));
+        return Err(format!(
+            "shape {shape:?} of {dtype} needs {n} bytes but data_offsets span {}",
+            end - start
+        ));
     }
-    Ok(Entry { dtype, shape, start, end })
+    Ok(Entry {
+        dtype,
+        shape,
+        start,
+        end,
+    })
 }
 
 /// A model folder's weights: one file or several listed by `model.safetensors.index.json`.
@@ -143,20 +200,33 @@ impl SafetensorsDir {
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let names: Vec<PathBuf> = if index_path.exists() {
-            shard_files(&index_path)?.into_iter().map(|f| dir.join(f)).collect()
+            shard_files(&index_path)?
+                .into_iter()
+                .map(|f| dir.join(f))
+                .collect()
         } else if single.exists() {
             vec![single]
         } else {
-            return Err(Error::model_file(dir, "no model.safetensors or model.safetensors.index.json"));
+            return Err(Error::model_file(
+                dir,
+                "no model.safetensors or model.safetensors.index.json",
+            ));
         };
-        let files = names.iter().map(|p| SafetensorsFile::open(p)).collect::<Result<Vec<_>>>()?;
+        let files = names
+            .iter()
+            .map(|p| SafetensorsFile::open(p))
+            .collect::<Result<Vec<_>>>()?;
         let mut index = HashMap::new();
         for (i, f) in files.iter().enumerate() {
             for n in f.names() {
                 index.insert(n.to_string(), i);
             }
         }
-        Ok(SafetensorsDir { first: names[0].clone(), files, index })
+        Ok(SafetensorsDir {
+            first: names[0].clone(),
+            files,
+            index,
+        })
     }
 }
 
@@ -165,12 +235,19 @@ fn shard_files(index_path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
     let bad = |m: String| Error::model_file(index_path, m);
     let json: Value = serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
-    let map = json.get("weight_map").and_then(Value::as_object).ok_or_else(|| bad("no 'weight_map' object".into()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad("no 'weight_map' object".into()))?;
     let mut out: Vec<String> = Vec::new();
     for (tensor, file) in map {
-        let file = file.as_str().ok_or_else(|| bad(format!("weight_map['{tensor}'] is not a file name")))?;
+        let file = file
+            .as_str()
+            .ok_or_else(|| bad(format!("weight_map['{tensor}'] is not a file name")))?;
         if file.contains('/') || file.contains("..") {
-            return Err(bad(format!("weight_map['{tensor}'] = '{file}' is not a plain file name")));
+            return Err(bad(format!(
+                "weight_map['{tensor}'] = '{file}' is not a plain file name"
+            )));
         }
         if !out.iter().any(|f| f == file) {
             out.push(file.to_string());
@@ -186,7 +263,11 @@ impl WeightSource for SafetensorsDir {
     fn tensor(&self, name: &str) -> Result<HostTensor> {
         match self.index.get(name) {
             Some(&i) => self.files[i].tensor(name),
-            None => Err(Error::tensor(&self.first, name, "missing from the checkpoint")),
+            None => Err(Error::tensor(
+                &self.first,
+                name,
+                "missing from the checkpoint",
+            )),
         }
     }
 
@@ -195,11 +276,17 @@ impl WeightSource for SafetensorsDir {
     }
 
     fn file_of(&self, name: &str) -> PathBuf {
-        self.index.get(name).map_or_else(|| self.first.clone(), |&i| self.files[i].path().to_path_buf())
+        self.index.get(name).map_or_else(
+            || self.first.clone(),
+            |&i| self.files[i].path().to_path_buf(),
+        )
     }
 
     fn native_dtype(&self) -> DType {
-        let probe = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"];
+        let probe = [
+            "model.embed_tokens.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+        ];
         let name = probe.iter().find(|n| self.contains(n));
         match name.and_then(|n| self.files[self.index[*n]].dtype_name(n)) {
             Some("BF16") => DType::Bf16,

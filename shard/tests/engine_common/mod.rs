@@ -15,14 +15,22 @@ pub fn shared() -> PathBuf {
 
 pub fn stories() -> PathBuf {
     let p = shared().join("models/stories260K");
-    assert!(p.join("model.safetensors").exists(), "missing {}: the shared test models are required", p.display());
+    assert!(
+        p.join("model.safetensors").exists(),
+        "missing {}: the shared test models are required",
+        p.display()
+    );
     p
 }
 
 /// A model fetched by the project's setup step; fails with the command to run when absent.
 pub fn fetched(rel: &str) -> PathBuf {
     let p = repo_root().join(".cache/models").join(rel);
-    assert!(p.exists(), "missing {}: run `bash tests/fetch-models.sh` first", p.display());
+    assert!(
+        p.exists(),
+        "missing {}: run `bash tests/fetch-models.sh` first",
+        p.display()
+    );
     p
 }
 
@@ -32,5 +40,8 @@ pub fn smollm2_gguf() -> PathBuf {
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "logit rows differ in length");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }

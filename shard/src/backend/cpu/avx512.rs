@@ -41,7 +41,12 @@ macro_rules! tile {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f")]
         #[inline]
-        unsafe fn $name<const R: usize>(x: *const f32, k: usize, $w: *const $t, acc: &mut [[f32; NR]; MR]) {
+        unsafe fn $name<const R: usize>(
+            x: *const f32,
+            k: usize,
+            $w: *const $t,
+            acc: &mut [[f32; NR]; MR],
+        ) {
             let mut a0 = [_mm512_setzero_ps(); R];
             let mut a1 = [_mm512_setzero_ps(); R];
             for $kk in 0..k {
@@ -86,7 +91,14 @@ tile!(f16_tile, u16, |w, kk| {
 /// The CPU must support AVX-512F; `xs` holds `mr * k` values and `data` holds panel `p` of width `k`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-pub unsafe fn kernel(xs: &[f32], mr: usize, k: usize, data: &Packed, p: usize, acc: &mut [[f32; NR]; MR]) {
+pub unsafe fn kernel(
+    xs: &[f32],
+    mr: usize,
+    k: usize,
+    data: &Packed,
+    p: usize,
+    acc: &mut [[f32; NR]; MR],
+) {
     debug_assert!(xs.len() >= mr * k);
     let x = xs.as_ptr();
     match data {

@@ -47,7 +47,12 @@ fn lane_pos(bf16_layout: bool, r: usize) -> usize {
     }
 }
 
-fn pack_generic<T: Copy + Default>(src: &[T], rows: usize, cols: usize, bf16_layout: bool) -> Vec<T> {
+fn pack_generic<T: Copy + Default>(
+    src: &[T],
+    rows: usize,
+    cols: usize,
+    bf16_layout: bool,
+) -> Vec<T> {
     let panels = rows.div_ceil(NR);
     let mut out = vec![T::default(); panels * cols * NR];
     for r in 0..rows {
@@ -63,7 +68,11 @@ fn pack_generic<T: Copy + Default>(src: &[T], rows: usize, cols: usize, bf16_lay
 impl PackedMatrix {
     /// Packs a row-major `[rows, cols]` matrix, keeping its dtype.
     pub fn pack(rows: usize, cols: usize, data: &TensorData) -> Self {
-        assert_eq!(data.len(), rows * cols, "pack: data length must equal rows * cols");
+        assert_eq!(
+            data.len(),
+            rows * cols,
+            "pack: data length must equal rows * cols"
+        );
         let data = match data {
             TensorData::F32(v) => Packed::F32(pack_generic(v, rows, cols, false)),
             TensorData::Bf16(v) => {
@@ -81,8 +90,16 @@ impl PackedMatrix {
     /// Wraps f32 data already in panel layout (`rows.div_ceil(NR) · cols · NR` values: value
     /// `(r, c)` at `(r / NR) · cols · NR + c · NR + r % NR`), e.g. K or Vᵀ gathered by attention.
     pub fn from_f32_panels(rows: usize, cols: usize, data: Vec<f32>) -> Self {
-        assert_eq!(data.len(), rows.div_ceil(NR) * cols * NR, "from_f32_panels: wrong length");
-        PackedMatrix { rows, cols, data: Packed::F32(data) }
+        assert_eq!(
+            data.len(),
+            rows.div_ceil(NR) * cols * NR,
+            "from_f32_panels: wrong length"
+        );
+        PackedMatrix {
+            rows,
+            cols,
+            data: Packed::F32(data),
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -131,7 +148,10 @@ unsafe impl Sync for OutPtr {}
 /// `out[t, j] = Σ_c x[t, c] · W[j, c]` for `n` tokens: `x` is `[n, cols]`, `out` is `[n, rows]`.
 pub fn matmul(x: &[f32], n: usize, w: &PackedMatrix, out: &mut [f32]) {
     let (k, m) = (w.cols, w.rows);
-    assert!(x.len() >= n * k && out.len() >= n * m, "matmul: buffers too small");
+    assert!(
+        x.len() >= n * k && out.len() >= n * m,
+        "matmul: buffers too small"
+    );
     if n == 0 || m == 0 {
         return;
     }
@@ -148,7 +168,6 @@ pub fn matmul(x: &[f32], n: usize, w: &PackedMatrix, out: &mut [f32]) {
         let (tb, g) = (task / groups, task % groups);
         let tokens = tb * TOKEN_BLOCK..((tb + 1) * TOKEN_BLOCK).min(n);
         let panel_range = g * per_group..((g + 1) * per_group).min(panels);
-        let ptr = ptr;
         for p in panel_range {
             run_panel(x, tokens.clone(), w, p, use_avx512, ptr);
         }
@@ -157,7 +176,10 @@ pub fn matmul(x: &[f32], n: usize, w: &PackedMatrix, out: &mut [f32]) {
 
 /// `matmul` on the calling thread only, for callers already running inside a parallel task.
 pub fn matmul_serial(x: &[f32], n: usize, w: &PackedMatrix, out: &mut [f32]) {
-    assert!(x.len() >= n * w.cols && out.len() >= n * w.rows, "matmul_serial: buffers too small");
+    assert!(
+        x.len() >= n * w.cols && out.len() >= n * w.rows,
+        "matmul_serial: buffers too small"
+    );
     let ptr = OutPtr(out.as_mut_ptr());
     let use_avx512 = avx512::available();
     for p in 0..w.rows.div_ceil(NR) {
@@ -166,7 +188,14 @@ pub fn matmul_serial(x: &[f32], n: usize, w: &PackedMatrix, out: &mut [f32]) {
 }
 
 /// One panel against a block of tokens, MR tokens at a time.
-fn run_panel(x: &[f32], tokens: std::ops::Range<usize>, w: &PackedMatrix, p: usize, avx: bool, out: OutPtr) {
+fn run_panel(
+    x: &[f32],
+    tokens: std::ops::Range<usize>,
+    w: &PackedMatrix,
+    p: usize,
+    avx: bool,
+    out: OutPtr,
+) {
     let (k, m) = (w.cols, w.rows);
     let width = NR.min(m - p * NR);
     let mut acc = [[0f32; NR]; MR];
@@ -223,15 +252,21 @@ mod tests {
         let mut out = vec![0.0; n * m];
         for t in 0..n {
             for j in 0..m {
-                out[t * m + j] = (0..k).map(|c| x[t * k + c] as f64 * w[j * k + c] as f64).sum::<f64>() as f32;
+                out[t * m + j] = (0..k)
+                    .map(|c| x[t * k + c] as f64 * w[j * k + c] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         out
     }
 
     fn check(n: usize, m: usize, k: usize, dtype: DType) {
-        let w: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 113) as f32 - 56.0) / 64.0).collect();
-        let x: Vec<f32> = (0..n * k).map(|i| ((i * 104_729 % 97) as f32 - 48.0) / 32.0).collect();
+        let w: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919 % 113) as f32 - 56.0) / 64.0)
+            .collect();
+        let x: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 104_729 % 97) as f32 - 48.0) / 32.0)
+            .collect();
         let data = TensorData::F32(w).convert(dtype);
         let wf = data.to_f32();
         let packed = PackedMatrix::pack(m, k, &data);
@@ -247,18 +282,30 @@ mod tests {
                 run_panel(&x, 0..n, &packed, p, avx, ptr);
             }
             for (a, b) in out.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-3 * (1.0 + b.abs()), "{dtype:?} avx={avx} n={n} m={m} k={k}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() < 1e-3 * (1.0 + b.abs()),
+                    "{dtype:?} avx={avx} n={n} m={m} k={k}: {a} vs {b}"
+                );
             }
         }
         let mut out = vec![0.0; n * m];
         matmul(&x, n, &packed, &mut out);
-        assert!(out.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-3 * (1.0 + b.abs())));
+        assert!(out
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| (a - b).abs() < 1e-3 * (1.0 + b.abs())));
     }
 
     #[test]
     fn matmul_matches_reference_for_all_dtypes_and_ragged_sizes() {
         for dtype in [DType::F32, DType::Bf16, DType::F16] {
-            for (n, m, k) in [(1, 1, 1), (3, 33, 17), (9, 64, 40), (70, 100, 8), (8, 172, 64)] {
+            for (n, m, k) in [
+                (1, 1, 1),
+                (3, 33, 17),
+                (9, 64, 40),
+                (70, 100, 8),
+                (8, 172, 64),
+            ] {
                 check(n, m, k, dtype);
             }
         }
