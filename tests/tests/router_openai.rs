@@ -229,11 +229,14 @@ async fn openai_errors_have_real_statuses() {
     for (path, body, message) in cases {
         let response = post(path, body.clone()).await;
         assert_eq!(response.status(), 422, "{body}");
+        // OpenAI's error shape (the SDKs read `error.message`) plus TGI's `error_type`.
         let error: Value = response.json().await.unwrap();
         assert!(
-            error["error"].as_str().unwrap().contains(message),
+            error["error"]["message"].as_str().unwrap().contains(message),
             "{error} vs {message}"
         );
+        assert_eq!(error["error"]["code"], 422);
+        assert!(error["error_type"].is_string());
     }
 }
 
