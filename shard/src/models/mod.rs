@@ -33,7 +33,9 @@ impl Model {
     /// Runs one ragged forward. Returns, per sequence, its requested logits rows concatenated
     /// (`vocab_size` values per row).
     pub fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Vec<Vec<f32>>> {
-        self.inner.forward(batch, cache)
+        // Run the whole forward on a pool worker: the per-op parallel loops then start from a
+        // worker's own deque instead of each injecting a job and parking the calling thread.
+        rayon::join(|| self.inner.forward(batch, cache), || ()).0
     }
 
     pub fn config(&self) -> &ModelConfig {
