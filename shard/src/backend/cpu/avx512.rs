@@ -1,4 +1,4 @@
-//! AVX-512 micro-kernels: R tokens × one 32-row panel, two zmm accumulators per token, weights
+//! AVX-512 micro-kernels: R ≤ 6 tokens × one 64-row panel, four zmm accumulators per token, weights
 //! widened to f32 in registers (bf16 by shift/mask, f16 by `vcvtph2ps`) so each weight byte is
 //! read from memory exactly once per call.
 
@@ -28,14 +28,13 @@ macro_rules! dispatch {
             3 => $f::<3>($x, $k, $w, $acc),
             4 => $f::<4>($x, $k, $w, $acc),
             5 => $f::<5>($x, $k, $w, $acc),
-            6 => $f::<6>($x, $k, $w, $acc),
-            7 => $f::<7>($x, $k, $w, $acc),
-            _ => $f::<8>($x, $k, $w, $acc),
+            _ => $f::<6>($x, $k, $w, $acc),
         }
     };
 }
 
-/// Defines a tile function whose weight row `kk` is loaded into two f32 vectors by `$load`.
+/// Defines a tile function whose weight row `kk` (64 values) is loaded into four f32 vectors
+/// by `$load`.
 macro_rules! tile {
     ($name:ident, $t:ty, |$w:ident, $kk:ident| $load:expr) => {
         #[cfg(target_arch = "x86_64")]
@@ -47,19 +46,20 @@ macro_rules! tile {
             $w: *const $t,
             acc: &mut [[f32; NR]; MR],
         ) {
-            let mut a0 = [_mm512_setzero_ps(); R];
-            let mut a1 = [_mm512_setzero_ps(); R];
+            let mut a = [[_mm512_setzero_ps(); 4]; R];
             for $kk in 0..k {
-                let (w0, w1): (__m512, __m512) = $load;
-                for i in 0..R {
+                let w: [__m512; 4] = $load;
+                for (i, ai) in a.iter_mut().enumerate() {
                     let xv = _mm512_set1_ps(*x.add(i * k + $kk));
-                    a0[i] = _mm512_fmadd_ps(xv, w0, a0[i]);
-                    a1[i] = _mm512_fmadd_ps(xv, w1, a1[i]);
+                    for (av, wv) in ai.iter_mut().zip(w) {
+                        *av = _mm512_fmadd_ps(xv, wv, *av);
+                    }
                 }
             }
-            for i in 0..R {
-                _mm512_storeu_ps(acc[i].as_mut_ptr(), a0[i]);
-                _mm512_storeu_ps(acc[i].as_mut_ptr().add(16), a1[i]);
+            for (i, ai) in a.iter().enumerate() {
+                for (j, av) in ai.iter().enumerate() {
+                    _mm512_storeu_ps(acc[i].as_mut_ptr().add(16 * j), *av);
+                }
             }
         }
     };
@@ -67,22 +67,35 @@ macro_rules! tile {
 
 tile!(f32_tile, f32, |w, kk| {
     let p = w.add(kk * NR);
-    (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+    [
+        _mm512_loadu_ps(p),
+        _mm512_loadu_ps(p.add(16)),
+        _mm512_loadu_ps(p.add(32)),
+        _mm512_loadu_ps(p.add(48)),
+    ]
 });
 
-// Interleaved bf16: the low half of each 32-bit lane is row r < 16, the high half row r + 16.
-tile!(bf16_tile, u16, |w, kk| {
-    let v = _mm512_loadu_si512(w.add(kk * NR) as *const __m512i);
+/// Widens 32 interleaved bf16 (rows r and r + 16 share a 32-bit lane) into two f32 vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn widen_bf16(p: *const u16) -> (__m512, __m512) {
+    let v = _mm512_loadu_si512(p as *const __m512i);
     let lo = _mm512_slli_epi32::<16>(v);
     let hi = _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF_0000u32 as i32));
     (_mm512_castsi512_ps(lo), _mm512_castsi512_ps(hi))
+}
+
+tile!(bf16_tile, u16, |w, kk| {
+    let p = w.add(kk * NR);
+    let ((a, b), (c, d)) = (widen_bf16(p), widen_bf16(p.add(32)));
+    [a, b, c, d]
 });
 
 tile!(f16_tile, u16, |w, kk| {
     let p = w.add(kk * NR);
-    let lo = _mm256_loadu_si256(p as *const __m256i);
-    let hi = _mm256_loadu_si256(p.add(16) as *const __m256i);
-    (_mm512_cvtph_ps(lo), _mm512_cvtph_ps(hi))
+    let half = |o: usize| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(o) as *const __m256i));
+    [half(0), half(16), half(32), half(48)]
 });
 
 /// Fills `acc[..mr]` with `xs[i] · panel p` for `mr` tokens of `k` features.

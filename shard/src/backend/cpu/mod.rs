@@ -2,9 +2,9 @@
 //! attention and norms use. Work is split over rayon's pool (no threads spawned per op); the inner
 //! kernel is AVX-512 when the CPU has it (detected at run time) and portable Rust otherwise.
 //!
-//! Packing follows the BLIS/GotoBLAS idea: NR = 32 output rows form a panel stored k-major, so the
+//! Packing follows the BLIS/GotoBLAS idea: NR = 64 output rows form a panel stored k-major, so the
 //! micro-kernel streams one contiguous panel, broadcasts activations and needs no horizontal sums.
-//! A panel is read once for up to MR = 8 tokens, so batched decode reads each weight once per step.
+//! A panel is read once for up to MR = 6 tokens, so batched decode reads each weight once per step.
 
 pub(crate) mod avx512;
 mod portable;
@@ -14,15 +14,16 @@ use rayon::prelude::*;
 
 use crate::weights::{DType, TensorData};
 
-/// Output rows per panel (two 16-lane vectors).
-pub const NR: usize = 32;
-/// Tokens per micro-kernel call.
-pub const MR: usize = 8;
+/// Output rows per panel (four 16-lane vectors).
+pub const NR: usize = 64;
+/// Tokens per micro-kernel call: MR × 4 accumulators leave registers for weights and broadcasts.
+pub const MR: usize = 6;
 /// Tokens per cache block: a block of activations stays in L2 while panels stream past.
 const TOKEN_BLOCK: usize = 64;
 
-/// Panel storage. bf16 panels interleave the two halves of a panel (lane r < 16 at 2r, lane
-/// r ≥ 16 at 2(r-16)+1) so that a 32-bit shift and a mask turn 64 bytes into two f32 vectors.
+/// Panel storage. bf16 panels interleave each 32-row half of a panel row (within a half, lane
+/// r < 16 at 2r, lane r ≥ 16 at 2(r-16)+1) so that a 32-bit shift and a mask turn 64 bytes into
+/// two f32 vectors.
 #[derive(Debug, Clone)]
 pub(crate) enum Packed {
     F32(Vec<f32>),
@@ -40,10 +41,11 @@ pub struct PackedMatrix {
 
 /// Position of lane `r` inside a panel row for the given storage.
 fn lane_pos(bf16_layout: bool, r: usize) -> usize {
-    match (bf16_layout, r < 16) {
+    let (half, within) = (r / 32 * 32, r % 32);
+    match (bf16_layout, within < 16) {
         (false, _) => r,
-        (true, true) => 2 * r,
-        (true, false) => 2 * (r - 16) + 1,
+        (true, true) => half + 2 * within,
+        (true, false) => half + 2 * (within - 16) + 1,
     }
 }
 

@@ -21,10 +21,11 @@ pub fn kernel(xs: &[f32], mr: usize, k: usize, data: &Packed, p: usize, acc: &mu
                 }
             }
             Packed::Bf16(v) => {
-                // Interleaved: even positions are rows 0..16, odd positions rows 16..32.
+                // Interleaved per 32-row half: even positions are its rows 0..16, odd ones 16..32.
                 for (i, pair) in v[at..at + NR].chunks_exact(2).enumerate() {
-                    w[i] = bf16::from_bits(pair[0]).to_f32();
-                    w[i + 16] = bf16::from_bits(pair[1]).to_f32();
+                    let base = i / 16 * 32 + i % 16;
+                    w[base] = bf16::from_bits(pair[0]).to_f32();
+                    w[base + 16] = bf16::from_bits(pair[1]).to_f32();
                 }
             }
         }
