@@ -98,9 +98,19 @@ impl WeightSource for GgufSource<'_> {
             None
         };
         if let (true, Some(heads)) = (self.unpermute, heads) {
-            let cols = if shape.len() == 2 { shape[1] } else { 1 };
-            data = unpermute_rows(&data, shape[0], cols, heads)
-                .map_err(|m| Error::tensor(path, &g, m))?;
+            let (rows, cols) = match shape[..] {
+                [rows] => (rows, 1),
+                [rows, cols] => (rows, cols),
+                _ => {
+                    return Err(Error::tensor(
+                        path,
+                        &g,
+                        format!("expected 1 or 2 dimensions, found {shape:?}"),
+                    ))
+                }
+            };
+            data =
+                unpermute_rows(&data, rows, cols, heads).map_err(|m| Error::tensor(path, &g, m))?;
         }
         Ok(HostTensor {
             shape,
