@@ -2,6 +2,8 @@
 //! across ranks; q/k/v and gate/up are fused into one matrix so one GEMM serves them) and
 //! row-parallel (input columns split; the partial sums are all-reduced by the caller).
 
+use std::sync::Arc;
+
 use crate::backend::cpu::{matmul, PackedMatrix};
 use crate::comm::Shard;
 use crate::weights::{expect_shape, stack_rows, DType, TensorData, WeightSource};
@@ -10,7 +12,7 @@ use crate::{Error, Result};
 /// `y = x · Wᵀ (+ b)` with `W` packed for the CPU kernels.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: PackedMatrix,
+    weight: Arc<PackedMatrix>,
     bias: Option<Vec<f32>>,
 }
 
@@ -22,7 +24,10 @@ pub struct Part<'a> {
 
 impl Linear {
     pub fn new(weight: PackedMatrix, bias: Option<Vec<f32>>) -> Self {
-        Linear { weight, bias }
+        Linear {
+            weight: Arc::new(weight),
+            bias,
+        }
     }
 
     /// Fuses `parts` (e.g. q, k, v) by rows, each split across ranks by rows. `{prefix}.bias` is
@@ -86,7 +91,7 @@ impl Linear {
         self.weight.rows()
     }
 
-    pub fn weight(&self) -> &PackedMatrix {
+    pub fn weight(&self) -> &Arc<PackedMatrix> {
         &self.weight
     }
 

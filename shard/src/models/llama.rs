@@ -62,23 +62,7 @@ impl Llama {
             .map(|i| load_layer(src, config, i, dtype, shard))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(src, "model.norm.weight", h, config.rms_eps)?;
-        let lm_head = if config.tie_word_embeddings && !src.contains("lm_head.weight") {
-            let rows = shard.range(v);
-            let table = embed.table().slice_rows(rows.clone(), h);
-            Linear::new(PackedMatrix::pack(rows.len(), h, &table), None)
-        } else {
-            Linear::column(
-                src,
-                &[Part {
-                    prefix: "lm_head",
-                    rows: v,
-                }],
-                h,
-                false,
-                dtype,
-                shard,
-            )?
-        };
+        let (embed, lm_head) = tied_or_own_lm_head(src, config, embed, dtype, shard)?;
         let rope = Rope::new(config.head_dim, config.rope_theta, config.rope_scaling);
         Ok(Llama {
             config: config.clone(),
@@ -186,6 +170,39 @@ impl Llama {
             at += c;
         }
         Ok(out)
+    }
+}
+
+/// The lm_head: the tied embedding packed (on one rank the embedding then reads from it, so the
+/// table is stored once) or `lm_head.weight` split by vocabulary.
+fn tied_or_own_lm_head(
+    src: &dyn WeightSource,
+    c: &ModelConfig,
+    embed: Embedding,
+    dtype: DType,
+    shard: Shard,
+) -> Result<(Embedding, Linear)> {
+    let (h, v) = (c.hidden_size, c.vocab_size);
+    match embed.rows() {
+        Some(table) if c.tie_word_embeddings && !src.contains("lm_head.weight") => {
+            let rows = shard.range(v);
+            let packed = PackedMatrix::pack(rows.len(), h, &table.slice_rows(rows, h));
+            let lm_head = Linear::new(packed, None);
+            let embed = if shard.world == 1 {
+                embed.share(lm_head.weight().clone())
+            } else {
+                embed
+            };
+            Ok((embed, lm_head))
+        }
+        _ => {
+            let part = Part {
+                prefix: "lm_head",
+                rows: v,
+            };
+            let lm_head = Linear::column(src, &[part], h, false, dtype, shard)?;
+            Ok((embed, lm_head))
+        }
     }
 }
 
