@@ -92,11 +92,12 @@ fn hf_float32_matches_reference() {
 
 #[test]
 fn hf_bfloat16_weights_follow_reference() {
-    // bf16 weights are a different (rounded) model: only the first tokens and looser logits agree.
+    // bf16 weights are a different (rounded) model: only the first tokens agree, and top-5 logits
+    // within 0.1 (observed: ≤ 0.04).
     check_model(
         &fetched("smollm2-hf-bfloat16"),
         WeightDtype::Auto,
-        0.35,
+        0.1,
         Some(4),
     );
 }
