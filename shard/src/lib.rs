@@ -13,6 +13,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod loader;
 pub mod models;
+pub mod random_model;
 pub mod weights;
 
 pub mod benchmark;

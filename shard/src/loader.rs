@@ -112,12 +112,31 @@ pub fn load_model(model: &Path, opts: &LoadOptions) -> Result<(Model, ModelConfi
     }
 }
 
+/// The one place the device is decided. `auto` would pick CUDA when the driver reports a GPU; until
+/// the CUDA model path runs models it says so and stays on CPU, and `cuda` is an error that names
+/// what was found. Every outcome without a driver or GPU is a one-line error, never a panic.
 fn check_device(device: Device) -> Result<()> {
+    use crate::backend::cuda::{probe, Probe};
+    const NOT_YET: &str = "the CUDA model path is not yet available in this build \
+                           (kernels, NVRTC and device discovery are; see docs/cuda.md)";
     match device {
-        Device::Auto | Device::Cpu => Ok(()),
-        Device::Cuda => Err(Error::Device(
-            "CUDA backend not available in this build".into(),
-        )),
+        Device::Cpu => Ok(()),
+        Device::Auto => {
+            if let Probe::Gpus(gpus) = probe() {
+                tracing::warn!("--device auto: found {}, but {NOT_YET}; using CPU", gpus[0]);
+            }
+            Ok(())
+        }
+        Device::Cuda => {
+            let found = match probe() {
+                Probe::NoDriver => "no CUDA driver found (libcuda.so could not be loaded)".into(),
+                Probe::NoGpu(why) => format!("the CUDA driver offers no usable GPU ({why})"),
+                Probe::Gpus(gpus) => format!("found {}, but {NOT_YET}", gpus[0]),
+            };
+            Err(Error::Device(format!(
+                "--device cuda: {found}; use --device cpu"
+            )))
+        }
     }
 }
 

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use tessera_shard::bench::{self, BenchArgs};
 use tessera_shard::benchmark::{self, BenchmarkArgs};
 use tessera_shard::generate::{self, GenerateArgs};
+use tessera_shard::random_model::{self, RandomModelArgs};
 use tessera_shard::serve::{self, ServeArgs};
 use tessera_shard::Error;
 
@@ -28,6 +29,8 @@ enum Command {
     Serve(ServeArgs),
     /// Drive running shards over gRPC and report prefill/decode latency and throughput.
     Benchmark(BenchmarkArgs),
+    /// Write a Llama-shaped model folder with seeded random weights (for benchmarks).
+    RandomModel(RandomModelArgs),
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {
@@ -54,6 +57,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Serve(args) => runtime().and_then(|rt| rt.block_on(serve::run(args))),
         Command::Benchmark(args) => runtime().and_then(|rt| rt.block_on(benchmark::run(args))),
+        Command::RandomModel(args) => random_model::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
