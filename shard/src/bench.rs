@@ -82,7 +82,7 @@ fn seq_input(tokens: Vec<u32>, start: usize, blocks: &[u32], bs: usize) -> SeqIn
 pub fn prefill(model: &Model, len: usize, runs: usize) -> Result<Stats> {
     let bs = DEFAULT_BLOCK_SIZE;
     let blocks: Vec<u32> = (0..len.div_ceil(bs) as u32).collect();
-    let mut cache = KvCache::new(model.config(), blocks.len(), bs);
+    let mut cache = KvCache::new(model.cache_shape(), blocks.len(), bs);
     let ids = prompt(len, model.config().vocab_size, 0);
     let mut rates = Vec::new();
     for _ in 0..runs.max(1) {
@@ -106,7 +106,7 @@ pub fn decode(
 ) -> Result<Stats> {
     let bs = DEFAULT_BLOCK_SIZE;
     let per_seq = (context + steps).div_ceil(bs);
-    let mut cache = KvCache::new(model.config(), per_seq * batch, bs);
+    let mut cache = KvCache::new(model.cache_shape(), per_seq * batch, bs);
     let tables: Vec<Vec<u32>> = (0..batch)
         .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
         .collect();

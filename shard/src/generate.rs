@@ -58,7 +58,7 @@ pub fn greedy(model: &Model, prompt: &[u32], max_new: usize, eos: &[u32]) -> Res
     let bs = DEFAULT_BLOCK_SIZE;
     let total = prompt.len() + max_new;
     let blocks: Vec<u32> = (0..total.div_ceil(bs) as u32).collect();
-    let mut cache = KvCache::new(model.config(), blocks.len(), bs);
+    let mut cache = KvCache::new(model.cache_shape(), blocks.len(), bs);
     let seq = |tokens: Vec<u32>, start: usize| SeqInput {
         slots: (start..start + tokens.len()).map(|p| p as u32).collect(),
         tokens,

@@ -3,10 +3,16 @@
 //! `[slot][kv_head][head_dim]` f32. The router owns which blocks belong to which sequence; the
 //! engine only writes the slots and reads the block tables it is given.
 
-use crate::config::ModelConfig;
-
 /// Block size the router and shard use unless told otherwise (TGI's flash default is 16 too).
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+/// What one rank caches per token: `layers` layers of K and V rows `kv_dim` wide (its own KV
+/// heads only, under tensor parallelism).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheShape {
+    pub layers: usize,
+    pub kv_dim: usize,
+}
 
 /// K and V storage of one layer.
 #[derive(Debug, Clone)]
@@ -26,10 +32,10 @@ pub struct KvCache {
 
 impl KvCache {
     /// Allocates `num_blocks` blocks (zeroed lazily by the OS) for this rank's KV heads.
-    pub fn new(config: &ModelConfig, num_blocks: usize, block_size: usize) -> KvCache {
-        let kv_dim = config.kv_dim();
+    pub fn new(shape: CacheShape, num_blocks: usize, block_size: usize) -> KvCache {
+        let kv_dim = shape.kv_dim;
         let slots = num_blocks * block_size;
-        let layers = (0..config.num_layers)
+        let layers = (0..shape.layers)
             .map(|_| LayerCache {
                 k: vec![0.0; slots * kv_dim],
                 v: vec![0.0; slots * kv_dim],
@@ -44,8 +50,8 @@ impl KvCache {
     }
 
     /// Bytes one block takes across all layers (K and V, f32).
-    pub fn bytes_per_block(config: &ModelConfig, block_size: usize) -> usize {
-        config.num_layers * 2 * block_size * config.kv_dim() * std::mem::size_of::<f32>()
+    pub fn bytes_per_block(shape: CacheShape, block_size: usize) -> usize {
+        shape.layers * 2 * block_size * shape.kv_dim * std::mem::size_of::<f32>()
     }
 
     pub fn num_blocks(&self) -> usize {

@@ -4,12 +4,13 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tessera_proto::TextGenerationServiceServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
-use crate::comm::Local;
+use crate::comm::{Comm, CpuComm, Local, Rendezvous};
 use crate::engine::{EngineHandle, EngineOptions};
 use crate::loader::{Device, LoadOptions, WeightDtype};
 use crate::service::ShardService;
@@ -30,6 +31,16 @@ pub struct ServeArgs {
     /// Number of tensor-parallel ranks.
     #[arg(long, env, default_value_t = 1)]
     pub world_size: usize,
+    /// Rendezvous address of the tensor-parallel group: rank 0 listens there, the others connect.
+    #[arg(long, env, default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Rendezvous port of the tensor-parallel group.
+    #[arg(long, env, default_value_t = 29500)]
+    pub master_port: u16,
+    /// Seconds to wait for the other ranks at startup, and for a peer inside one collective
+    /// before the group is declared broken.
+    #[arg(long, env, default_value_t = 60)]
+    pub comm_timeout_secs: u64,
     /// Where the model runs.
     #[arg(long, env, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
@@ -56,7 +67,45 @@ impl ServeArgs {
         socket_path(&self.uds_path, self.rank)
     }
 
+    /// Checks the arguments and joins the tensor-parallel group (blocking until every rank has
+    /// joined, or the timeout).
     pub fn engine_options(&self) -> Result<EngineOptions, Error> {
+        self.check()?;
+        Ok(EngineOptions {
+            model: self.model_id.clone(),
+            load: LoadOptions {
+                dtype: self.dtype,
+                device: self.device,
+                comm: self.join_group()?,
+            },
+            max_prefill_tokens: self.max_batch_prefill_tokens.max(1),
+            kv_cache_memory: self.kv_cache_memory,
+            kv_memory_fraction: self.kv_cache_fraction,
+            initial_kv_blocks: self.initial_kv_blocks.max(1),
+            rank: self.rank,
+            world_size: self.world_size,
+        })
+    }
+
+    fn join_group(&self) -> Result<Arc<dyn Comm>, Error> {
+        if self.world_size == 1 {
+            return Ok(Arc::new(Local));
+        }
+        let timeout = Duration::from_secs(self.comm_timeout_secs.max(1));
+        let rendezvous = Rendezvous {
+            master_addr: self.master_addr.clone(),
+            master_port: self.master_port,
+            join_timeout: timeout,
+            op_timeout: timeout,
+        };
+        Ok(Arc::new(CpuComm::join(
+            self.rank,
+            self.world_size,
+            &rendezvous,
+        )?))
+    }
+
+    fn check(&self) -> Result<(), Error> {
         if self.world_size == 0 || self.rank >= self.world_size {
             return Err(Error::InvalidArgument {
                 field: "--rank".into(),
@@ -72,27 +121,7 @@ impl ServeArgs {
                 reason: format!("must be in (0, 1], got {}", self.kv_cache_fraction),
             });
         }
-        if self.world_size > 1 {
-            // Ranks need a communicator joined inside the forward; only the local one exists.
-            return Err(Error::InvalidArgument {
-                field: "--world-size".into(),
-                reason: "tensor parallelism across processes is not available in this build".into(),
-            });
-        }
-        Ok(EngineOptions {
-            model: self.model_id.clone(),
-            load: LoadOptions {
-                dtype: self.dtype,
-                device: self.device,
-                comm: Arc::new(Local),
-            },
-            max_prefill_tokens: self.max_batch_prefill_tokens.max(1),
-            kv_cache_memory: self.kv_cache_memory,
-            kv_memory_fraction: self.kv_cache_fraction,
-            initial_kv_blocks: self.initial_kv_blocks.max(1),
-            rank: self.rank,
-            world_size: self.world_size,
-        })
+        Ok(())
     }
 }
 
@@ -128,15 +157,16 @@ pub async fn serve_listener(
 }
 
 /// Starts the engine (loading the model) off the async runtime.
-pub async fn start_engine(opts: EngineOptions) -> Result<EngineHandle, Error> {
-    tokio::task::spawn_blocking(move || EngineHandle::start(opts))
+pub async fn start_engine(args: ServeArgs) -> Result<EngineHandle, Error> {
+    tokio::task::spawn_blocking(move || EngineHandle::start(args.engine_options()?))
         .await
         .map_err(|e| Error::EnginePanic(e.to_string()))?
 }
 
 /// The whole `serve` command: load, bind, serve until SIGINT/SIGTERM, remove the socket.
 pub async fn run(args: ServeArgs) -> Result<(), Error> {
-    let engine = start_engine(args.engine_options()?).await?;
+    share_cores(args.world_size);
+    let engine = start_engine(args.clone()).await?;
     let socket = args.socket();
     let listener = bind(&socket)?;
     tracing::info!("rank {} serving on unix://{}", args.rank, socket.display());
@@ -144,6 +174,22 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     let result = serve_listener(listener, service, shutdown_signal()).await;
     let _ = std::fs::remove_file(&socket);
     result
+}
+
+/// CPU ranks of one group share this host's cores: each takes its part (unless
+/// `RAYON_NUM_THREADS` says otherwise), so no rank's workers wait on another's.
+fn share_cores(world_size: usize) {
+    if world_size < 2 || std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / world_size).max(1);
+    if let Err(e) = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+    {
+        tracing::warn!("cannot size the thread pool: {e}");
+    }
 }
 
 async fn shutdown_signal() {

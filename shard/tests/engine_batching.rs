@@ -81,7 +81,7 @@ fn run(model: &Model, prompts: &[Vec<u32>], steps: usize, s: Schedule) -> Vec<Se
     } else {
         (0..total as u32).collect()
     };
-    let mut cache = KvCache::new(model.config(), total, BLOCK);
+    let mut cache = KvCache::new(model.cache_shape(), total, BLOCK);
     let mut at = 0;
     let mut runs: Vec<SeqRun> = prompts
         .iter()

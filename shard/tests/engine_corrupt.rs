@@ -180,7 +180,7 @@ fn garbage_gguf_and_missing_path() {
 #[test]
 fn invalid_batches_are_errors() {
     let loaded = load(&stories(), &LoadOptions::default()).unwrap();
-    let mut cache = KvCache::new(&loaded.config, 2, 16);
+    let mut cache = KvCache::new(loaded.model.cache_shape(), 2, 16);
     let seq = |tokens: Vec<u32>, slots: Vec<u32>, blocks: Vec<u32>| ForwardBatch {
         seqs: vec![SeqInput {
             tokens,
@@ -206,14 +206,11 @@ fn invalid_batches_are_errors() {
             .expect_err("invalid batch must fail");
         assert_mentions(&err.to_string(), &[want]);
     }
-    let small = KvCache::new(
-        &tessera_shard::config::ModelConfig {
-            num_layers: 1,
-            ..loaded.config.clone()
-        },
-        2,
-        16,
-    );
+    let one_layer = tessera_shard::kv_cache::CacheShape {
+        layers: 1,
+        ..loaded.model.cache_shape()
+    };
+    let small = KvCache::new(one_layer, 2, 16);
     let err = loaded
         .model
         .forward(&seq(vec![1], vec![0], vec![0]), &mut small.clone())

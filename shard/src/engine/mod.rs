@@ -157,7 +157,7 @@ impl Engine {
         let config = loaded.config;
         let block_size = DEFAULT_BLOCK_SIZE;
         let num_blocks = opts.initial_kv_blocks.max(1);
-        let cache = KvCache::new(&config, num_blocks, block_size);
+        let cache = KvCache::new(loaded.model.cache_shape(), num_blocks, block_size);
         let special = crate::detokenize::special_ids(&loaded.tokenizer);
         let info = ModelInfo {
             dtype: loaded.dtype_name.to_string(),

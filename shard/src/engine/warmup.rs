@@ -70,7 +70,8 @@ impl Engine {
     /// Blocks that fit in `--kv-cache-memory`, or in this rank's share of the available memory
     /// (measured after dropping the current cache, so its own pages count as free).
     fn kv_blocks_for_memory(&mut self) -> Result<usize, Error> {
-        let per_block = KvCache::bytes_per_block(&self.config, self.ctx.block_size) as u64;
+        let per_block =
+            KvCache::bytes_per_block(self.model.cache_shape(), self.ctx.block_size) as u64;
         let bytes = match self.opts.kv_cache_memory {
             Some(bytes) => bytes,
             None => {
@@ -84,8 +85,8 @@ impl Engine {
 
     fn resize_cache(&mut self, num_blocks: usize) -> Result<(), Error> {
         // Free the old cache first so both never hold memory at once.
-        self.cache = KvCache::new(&self.config, 1, self.ctx.block_size);
-        self.cache = KvCache::new(&self.config, num_blocks, self.ctx.block_size);
+        self.cache = KvCache::new(self.model.cache_shape(), 1, self.ctx.block_size);
+        self.cache = KvCache::new(self.model.cache_shape(), num_blocks, self.ctx.block_size);
         self.ctx.num_blocks = num_blocks;
         Ok(())
     }

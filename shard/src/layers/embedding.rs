@@ -1,7 +1,9 @@
-//! Token embedding: rows of the `[vocab, hidden]` table looked up and widened to f32. Replicated
-//! on every rank for now (vocabulary-parallel with an all-reduce is the tensor-parallel layout).
-//! With tied embeddings on one rank the table is read from the packed lm_head, so it is stored once.
+//! Token embedding: rows of the `[vocab, hidden]` table looked up and widened to f32.
+//! Vocabulary-parallel (TGI's `TensorParallelEmbedding`): each rank holds a range of rows and
+//! answers zeros for ids outside it, so the caller's all-reduce assembles every embedding. With
+//! tied embeddings the rows are read from the packed lm_head slice, so they are stored once.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::backend::cpu::PackedMatrix;
@@ -12,6 +14,8 @@ use crate::Result;
 pub struct Embedding {
     table: Table,
     hidden: usize,
+    /// The vocabulary ids this rank holds; row `i` of the table is id `ids.start + i`.
+    ids: Range<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -22,17 +26,24 @@ enum Table {
 }
 
 impl Embedding {
+    /// Loads rows `ids` of the `[vocab, hidden]` table `name`.
     pub fn load(
         src: &dyn WeightSource,
         name: &str,
-        vocab: usize,
-        hidden: usize,
+        (vocab, hidden): (usize, usize),
+        ids: Range<usize>,
         dtype: DType,
     ) -> Result<Self> {
         let t = expect_shape(src, name, &[vocab, hidden])?;
+        let rows = if ids.len() == vocab {
+            t.data
+        } else {
+            t.data.slice_rows(ids.clone(), hidden)
+        };
         Ok(Embedding {
-            table: Table::Rows(t.data.convert(dtype)),
+            table: Table::Rows(rows.convert(dtype)),
             hidden,
+            ids,
         })
     }
 
@@ -44,26 +55,29 @@ impl Embedding {
         }
     }
 
-    /// Reads rows from `packed` (the tied lm_head, same `[vocab, hidden]` values) and frees the
+    /// Reads rows from `packed` (the tied lm_head slice, the same rows' values) and frees the
     /// table's own copy.
     pub fn share(self, packed: Arc<PackedMatrix>) -> Self {
         Embedding {
             table: Table::Packed(packed),
-            hidden: self.hidden,
+            ..self
         }
     }
 
-    /// `[n, hidden]` embeddings of `tokens` (ids already checked against the vocabulary).
+    /// `[n, hidden]` embeddings of `tokens` (ids already checked against the vocabulary); rows
+    /// of ids another rank holds are zero.
     pub fn forward(&self, tokens: &[u32]) -> Vec<f32> {
         let h = self.hidden;
         let mut out = Vec::with_capacity(tokens.len() * h);
         for &t in tokens {
+            let Some(row) = (t as usize).checked_sub(self.ids.start) else {
+                out.resize(out.len() + h, 0.0);
+                continue;
+            };
             match &self.table {
-                Table::Rows(rows) => {
-                    let start = t as usize * h;
-                    out.extend(rows.f32_range(start, start + h));
-                }
-                Table::Packed(p) => out.extend((0..h).map(|c| p.get(t as usize, c))),
+                _ if row >= self.ids.len() => out.resize(out.len() + h, 0.0),
+                Table::Rows(rows) => out.extend(rows.f32_range(row * h, (row + 1) * h)),
+                Table::Packed(p) => out.extend((0..h).map(|c| p.get(row, c))),
             }
         }
         out

@@ -16,10 +16,21 @@ pub struct Linear {
     bias: Option<Vec<f32>>,
 }
 
-/// One part of a fused column-parallel linear: the checkpoint name prefix and its full row count.
+/// One part of a fused column-parallel linear: the checkpoint name prefix, its full row count,
+/// and the rows that must stay on one rank (a head's, or a GQA group's, rows).
 pub struct Part<'a> {
     pub prefix: &'a str,
     pub rows: usize,
+    pub unit: usize,
+}
+
+/// A row-parallel linear's checkpoint prefix, full shape, and the input columns that stay on one
+/// rank (matching the `unit` of the column-parallel layer that produces its input).
+pub struct RowPart<'a> {
+    pub prefix: &'a str,
+    pub rows: usize,
+    pub cols: usize,
+    pub unit: usize,
 }
 
 impl Linear {
@@ -42,17 +53,18 @@ impl Linear {
     ) -> Result<Self> {
         let mut weights = Vec::new();
         let mut biases = Vec::new();
+        let mut total = 0;
         for part in parts {
             let name = format!("{}.weight", part.prefix);
             let t = expect_shape(src, &name, &[part.rows, cols])?;
-            let rows = shard.range(part.rows);
+            let rows = shard.units(part.rows, part.unit);
+            total += rows.len();
             weights.push(t.data.slice_rows(rows.clone(), cols));
             if bias {
                 let b = load_vector(src, &format!("{}.bias", part.prefix), part.rows)?;
                 biases.extend_from_slice(&b[rows]);
             }
         }
-        let total: usize = parts.iter().map(|p| p.rows / shard.world).sum();
         let data = stack_rows(weights, dtype);
         Ok(Linear::new(
             PackedMatrix::pack(total, cols, &data),
@@ -60,25 +72,20 @@ impl Linear {
         ))
     }
 
-    /// Row-parallel: this rank keeps its slice of the input columns (no bias in our families).
-    pub fn row(
-        src: &dyn WeightSource,
-        prefix: &str,
-        rows: usize,
-        cols: usize,
-        dtype: DType,
-        shard: Shard,
-    ) -> Result<Self> {
-        let name = format!("{prefix}.weight");
-        let t = expect_shape(src, &name, &[rows, cols])?;
+    /// Row-parallel: this rank keeps its slice of the input columns, split in whole `unit`s as
+    /// the column-parallel layer before it split its rows (no bias in our families).
+    pub fn row(src: &dyn WeightSource, part: &RowPart, dtype: DType, shard: Shard) -> Result<Self> {
+        let (rows, cols) = (part.rows, part.cols);
+        let t = expect_shape(src, &format!("{}.weight", part.prefix), &[rows, cols])?;
+        let local = shard.units(cols, part.unit);
+        let width = local.len();
         let data = if shard.world == 1 {
             t.data
         } else {
-            t.data.slice_cols(shard.range(cols), cols)
+            t.data.slice_cols(local, cols)
         };
-        let local = cols / shard.world;
         Ok(Linear::new(
-            PackedMatrix::pack(rows, local, &data.convert(dtype)),
+            PackedMatrix::pack(rows, width, &data.convert(dtype)),
             None,
         ))
     }
@@ -166,11 +173,12 @@ mod tests {
         }
     }
 
-    /// Tensor parallelism over two ranks: column-parallel ranks produce disjoint output slices of
-    /// each fused part; row-parallel ranks produce partial sums that add up to the full output.
+    /// Tensor parallelism over two ranks with uneven shares (3 heads of 4 rows: rank 0 holds two,
+    /// rank 1 one): column-parallel ranks produce disjoint output slices of each fused part;
+    /// row-parallel ranks produce partial sums that add up to the full output.
     #[test]
     fn two_rank_slices_recombine_to_the_full_layer() {
-        let (h, q, kv) = (8, 8, 4);
+        let (h, q, kv) = (8, 12, 6);
         let src = Mem(HashMap::from([
             ("q.weight".to_string(), matrix(q, h, 1)),
             ("k.weight".to_string(), matrix(kv, h, 2)),
@@ -181,12 +189,15 @@ mod tests {
             Part {
                 prefix: "q",
                 rows: q,
+                unit: 4,
             },
             Part {
                 prefix: "k",
                 rows: kv,
+                unit: 2,
             },
         ];
+        let (q_share, k_share) = ([0..8, 8..12], [0..4, 4..6]);
         let one = Shard { rank: 0, world: 1 };
         let full = Linear::column(&src, &parts, h, false, DType::F32, one)
             .unwrap()
@@ -196,30 +207,32 @@ mod tests {
             let local = Linear::column(&src, &parts, h, false, DType::F32, shard)
                 .unwrap()
                 .forward(&x, 2);
+            let (qr, kr) = (q_share[rank].clone(), k_share[rank].clone());
+            let width = qr.len() + kr.len();
             for t in 0..2 {
                 let row = &full[t * (q + kv)..(t + 1) * (q + kv)];
-                let want: Vec<f32> = [
-                    &row[rank * 4..rank * 4 + 4],
-                    &row[q + rank * 2..q + rank * 2 + 2],
-                ]
-                .concat();
-                assert_eq!(&local[t * 6..(t + 1) * 6], want.as_slice());
+                let want: Vec<f32> = [&row[qr.clone()], &row[q + kr.start..q + kr.end]].concat();
+                assert_eq!(&local[t * width..(t + 1) * width], want.as_slice());
             }
         }
         let xo: Vec<f32> = (0..2 * q).map(|i| (i % 5) as f32 - 2.0).collect();
-        let full_o = Linear::row(&src, "o", h, q, DType::F32, one)
-            .unwrap()
-            .forward(&xo, 2);
+        let o = |shard| {
+            let part = RowPart {
+                prefix: "o",
+                rows: h,
+                cols: q,
+                unit: 4,
+            };
+            Linear::row(&src, &part, DType::F32, shard).unwrap()
+        };
+        let full_o = o(one).forward(&xo, 2);
         let mut sum = vec![0.0; 2 * h];
         for rank in 0..2 {
-            let shard = Shard { rank, world: 2 };
             let xs: Vec<f32> = xo
                 .chunks(q)
-                .flat_map(|r| r[rank * 4..rank * 4 + 4].to_vec())
+                .flat_map(|r| r[q_share[rank].clone()].to_vec())
                 .collect();
-            let part = Linear::row(&src, "o", h, q, DType::F32, shard)
-                .unwrap()
-                .forward(&xs, 2);
+            let part = o(Shard { rank, world: 2 }).forward(&xs, 2);
             sum.iter_mut().zip(part).for_each(|(s, p)| *s += p);
         }
         for (a, b) in sum.iter().zip(&full_o) {

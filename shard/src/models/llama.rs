@@ -10,10 +10,10 @@ use crate::backend::cpu::PackedMatrix;
 use crate::comm::{Comm, Shard};
 use crate::config::ModelConfig;
 use crate::forward::{BatchPlan, ForwardBatch};
-use crate::kv_cache::{KvCache, LayerCache};
+use crate::kv_cache::{CacheShape, KvCache, LayerCache};
 use crate::layers::attention::{paged_attention, write_kv, Heads};
 use crate::layers::embedding::Embedding;
-use crate::layers::linear::{Linear, Part};
+use crate::layers::linear::{Linear, Part, RowPart};
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::{Rope, RopeTables};
 use crate::weights::{DType, WeightSource};
@@ -48,16 +48,20 @@ impl Llama {
         comm: Arc<dyn Comm>,
     ) -> Result<Self> {
         let shard = Shard::of(comm.as_ref());
+        shard.check(config.num_kv_heads, "num_key_value_heads")?;
+        shard.check(config.intermediate_size, "intermediate_size")?;
+        shard.check(config.vocab_size, "vocab_size")?;
+        let split = Split::of(config);
+        let kv_heads = shard.range(config.num_kv_heads).len();
         let heads = Heads {
-            num_heads: shard.split(config.num_heads, "num_heads")?,
-            num_kv_heads: shard.split(config.num_kv_heads, "num_key_value_heads")?,
+            num_heads: kv_heads * split.group,
+            num_kv_heads: kv_heads,
             head_dim: config.head_dim,
             sliding_window: config.sliding_window,
         };
-        shard.split(config.intermediate_size, "intermediate_size")?;
-        shard.split(config.vocab_size, "vocab_size")?;
         let (h, v) = (config.hidden_size, config.vocab_size);
-        let embed = Embedding::load(src, "model.embed_tokens.weight", v, h, dtype)?;
+        let embed_name = "model.embed_tokens.weight";
+        let embed = Embedding::load(src, embed_name, (v, h), shard.range(v), dtype)?;
         let layers = (0..config.num_layers)
             .map(|i| load_layer(src, config, i, dtype, shard))
             .collect::<Result<Vec<_>>>()?;
@@ -104,6 +108,9 @@ impl Llama {
             return Ok(Vec::new());
         }
         let mut x = self.embed.forward(&plan.tokens);
+        if self.comm.world_size() > 1 {
+            self.comm.all_reduce_sum(&mut x)?;
+        }
         let rope = self.rope.tables(&plan.positions);
         for (i, layer) in self.layers.iter().enumerate() {
             self.layer_forward(layer, &mut x, &plan, &rope, cache.layer_mut(i))?;
@@ -111,8 +118,15 @@ impl Llama {
         self.logits(&x, &plan)
     }
 
+    pub fn cache_shape(&self) -> CacheShape {
+        CacheShape {
+            layers: self.layers.len(),
+            kv_dim: self.heads.num_kv_heads * self.heads.head_dim,
+        }
+    }
+
     fn check_cache(&self, cache: &KvCache) -> Result<()> {
-        let kv_dim = self.heads.num_kv_heads * self.heads.head_dim;
+        let kv_dim = self.cache_shape().kv_dim;
         if cache.num_layers() != self.layers.len() || cache.kv_dim() != kv_dim {
             return Err(Error::InvalidBatch(format!(
                 "KV cache has {} layers of width {}, the model needs {} of width {kv_dim}",
@@ -173,8 +187,8 @@ impl Llama {
     }
 }
 
-/// The lm_head: the tied embedding packed (on one rank the embedding then reads from it, so the
-/// table is stored once) or `lm_head.weight` split by vocabulary.
+/// The lm_head split by vocabulary: the tied embedding's rows packed (the embedding then reads
+/// from them, so the rows are stored once) or `lm_head.weight`'s rows.
 fn tied_or_own_lm_head(
     src: &dyn WeightSource,
     c: &ModelConfig,
@@ -185,23 +199,38 @@ fn tied_or_own_lm_head(
     let (h, v) = (c.hidden_size, c.vocab_size);
     match embed.rows() {
         Some(table) if c.tie_word_embeddings && !src.contains("lm_head.weight") => {
-            let rows = shard.range(v);
-            let packed = PackedMatrix::pack(rows.len(), h, &table.slice_rows(rows, h));
-            let lm_head = Linear::new(packed, None);
-            let embed = if shard.world == 1 {
-                embed.share(lm_head.weight().clone())
-            } else {
-                embed
-            };
+            let rows = shard.range(v).len();
+            let lm_head = Linear::new(PackedMatrix::pack(rows, h, table), None);
+            let embed = embed.share(lm_head.weight().clone());
             Ok((embed, lm_head))
         }
         _ => {
             let part = Part {
                 prefix: "lm_head",
                 rows: v,
+                unit: 1,
             };
             let lm_head = Linear::column(src, &[part], h, false, dtype, shard)?;
             Ok((embed, lm_head))
+        }
+    }
+}
+
+/// Units of the tensor-parallel split, in rows: a GQA group's q rows and one head's k/v rows
+/// stay together, so every rank's q heads attend to its own kv heads.
+struct Split {
+    group: usize,
+    q_unit: usize,
+    kv_unit: usize,
+}
+
+impl Split {
+    fn of(c: &ModelConfig) -> Self {
+        let group = c.num_heads / c.num_kv_heads;
+        Split {
+            group,
+            q_unit: group * c.head_dim,
+            kv_unit: c.head_dim,
         }
     }
 }
@@ -215,44 +244,41 @@ fn load_layer(
 ) -> Result<Layer> {
     let p = format!("model.layers.{i}");
     let (h, ff) = (c.hidden_size, c.intermediate_size);
+    let split = Split::of(c);
     let name = |s: &str| format!("{p}.{s}");
     let (q, k, v) = (
         name("self_attn.q_proj"),
         name("self_attn.k_proj"),
         name("self_attn.v_proj"),
     );
+    let part = |prefix, rows, unit| Part { prefix, rows, unit };
     let qkv_parts = [
-        Part {
-            prefix: &q,
-            rows: c.q_dim(),
-        },
-        Part {
-            prefix: &k,
-            rows: c.kv_dim(),
-        },
-        Part {
-            prefix: &v,
-            rows: c.kv_dim(),
-        },
+        part(&q, c.q_dim(), split.q_unit),
+        part(&k, c.kv_dim(), split.kv_unit),
+        part(&v, c.kv_dim(), split.kv_unit),
     ];
     let (gate, up) = (name("mlp.gate_proj"), name("mlp.up_proj"));
-    let gate_up_parts = [
-        Part {
-            prefix: &gate,
-            rows: ff,
-        },
-        Part {
-            prefix: &up,
-            rows: ff,
-        },
-    ];
+    let gate_up_parts = [part(&gate, ff, 1), part(&up, ff, 1)];
+    let (o, down) = (name("self_attn.o_proj"), name("mlp.down_proj"));
+    let o_part = RowPart {
+        prefix: &o,
+        rows: h,
+        cols: c.q_dim(),
+        unit: split.q_unit,
+    };
+    let down_part = RowPart {
+        prefix: &down,
+        rows: h,
+        cols: ff,
+        unit: 1,
+    };
     Ok(Layer {
         input_norm: RmsNorm::load(src, &name("input_layernorm.weight"), h, c.rms_eps)?,
         qkv: Linear::column(src, &qkv_parts, h, c.attention_bias, dtype, shard)?,
-        o_proj: Linear::row(src, &name("self_attn.o_proj"), h, c.q_dim(), dtype, shard)?,
+        o_proj: Linear::row(src, &o_part, dtype, shard)?,
         post_norm: RmsNorm::load(src, &name("post_attention_layernorm.weight"), h, c.rms_eps)?,
         gate_up: Linear::column(src, &gate_up_parts, h, false, dtype, shard)?,
-        down: Linear::row(src, &name("mlp.down_proj"), h, ff, dtype, shard)?,
+        down: Linear::row(src, &down_part, dtype, shard)?,
     })
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::comm::Comm;
 use crate::config::ModelConfig;
 use crate::forward::ForwardBatch;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{CacheShape, KvCache};
 use crate::weights::{DType, WeightSource};
 use crate::Result;
 
@@ -40,6 +40,11 @@ impl Model {
 
     pub fn config(&self) -> &ModelConfig {
         self.inner.config()
+    }
+
+    /// What this rank's KV cache holds per token.
+    pub fn cache_shape(&self) -> CacheShape {
+        self.inner.cache_shape()
     }
 
     /// Bytes of weights a decode step streams (for bandwidth figures).

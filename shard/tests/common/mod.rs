@@ -59,9 +59,7 @@ impl Shard {
         argv.push(&model);
         argv.extend_from_slice(extra);
         let args = Cli::try_parse_from(argv).expect("serve args").serve;
-        let engine = start_engine(args.engine_options().unwrap())
-            .await
-            .expect("engine");
+        let engine = start_engine(args.clone()).await.expect("engine");
         let socket = args.socket();
         let listener = bind(&socket).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
