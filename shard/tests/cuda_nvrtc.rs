@@ -19,9 +19,8 @@ fn nvrtc_ready() -> bool {
     }
     if let Err(e) = nvrtc::load_nvrtc(&[nvrtc_dir()]) {
         panic!(
-            "{e}. Looked in {}: run `bash tests/fetch-models.sh` (installs nvidia-cuda-nvrtc-cu12 \
-             there), or set TESSERA_SKIP_NVRTC=1 to skip",
-            nvrtc_dir().display()
+            "{e}.\nRun `bash tests/fetch-models.sh` (installs nvidia-cuda-nvrtc-cu12 into .cache/nvrtc), \
+             or set TESSERA_SKIP_NVRTC=1 to skip the kernel compile test"
         );
     }
     true

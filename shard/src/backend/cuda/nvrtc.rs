@@ -108,7 +108,8 @@ pub fn default_cache_dir() -> Option<PathBuf> {
 
 /// Makes libnvrtc loadable. cudarc dlopens it by name (`libnvrtc.so.12`, ...), which finds only
 /// what the dynamic linker's path finds; a library loaded first by full path from one of `dirs`
-/// (or `$TESSERA_NVRTC_DIR`) answers that later by-name lookup through its soname.
+/// (or `$TESSERA_NVRTC_DIR`, `$CUDA_HOME/lib64`, `/usr/local/cuda/lib64`) answers that later
+/// by-name lookup through its soname.
 pub fn load_nvrtc(dirs: &[PathBuf]) -> Result<()> {
     // SAFETY: probing dlopens and closes the library; its initialisers are NVIDIA's.
     if unsafe { nvrtc::sys::is_culib_present() } {
@@ -116,7 +117,14 @@ pub fn load_nvrtc(dirs: &[PathBuf]) -> Result<()> {
     }
     let mut tried = Vec::new();
     let env_dir = std::env::var_os("TESSERA_NVRTC_DIR").map(PathBuf::from);
-    for dir in env_dir.iter().chain(dirs) {
+    // A CUDA toolkit's own folder, which is often not on the linker path.
+    let toolkit = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .map(|d| PathBuf::from(d).join("lib64"))
+        .chain([PathBuf::from("/usr/local/cuda/lib64")]);
+    let candidates: Vec<PathBuf> = env_dir.iter().chain(dirs).cloned().chain(toolkit).collect();
+    for dir in &candidates {
         for name in ["libnvrtc.so.12", "libnvrtc.so.13", "libnvrtc.so"] {
             let path = dir.join(name);
             if !path.is_file() {
@@ -132,13 +140,10 @@ pub fn load_nvrtc(dirs: &[PathBuf]) -> Result<()> {
             }
         }
     }
+    let looked: Vec<String> = candidates.iter().map(|d| d.display().to_string()).collect();
     Err(Error::Device(format!(
-        "NVRTC (libnvrtc.so.12) not found on the library path{}{}",
-        if dirs.is_empty() && env_dir.is_none() {
-            ""
-        } else {
-            " nor in the given folders"
-        },
+        "NVRTC (libnvrtc.so.12) not found on the library path nor in {}{}",
+        looked.join(", "),
         if tried.is_empty() {
             String::new()
         } else {
