@@ -1,6 +1,7 @@
-//! Compiles every CUDA kernel with NVRTC for sm_80 and sm_90 on a CPU-only machine, so a kernel
-//! syntax error fails CI without a GPU. NVRTC is PyPI's `nvidia-cuda-nvrtc-cu12`, installed into
-//! `.cache/nvrtc` by `tests/fetch-models.sh`; `TESSERA_SKIP_NVRTC=1` skips (say so in the report).
+//! Compiles every CUDA kernel with NVRTC for sm_80 and sm_90 on a CPU-only machine (PTX, and machine
+//! code through NVRTC's ptxas), so a kernel syntax or resource error fails CI without a GPU. NVRTC
+//! is PyPI's `nvidia-cuda-nvrtc-cu12`, installed into `.cache/nvrtc` by `tests/fetch-models.sh`;
+//! `TESSERA_SKIP_NVRTC=1` skips (say so in the report).
 
 use std::path::PathBuf;
 
@@ -57,6 +58,18 @@ fn every_kernel_compiles_for_sm80_and_sm90_with_all_entry_points() {
     let again = nvrtc::compile(&kernels::SAMPLING, Arch::SM90, Some(cache.path())).unwrap();
     let fresh = nvrtc::compile(&kernels::SAMPLING, Arch::SM90, None).unwrap();
     assert_eq!(again, fresh);
+}
+
+#[test]
+fn every_kernel_assembles_to_sm80_and_sm90_machine_code() {
+    if !nvrtc_ready() {
+        return;
+    }
+    for arch in [Arch::SM80, Arch::SM90] {
+        for file in kernels::ALL {
+            nvrtc::check_machine_code(file, arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        }
+    }
 }
 
 #[test]

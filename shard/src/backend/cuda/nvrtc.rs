@@ -215,6 +215,15 @@ fn store(path: &Path, ptx: &str) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
+/// Compiles `file` all the way to machine code for the real architecture `sm_XY` (NVRTC runs ptxas),
+/// so resource errors PTX generation alone does not see (shared memory, registers) show up without
+/// a GPU. The result is dropped: modules are loaded from the PTX of [`compile`].
+pub fn check_machine_code(file: &KernelFile, arch: Arch) -> Result<()> {
+    let mut options = compile_options(arch);
+    options[0] = format!("--gpu-architecture=sm_{}{}", arch.major, arch.minor);
+    compile_uncached(file, &full_source(file), &options, arch).map(drop)
+}
+
 /// Compiles (or reads from the cache) every kernel file for `arch`.
 pub fn compile_all(arch: Arch, cache: Option<&Path>) -> Result<Vec<(&'static KernelFile, String)>> {
     super::kernels::ALL
