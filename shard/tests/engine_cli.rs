@@ -101,7 +101,8 @@ fn cuda_request_is_a_clear_error() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("CUDA backend not available in this build")
-    );
+    // The exact wording per machine (no driver, no GPU, GPU found) is checked in cuda_device.rs.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("error: --device cuda: "), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
