@@ -1,26 +1,52 @@
 //! Readiness probes: a shard is ready when it answers the gRPC `Health` RPC on its unix socket (not when the
-//! socket file appears, TGI's wart); the router is ready when `GET /health` answers 200.
+//! socket file appears, TGI's wart); the router is ready when `GET /health` answers 200. Health is a real
+//! forward that joins the ranks' collectives, so it goes to every rank at once, after each answers `Info`.
 
 use hyper_util::rt::TokioIo;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tessera_proto::v3::HealthRequest;
+use tessera_proto::v3::{HealthRequest, InfoRequest};
 use tessera_proto::TextGenerationServiceClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tonic::transport::{Endpoint, Uri};
 
-/// How long one probe may take: a loaded shard answers Health in microseconds.
+/// How long one probe may take: a loaded shard answers Info in microseconds.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One `Health` call over the shard's unix socket; `Err` says why it is not ready (yet).
-pub async fn shard_health(socket: &Path) -> Result<(), String> {
-    tokio::time::timeout(PROBE_TIMEOUT, shard_health_inner(socket.to_path_buf()))
+/// Whether the shard serves gRPC yet (its model is loaded): one `Info` call; `Err` says why not.
+pub async fn shard_serving(socket: &Path) -> Result<(), String> {
+    let call = async {
+        let mut client = shard_client(socket.to_path_buf()).await?;
+        client
+            .info(InfoRequest {})
+            .await
+            .map_err(|e| format!("Info: {}", e.message()))
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, call)
         .await
-        .map_err(|_| "Health timed out".to_string())?
+        .map_err(|_| "Info timed out".to_string())?
+        .map(drop)
 }
 
-async fn shard_health_inner(socket: PathBuf) -> Result<(), String> {
+/// One `Health` call (a tiny forward on the shard) within `timeout`.
+pub async fn shard_health(socket: PathBuf, timeout: Duration) -> Result<(), String> {
+    let call = async {
+        let mut client = shard_client(socket).await?;
+        client
+            .health(HealthRequest {})
+            .await
+            .map_err(|e| format!("Health: {}", e.message()))
+    };
+    tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| format!("Health timed out after {} s", timeout.as_secs()))?
+        .map(drop)
+}
+
+async fn shard_client(
+    socket: PathBuf,
+) -> Result<TextGenerationServiceClient<tonic::transport::Channel>, String> {
     // The URI is required by tonic but unused: the connector below always dials the socket.
     let channel = Endpoint::from_static("http://[::]:50051")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
@@ -29,12 +55,7 @@ async fn shard_health_inner(socket: PathBuf) -> Result<(), String> {
         }))
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    let mut client = TextGenerationServiceClient::new(channel);
-    client
-        .health(HealthRequest {})
-        .await
-        .map_err(|e| format!("Health: {}", e.message()))?;
-    Ok(())
+    Ok(TextGenerationServiceClient::new(channel))
 }
 
 /// The HTTP status of `GET /health` on the router, or why there was none.
@@ -116,7 +137,12 @@ mod tests {
     #[tokio::test]
     async fn shard_probe_fails_without_a_server() {
         let tmp = tempfile::tempdir().unwrap();
-        let err = shard_health(&tmp.path().join("sock")).await.unwrap_err();
+        let err = shard_serving(&tmp.path().join("sock")).await.unwrap_err();
+        assert!(err.contains("connect"), "{err}");
+        let socket = tmp.path().join("sock");
+        let err = shard_health(socket, Duration::from_secs(1))
+            .await
+            .unwrap_err();
         assert!(err.starts_with("connect"), "{err}");
     }
 }

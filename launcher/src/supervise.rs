@@ -14,6 +14,8 @@ const TICK: Duration = Duration::from_millis(100);
 const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How often a slow startup says what it is waiting for.
 const WAIT_NOTICE: Duration = Duration::from_secs(10);
+/// How long the first Health (one tiny forward on every rank) may take.
+const FIRST_HEALTH: Duration = Duration::from_secs(60);
 
 /// Everything the supervisor runs, already validated.
 pub struct Plan {
@@ -45,6 +47,12 @@ pub enum SuperviseError {
     StartupTimeout {
         name: String,
         secs: u64,
+        reason: String,
+        tail: String,
+    },
+    #[error("{name} failed its first Health ({reason}); its last output:\n{tail}")]
+    Unhealthy {
+        name: String,
         reason: String,
         tail: String,
     },
@@ -179,7 +187,8 @@ async fn first_exit<'a>(
     None
 }
 
-/// Polls every shard's Health until all answer; `Some` when startup must stop instead.
+/// Polls every shard until all serve, then sends Health to every rank at once (it is a forward
+/// that joins their collectives); `Some` when startup must stop instead.
 async fn wait_shards(
     shards: &mut [Child],
     plan: &Plan,
@@ -197,7 +206,7 @@ async fn wait_shards(
             if ready[rank] {
                 continue;
             }
-            match health::shard_health(socket).await {
+            match health::shard_serving(socket).await {
                 Ok(()) => ready[rank] = true,
                 Err(reason) => reasons[rank] = reason,
             }
@@ -223,7 +232,30 @@ async fn wait_shards(
             }
         }
     }
-    None
+    first_health(shards, plan)
+        .await
+        .err()
+        .map(Interrupt::Failed)
+}
+
+/// Health on every rank concurrently; the first failing rank (in rank order) is the error.
+async fn first_health(shards: &[Child], plan: &Plan) -> Result<(), SuperviseError> {
+    let calls: Vec<_> = plan
+        .shards
+        .iter()
+        .map(|(_, socket)| tokio::spawn(health::shard_health(socket.clone(), FIRST_HEALTH)))
+        .collect();
+    for (child, call) in shards.iter().zip(calls) {
+        let outcome = call.await.unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(reason) = outcome {
+            return Err(SuperviseError::Unhealthy {
+                name: child.name.clone(),
+                reason,
+                tail: child.tail(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn timeout(child: &Child, plan: &Plan, reason: &str) -> SuperviseError {

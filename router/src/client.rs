@@ -1,14 +1,19 @@
 //! One gRPC client over all shards (TGI's `ShardedClient`): every RPC goes to every rank concurrently and
 //! the answers are merged by TGI's rules — except Health, which must succeed on every rank.
+//!
+//! Invariant: RPCs that run a forward (Health, Warmup, Prefill, Decode) reach every rank in the same
+//! order — one at a time through `lockstep` — because the ranks' collectives pair up in call order.
 
 use crate::error::{Result, RouterError};
 use futures::future::try_join_all;
 use hyper_util::rt::TokioIo;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tessera_proto::v3::*;
 use tessera_proto::TextGenerationServiceClient;
 use tokio::net::UnixStream;
+use tokio::sync::Mutex;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 type Client = TextGenerationServiceClient<Channel>;
@@ -33,6 +38,7 @@ pub struct ForwardResult {
 #[derive(Debug, Clone)]
 pub struct ShardedClient {
     clients: Vec<Client>,
+    lockstep: Arc<Mutex<()>>,
 }
 
 async fn connect_uds(path: PathBuf) -> Result<Client> {
@@ -69,7 +75,10 @@ impl ShardedClient {
             .iter()
             .map(|u| PathBuf::from(u.trim_start_matches("unix://")));
         let clients = try_join_all(paths.map(connect_uds)).await?;
-        Ok(ShardedClient { clients })
+        Ok(ShardedClient {
+            clients,
+            lockstep: Arc::new(Mutex::new(())),
+        })
     }
 
     /// Connect, retrying until `timeout` (the shards may still be starting).
@@ -87,6 +96,16 @@ impl ShardedClient {
 
     pub fn world_size(&self) -> usize {
         self.clients.len()
+    }
+
+    /// `fan_out` for an RPC that runs a forward: no other such RPC is in flight meanwhile.
+    async fn fan_out_forward<T, F, Fut>(&self, call: F) -> Result<Vec<T>>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let _turn = self.lockstep.lock().await;
+        self.fan_out(call).await
     }
 
     /// Run `call` on every rank concurrently; rank-tagged errors.
@@ -126,7 +145,7 @@ impl ShardedClient {
 
     /// Healthy only when every rank answers (TGI looks at the last rank only).
     pub async fn health(&self) -> Result<()> {
-        self.fan_out(|mut c| async move { c.health(HealthRequest {}).await })
+        self.fan_out_forward(|mut c| async move { c.health(HealthRequest {}).await })
             .await?;
         Ok(())
     }
@@ -134,7 +153,7 @@ impl ShardedClient {
     /// Warmup on every rank; the tightest answer wins.
     pub async fn warmup(&self, request: WarmupRequest) -> Result<WarmupResponse> {
         let answers = self
-            .fan_out(|mut c| {
+            .fan_out_forward(|mut c| {
                 let request = request.clone();
                 async move { c.warmup(request).await }
             })
@@ -168,7 +187,7 @@ impl ShardedClient {
             cached_batch,
         };
         let answers = self
-            .fan_out(|mut c| {
+            .fan_out_forward(|mut c| {
                 let request = request.clone();
                 async move { c.prefill(request).await }
             })
@@ -185,7 +204,7 @@ impl ShardedClient {
     pub async fn decode(&self, batches: Vec<CachedBatch>) -> Result<ForwardResult> {
         let request = DecodeRequest { batches };
         let answers = self
-            .fan_out(|mut c| {
+            .fan_out_forward(|mut c| {
                 let request = request.clone();
                 async move { c.decode(request).await }
             })

@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 
 const READY: Duration = Duration::from_secs(240);
 
-fn ready_launcher() -> Launcher {
+fn ready_launcher(num_shard: &str) -> Launcher {
     let model = model_arg("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let args = [
         "--model-id",
         &model,
+        "--num-shard",
+        num_shard,
         "--device",
         "cpu",
         "--max-batch-prefill-tokens",
@@ -24,21 +26,21 @@ fn ready_launcher() -> Launcher {
     launcher
 }
 
-/// (shard pid, every child pid) of a ready launcher.
-fn shard_and_children(launcher: &Launcher) -> (i32, Vec<i32>) {
+/// (pid of the shard of `rank`, every child pid) of a ready launcher.
+fn shard_and_children(launcher: &Launcher, rank: usize) -> (i32, Vec<i32>) {
     let children = launcher.children();
     let shard = children
         .iter()
-        .find(|(_, cmd)| cmd.contains("tessera-shard"))
+        .find(|(_, cmd)| cmd.contains("tessera-shard") && cmd.contains(&format!("--rank {rank}")))
         .expect("a shard child");
     (shard.0, children.iter().map(|(pid, _)| *pid).collect())
 }
 
 #[test]
-fn killed_shard_stops_everything_and_is_named() {
-    let mut launcher = ready_launcher();
-    let (shard, children) = shard_and_children(&launcher);
-    assert_eq!(children.len(), 2, "{:?}", launcher.children());
+fn killed_shard_of_two_stops_everything_and_is_named() {
+    let mut launcher = ready_launcher("2");
+    let (shard, children) = shard_and_children(&launcher, 1);
+    assert_eq!(children.len(), 3, "{:?}", launcher.children());
     let start = Instant::now();
     send_signal(shard, 9);
     let status = launcher.wait_exit(Duration::from_secs(10));
@@ -50,7 +52,7 @@ fn killed_shard_stops_everything_and_is_named() {
     );
     let out = launcher.output();
     assert!(
-        out.contains("shard 0 was killed by signal 9 (SIGKILL)"),
+        out.contains("shard 1 was killed by signal 9 (SIGKILL)"),
         "{out}"
     );
     assert_all_gone(&children, Duration::from_secs(2));
@@ -58,8 +60,8 @@ fn killed_shard_stops_everything_and_is_named() {
 
 #[test]
 fn sigkilled_launcher_takes_its_children_along() {
-    let mut launcher = ready_launcher();
-    let (_, children) = shard_and_children(&launcher);
+    let mut launcher = ready_launcher("1");
+    let (_, children) = shard_and_children(&launcher, 0);
     launcher.signal(9);
     launcher.wait_exit(Duration::from_secs(5));
     assert_all_gone(&children, Duration::from_secs(5));

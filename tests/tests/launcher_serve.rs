@@ -1,5 +1,5 @@
-//! The launcher serving SmolLM2-135M-Instruct end to end on one CPU shard: the greedy reference output
-//! through /generate and /v1/chat/completions, the default model (no --model-id) from our cache, and a
+//! The launcher serving SmolLM2-135M-Instruct end to end on one and on two (tensor-parallel) CPU shards:
+//! the greedy reference output through /generate and /v1/chat/completions, the default model (no --model-id) from our cache, and a
 //! SIGTERM that lets an in-flight request finish before a clean exit.
 
 mod launcher_support;
@@ -30,10 +30,10 @@ fn generate(launcher: &Launcher, inputs: &str, max_new_tokens: u64) -> String {
     answer["generated_text"].as_str().unwrap().to_string()
 }
 
-#[test]
-fn one_cpu_shard_serves_the_reference_outputs() {
+/// `num_shard` CPU shards (tensor-parallel when 2) answer every reference case, then stop cleanly.
+fn cpu_shards_serve_the_reference_outputs(num_shard: &str) {
     let model = model_arg("smollm2-hf-float32");
-    let mut args = vec!["--model-id", model.as_str(), "--num-shard", "1"];
+    let mut args = vec!["--model-id", model.as_str(), "--num-shard", num_shard];
     args.extend(FAST_WARMUP);
     let mut launcher = Launcher::start(&args, &[]);
     launcher.wait_ready(READY);
@@ -64,8 +64,8 @@ fn one_cpu_shard_serves_the_reference_outputs() {
     let children: Vec<i32> = launcher.children().iter().map(|(pid, _)| *pid).collect();
     assert_eq!(
         children.len(),
-        2,
-        "one shard and the router: {:?}",
+        num_shard.parse::<usize>().unwrap() + 1,
+        "the shards and the router: {:?}",
         launcher.children()
     );
     launcher.signal(15);
@@ -75,6 +75,16 @@ fn one_cpu_shard_serves_the_reference_outputs() {
         launcher.output()
     );
     assert_all_gone(&children, Duration::from_secs(2));
+}
+
+#[test]
+fn one_cpu_shard_serves_the_reference_outputs() {
+    cpu_shards_serve_the_reference_outputs("1");
+}
+
+#[test]
+fn two_cpu_shards_serve_the_reference_outputs() {
+    cpu_shards_serve_the_reference_outputs("2");
 }
 
 #[test]
@@ -117,22 +127,6 @@ fn sigterm_drains_the_request_in_flight_then_exits_zero() {
         signalled < finished,
         "the request ended before SIGTERM:\n{out}"
     );
-}
-
-#[test]
-#[ignore = "needs tensor parallelism in the shard engine (`--world-size > 1` is refused today)"]
-fn two_cpu_shards_serve_the_reference_output() {
-    let model = model_arg("smollm2-hf-float32");
-    let mut args = vec!["--model-id", model.as_str(), "--num-shard", "2"];
-    args.extend(FAST_WARMUP);
-    let mut launcher = Launcher::start(&args, &[]);
-    launcher.wait_ready(READY);
-    assert_eq!(launcher.children().len(), 3, "two shards and the router");
-    let story = case("story");
-    let text = generate(&launcher, "Once upon a time", 32);
-    assert_eq!(text, story["generated_text"].as_str().unwrap());
-    launcher.signal(15);
-    assert!(launcher.wait_exit(Duration::from_secs(30)).success());
 }
 
 #[test]

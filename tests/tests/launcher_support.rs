@@ -41,6 +41,8 @@ impl Launcher {
         if !args.contains(&"--port") {
             command.args(["--port", &port.to_string()]);
         }
+        // Tests run concurrently: each group of shards rendezvous on its own port.
+        command.args(["--master-port", &free_port().to_string()]);
         command
             .arg("--shard-uds-path")
             .arg(dir.path().join("shard"))
