@@ -155,7 +155,7 @@ impl Comm for CpuComm {
 
     fn all_gather_columns(&self, local: &[f32], rows: usize) -> Result<Vec<f32>> {
         let cols_of = |len: usize, rank: usize| -> Result<usize> {
-            if rows == 0 || len % rows != 0 {
+            if rows == 0 || !len.is_multiple_of(rows) {
                 return Err(comm_err(format!(
                     "all_gather: rank {rank} sent {len} values, not {rows} whole rows"
                 )));
@@ -230,7 +230,7 @@ impl Link {
                 self.peer, head[0]
             )));
         }
-        if len % 4 != 0 {
+        if !len.is_multiple_of(4) {
             return Err(comm_err(format!("rank {} sent {len} bytes", self.peer)));
         }
         Ok(len / 4)
