@@ -30,8 +30,26 @@ fn generate(launcher: &Launcher, inputs: &str, max_new_tokens: u64) -> String {
     answer["generated_text"].as_str().unwrap().to_string()
 }
 
-/// `num_shard` CPU shards (tensor-parallel when 2) answer every reference case, then stop cleanly.
-fn cpu_shards_serve_the_reference_outputs(num_shard: &str) {
+/// Every log-probability a greedy request reports: prompt tokens, chosen tokens, top-5 alternatives.
+fn logprobs(launcher: &Launcher) -> Vec<f64> {
+    let body = json!({"inputs": "The capital of France is", "parameters": {"max_new_tokens": 8,
+        "details": true, "decoder_input_details": true, "top_n_tokens": 5}});
+    let details = &post(launcher, "/generate", &body)["details"];
+    let mut all = Vec::new();
+    let tokens = details["prefill"].as_array().unwrap().iter().skip(1);
+    let tokens = tokens.chain(details["tokens"].as_array().unwrap());
+    let steps = details["top_tokens"].as_array().unwrap().iter();
+    let top = steps.flat_map(|step| step.as_array().unwrap());
+    for t in tokens.chain(top) {
+        all.push(t["logprob"].as_f64().unwrap());
+    }
+    assert!(all.len() > 40, "{details}");
+    all
+}
+
+/// `num_shard` CPU shards (tensor-parallel when 2) answer every reference case, then stop cleanly;
+/// returns the log-probabilities of one detailed request.
+fn cpu_shards_serve_the_reference_outputs(num_shard: &str) -> Vec<f64> {
     let model = model_arg("smollm2-hf-float32");
     let mut args = vec!["--model-id", model.as_str(), "--num-shard", num_shard];
     args.extend(FAST_WARMUP);
@@ -60,6 +78,7 @@ fn cpu_shards_serve_the_reference_outputs(num_shard: &str) {
         .unwrap()
         .trim_end_matches("<|im_end|>");
     assert_eq!(answer["choices"][0]["message"]["content"], expected);
+    let logprobs = logprobs(&launcher);
 
     let children: Vec<i32> = launcher.children().iter().map(|(pid, _)| *pid).collect();
     assert_eq!(
@@ -75,16 +94,20 @@ fn cpu_shards_serve_the_reference_outputs(num_shard: &str) {
         launcher.output()
     );
     assert_all_gone(&children, Duration::from_secs(2));
+    logprobs
 }
 
 #[test]
-fn one_cpu_shard_serves_the_reference_outputs() {
-    cpu_shards_serve_the_reference_outputs("1");
-}
-
-#[test]
-fn two_cpu_shards_serve_the_reference_outputs() {
-    cpu_shards_serve_the_reference_outputs("2");
+fn one_and_two_cpu_shards_serve_the_reference_outputs_with_equal_logprobs() {
+    let one = cpu_shards_serve_the_reference_outputs("1");
+    let two = cpu_shards_serve_the_reference_outputs("2");
+    assert_eq!(one.len(), two.len());
+    for (i, (a, b)) in one.iter().zip(&two).enumerate() {
+        assert!(
+            (a - b).abs() < 1e-4,
+            "logprob {i}: one shard {a}, two shards {b}"
+        );
+    }
 }
 
 #[test]
