@@ -57,19 +57,21 @@ fn check_model(model: &Path, dtype: WeightDtype, tol: f32, prefix: Option<usize>
         let g = greedy(&loaded.model, &prompt, n, &eos).unwrap();
         assert_eq!(g.generated_ids, want[..n], "{name}: greedy ids");
         let top5 = top_k(&g.first_logits, 5);
-        for (got, want) in top5
-            .iter()
-            .zip(case["first_token"]["top5"].as_array().unwrap())
-        {
+        let want5 = case["first_token"]["top5"].as_array().unwrap();
+        for (rank, want) in want5.iter().enumerate() {
             let (id, logit) = (
                 want[0].as_u64().unwrap() as u32,
                 want[1].as_f64().unwrap() as f32,
             );
-            assert_eq!(got.0, id, "{name}: top-5 ids {top5:?}");
+            // The full-precision models rank the top 5 exactly as transformers does; the bf16
+            // model's rounding may swap neighbours closer than `tol`, so it is held to the logits.
+            if prefix.is_none() {
+                assert_eq!(top5[rank].0, id, "{name}: top-5 ids {top5:?}");
+            }
+            let got = g.first_logits[id as usize];
             assert!(
-                (got.1 - logit).abs() < tol,
-                "{name}: logit of {id}: {} vs {logit}",
-                got.1
+                (got - logit).abs() < tol,
+                "{name}: logit of {id}: {got} vs {logit}"
             );
         }
     }
@@ -92,12 +94,14 @@ fn hf_float32_matches_reference() {
 
 #[test]
 fn hf_bfloat16_weights_follow_reference() {
-    // bf16 weights are a different (rounded) model: only the first tokens agree, and top-5 logits
-    // within 0.1 (observed: ≤ 0.04).
+    // bf16 weights are a different (rounded) model, and on CPUs with AVX512-BF16 the matmuls also
+    // round their activations to bf16 (as llama.cpp's BF16 path and GPU bf16 GEMMs do; f32
+    // accumulation): only the first tokens agree, and top-5 logits within 0.3 (observed: ≤ 0.21
+    // with rounded activations, ≤ 0.04 without).
     check_model(
         &fetched("smollm2-hf-bfloat16"),
         WeightDtype::Auto,
-        0.1,
+        0.3,
         Some(4),
     );
 }

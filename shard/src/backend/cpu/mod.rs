@@ -5,6 +5,11 @@
 //! Packing follows the BLIS/GotoBLAS idea: NR = 64 output rows form a panel stored k-major, so the
 //! micro-kernel streams one contiguous panel, broadcasts activations and needs no horizontal sums.
 //! A panel is read once for up to MR = 6 tokens, so batched decode reads each weight once per step.
+//!
+//! bf16 weights are packed in k-pairs (llama.cpp's and oneDNN's VNNI-style layout) so that on CPUs
+//! with AVX512-BF16 one `vdpbf16ps` does two multiply-adds per lane: activations are then rounded
+//! to bf16 once per matmul (as llama.cpp's BF16 path and GPU bf16 GEMMs do) with f32 accumulation.
+//! Without that extension the same layout is widened to f32 exactly.
 
 pub(crate) mod avx512;
 mod portable;
@@ -21,9 +26,9 @@ pub const MR: usize = 6;
 /// Tokens per cache block: a block of activations stays in L2 while panels stream past.
 const TOKEN_BLOCK: usize = 64;
 
-/// Panel storage. bf16 panels interleave each 32-row half of a panel row (within a half, lane
-/// r < 16 at 2r, lane r ≥ 16 at 2(r-16)+1) so that a 32-bit shift and a mask turn 64 bytes into
-/// two f32 vectors.
+/// Panel storage. f32 and f16 panels hold value `(r, c)` of panel `p` at `(p·cols + c)·NR + r`.
+/// bf16 panels pair consecutive columns: `(r, c)` at `((p·⌈cols/2⌉ + c/2)·NR + r)·2 + c%2`, the
+/// odd column of an odd `cols` zero, so one 32-bit lane holds one row's two products.
 #[derive(Debug, Clone)]
 pub(crate) enum Packed {
     F32(Vec<f32>),
@@ -39,32 +44,77 @@ pub struct PackedMatrix {
     pub(crate) data: Packed,
 }
 
-/// Position of lane `r` inside a panel row for the given storage.
-fn lane_pos(bf16_layout: bool, r: usize) -> usize {
-    let (half, within) = (r / 32 * 32, r % 32);
-    match (bf16_layout, within < 16) {
-        (false, _) => r,
-        (true, true) => half + 2 * within,
-        (true, false) => half + 2 * (within - 16) + 1,
-    }
-}
-
-fn pack_generic<T: Copy + Default>(
-    src: &[T],
-    rows: usize,
-    cols: usize,
-    bf16_layout: bool,
-) -> Vec<T> {
+fn pack_generic<T: Copy + Default>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
     let panels = rows.div_ceil(NR);
     let mut out = vec![T::default(); panels * cols * NR];
     for r in 0..rows {
-        let (p, lane) = (r / NR, lane_pos(bf16_layout, r % NR));
-        let base = p * cols * NR + lane;
+        let base = (r / NR) * cols * NR + r % NR;
         for (kk, &v) in src[r * cols..(r + 1) * cols].iter().enumerate() {
             out[base + kk * NR] = v;
         }
     }
     out
+}
+
+/// bf16 bits in the k-pair layout (see `Packed`).
+fn pack_pairs(src: &[u16], rows: usize, cols: usize) -> Vec<u16> {
+    let (panels, pairs) = (rows.div_ceil(NR), cols.div_ceil(2));
+    let mut out = vec![0; panels * pairs * NR * 2];
+    for r in 0..rows {
+        let base = (r / NR) * pairs * NR * 2 + (r % NR) * 2;
+        for (c, &v) in src[r * cols..(r + 1) * cols].iter().enumerate() {
+            out[base + (c / 2) * NR * 2 + c % 2] = v;
+        }
+    }
+    out
+}
+
+/// Activations rounded to bf16 in k-pairs: `[n, ⌈k/2⌉]` lanes, column `2j` in the low half
+/// (each row is its bf16 values in order, padded to even length).
+fn bf16_pairs(x: &[f32], n: usize, k: usize) -> Vec<u32> {
+    let pairs = k.div_ceil(2);
+    let mut out = vec![0u32; n * pairs];
+    for (row, dst) in x[..n * k]
+        .chunks_exact(k.max(1))
+        .zip(out.chunks_exact_mut(pairs))
+    {
+        avx512::round_to_bf16(row, bytemuck::cast_slice_mut(dst));
+    }
+    out
+}
+
+/// Which micro-kernel a matmul runs, decided once per call.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    Portable,
+    Avx512,
+    /// bf16 weights against bf16-rounded activations (`vdpbf16ps`).
+    Avx512Bf16,
+}
+
+impl Path {
+    fn for_weights(data: &Packed) -> Path {
+        match data {
+            Packed::Bf16(_) if avx512::bf16_available() => Path::Avx512Bf16,
+            _ if avx512::available() => Path::Avx512,
+            _ => Path::Portable,
+        }
+    }
+}
+
+/// A matmul's activations in the form its kernel reads.
+enum Acts<'a> {
+    F32(&'a [f32]),
+    Bf16Pairs(Vec<u32>),
+}
+
+impl<'a> Acts<'a> {
+    fn new(x: &'a [f32], n: usize, k: usize, path: Path) -> Self {
+        match path {
+            Path::Avx512Bf16 => Acts::Bf16Pairs(bf16_pairs(x, n, k)),
+            _ => Acts::F32(x),
+        }
+    }
 }
 
 impl PackedMatrix {
@@ -76,14 +126,14 @@ impl PackedMatrix {
             "pack: data length must equal rows * cols"
         );
         let data = match data {
-            TensorData::F32(v) => Packed::F32(pack_generic(v, rows, cols, false)),
+            TensorData::F32(v) => Packed::F32(pack_generic(v, rows, cols)),
             TensorData::Bf16(v) => {
                 let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
-                Packed::Bf16(pack_generic(&bits, rows, cols, true))
+                Packed::Bf16(pack_pairs(&bits, rows, cols))
             }
             TensorData::F16(v) => {
                 let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
-                Packed::F16(pack_generic(&bits, rows, cols, false))
+                Packed::F16(pack_generic(&bits, rows, cols))
             }
         };
         PackedMatrix { rows, cols, data }
@@ -130,12 +180,15 @@ impl PackedMatrix {
 
     /// Element `(r, c)` as f32 (tests and embedding-style lookups).
     pub fn get(&self, r: usize, c: usize) -> f32 {
-        let bf = matches!(self.data, Packed::Bf16(_));
-        let i = (r / NR) * self.cols * NR + c * NR + lane_pos(bf, r % NR);
+        let (p, lane) = (r / NR, r % NR);
+        let plain = (p * self.cols + c) * NR + lane;
         match &self.data {
-            Packed::F32(v) => v[i],
-            Packed::Bf16(v) => bf16::from_bits(v[i]).to_f32(),
-            Packed::F16(v) => f16::from_bits(v[i]).to_f32(),
+            Packed::F32(v) => v[plain],
+            Packed::F16(v) => f16::from_bits(v[plain]).to_f32(),
+            Packed::Bf16(v) => {
+                let pairs = self.cols.div_ceil(2);
+                bf16::from_bits(v[((p * pairs + c / 2) * NR + lane) * 2 + c % 2]).to_f32()
+            }
         }
     }
 }
@@ -165,13 +218,14 @@ pub fn matmul(x: &[f32], n: usize, w: &PackedMatrix, out: &mut [f32]) {
     let per_group = panels.div_ceil(groups);
     let groups = panels.div_ceil(per_group);
     let ptr = OutPtr(out.as_mut_ptr());
-    let use_avx512 = avx512::available();
+    let path = Path::for_weights(&w.data);
+    let acts = Acts::new(x, n, k, path);
     (0..tblocks * groups).into_par_iter().for_each(|task| {
         let (tb, g) = (task / groups, task % groups);
         let tokens = tb * TOKEN_BLOCK..((tb + 1) * TOKEN_BLOCK).min(n);
         let panel_range = g * per_group..((g + 1) * per_group).min(panels);
         for p in panel_range {
-            run_panel(x, tokens.clone(), w, p, use_avx512, ptr);
+            run_panel(&acts, tokens.clone(), w, p, path, ptr);
         }
     });
 }
@@ -183,19 +237,20 @@ pub fn matmul_serial(x: &[f32], n: usize, w: &PackedMatrix, out: &mut [f32]) {
         "matmul_serial: buffers too small"
     );
     let ptr = OutPtr(out.as_mut_ptr());
-    let use_avx512 = avx512::available();
+    let path = Path::for_weights(&w.data);
+    let acts = Acts::new(x, n, w.cols, path);
     for p in 0..w.rows.div_ceil(NR) {
-        run_panel(x, 0..n, w, p, use_avx512, ptr);
+        run_panel(&acts, 0..n, w, p, path, ptr);
     }
 }
 
 /// One panel against a block of tokens, MR tokens at a time.
 fn run_panel(
-    x: &[f32],
+    acts: &Acts,
     tokens: std::ops::Range<usize>,
     w: &PackedMatrix,
     p: usize,
-    avx: bool,
+    path: Path,
     out: OutPtr,
 ) {
     let (k, m) = (w.cols, w.rows);
@@ -204,12 +259,22 @@ fn run_panel(
     let mut t0 = tokens.start;
     while t0 < tokens.end {
         let mr = MR.min(tokens.end - t0);
-        let xs = &x[t0 * k..(t0 + mr) * k];
-        if avx {
-            // SAFETY: `available()` confirmed AVX-512F; slices are bounds-checked above.
-            unsafe { avx512::kernel(xs, mr, k, &w.data, p, &mut acc) };
-        } else {
-            portable::kernel(xs, mr, k, &w.data, p, &mut acc);
+        match (acts, path) {
+            (Acts::Bf16Pairs(x), Path::Avx512Bf16) => {
+                let pairs = k.div_ceil(2);
+                let xs = &x[t0 * pairs..(t0 + mr) * pairs];
+                // SAFETY: `Path::for_weights` confirmed AVX512-BF16 and bf16 weights.
+                unsafe { avx512::kernel_bf16(xs, mr, pairs, &w.data, p, &mut acc) };
+            }
+            (Acts::F32(x), Path::Avx512) => {
+                let xs = &x[t0 * k..(t0 + mr) * k];
+                // SAFETY: `available()` confirmed AVX-512F; slices are bounds-checked above.
+                unsafe { avx512::kernel(xs, mr, k, &w.data, p, &mut acc) };
+            }
+            (Acts::F32(x), _) => {
+                portable::kernel(&x[t0 * k..(t0 + mr) * k], mr, k, &w.data, p, &mut acc)
+            }
+            (Acts::Bf16Pairs(_), _) => unreachable!("bf16 activations only on the BF16 path"),
         }
         for (i, row) in acc.iter().take(mr).enumerate() {
             // SAFETY: token t0+i < n and columns p*NR..p*NR+width < m lie inside `out`, and no
@@ -274,27 +339,47 @@ mod tests {
         let packed = PackedMatrix::pack(m, k, &data);
         assert_eq!(packed.get(m - 1, k - 1), wf[m * k - 1]);
         let want = reference(&x, n, &wf, m, k);
-        for avx in [false, true] {
-            if avx && !avx512::available() {
+        // The BF16 path multiplies bf16-rounded activations exactly and sums in f32.
+        let rounded: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        let want_rounded = reference(&rounded, n, &wf, m, k);
+        let fastest = Path::for_weights(&packed.data);
+        for path in [Path::Portable, Path::Avx512, Path::Avx512Bf16] {
+            let supported = match path {
+                Path::Portable => true,
+                Path::Avx512 => avx512::available(),
+                Path::Avx512Bf16 => fastest == Path::Avx512Bf16,
+            };
+            if !supported {
                 continue;
             }
             let mut out = vec![0.0; n * m];
             let ptr = OutPtr(out.as_mut_ptr());
+            let acts = Acts::new(&x, n, k, path);
             for p in 0..m.div_ceil(NR) {
-                run_panel(&x, 0..n, &packed, p, avx, ptr);
+                run_panel(&acts, 0..n, &packed, p, path, ptr);
             }
-            for (a, b) in out.iter().zip(&want) {
+            let want = if path == Path::Avx512Bf16 {
+                &want_rounded
+            } else {
+                &want
+            };
+            for (a, b) in out.iter().zip(want) {
                 assert!(
                     (a - b).abs() < 1e-3 * (1.0 + b.abs()),
-                    "{dtype:?} avx={avx} n={n} m={m} k={k}: {a} vs {b}"
+                    "{dtype:?} {path:?} n={n} m={m} k={k}: {a} vs {b}"
                 );
             }
         }
         let mut out = vec![0.0; n * m];
         matmul(&x, n, &packed, &mut out);
+        let want = if fastest == Path::Avx512Bf16 {
+            &want_rounded
+        } else {
+            &want
+        };
         assert!(out
             .iter()
-            .zip(&want)
+            .zip(want)
             .all(|(a, b)| (a - b).abs() < 1e-3 * (1.0 + b.abs())));
     }
 

@@ -1,4 +1,4 @@
-//! Portable micro-kernel with the same packed layout as the AVX-512 one; the compiler vectorizes
+//! Portable micro-kernel over the same packed layouts as the AVX-512 ones; the compiler vectorizes
 //! the 32-lane inner loop for whatever the target offers.
 
 use half::{bf16, f16};
@@ -11,6 +11,7 @@ pub fn kernel(xs: &[f32], mr: usize, k: usize, data: &Packed, p: usize, acc: &mu
         *row = [0.0; NR];
     }
     let mut w = [0f32; NR];
+    let pairs = k.div_ceil(2);
     for kk in 0..k {
         let at = p * k * NR + kk * NR;
         match data {
@@ -21,11 +22,10 @@ pub fn kernel(xs: &[f32], mr: usize, k: usize, data: &Packed, p: usize, acc: &mu
                 }
             }
             Packed::Bf16(v) => {
-                // Interleaved per 32-row half: even positions are its rows 0..16, odd ones 16..32.
-                for (i, pair) in v[at..at + NR].chunks_exact(2).enumerate() {
-                    let base = i / 16 * 32 + i % 16;
-                    w[base] = bf16::from_bits(pair[0]).to_f32();
-                    w[base + 16] = bf16::from_bits(pair[1]).to_f32();
+                // k-pairs: row r's value of column kk at 2r + kk % 2 within pair kk / 2.
+                let at = ((p * pairs + kk / 2) * NR) * 2 + kk % 2;
+                for (r, o) in w.iter_mut().enumerate() {
+                    *o = bf16::from_bits(v[at + 2 * r]).to_f32();
                 }
             }
         }
