@@ -183,12 +183,9 @@ fn gather_kv(
 #[inline(always)]
 fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v -= max);
+    crate::backend::cpu::exp_in_place(x);
+    let inv = 1.0 / x.iter().sum::<f32>();
     x.iter_mut().for_each(|v| *v *= inv);
 }
 

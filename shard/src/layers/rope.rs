@@ -2,6 +2,10 @@
 //! inverse frequencies computed in f32 exactly as transformers does, plus linear and Llama-3
 //! frequency rescaling.
 
+use rayon::prelude::*;
+
+use crate::layers::ROWS_PER_TASK;
+
 use crate::config::RopeScaling;
 
 #[derive(Debug, Clone)]
@@ -69,12 +73,13 @@ impl RopeTables {
     pub fn apply(&self, x: &mut [f32], n: usize) {
         let half = self.half;
         let width = x.len() / n.max(1);
-        for t in 0..n {
+        let rows = x.par_chunks_exact_mut(width.max(1)).enumerate();
+        rows.with_min_len(ROWS_PER_TASK).for_each(|(t, row)| {
             let (c, s) = (
                 &self.cos[t * half..(t + 1) * half],
                 &self.sin[t * half..(t + 1) * half],
             );
-            for head in x[t * width..(t + 1) * width].chunks_exact_mut(2 * half) {
+            for head in row.chunks_exact_mut(2 * half) {
                 let (x1, x2) = head.split_at_mut(half);
                 for i in 0..half {
                     let (a, b) = (x1[i], x2[i]);
@@ -82,7 +87,7 @@ impl RopeTables {
                     x2[i] = b * c[i] + a * s[i];
                 }
             }
-        }
+        });
     }
 }
 

@@ -6,7 +6,9 @@
 
 use std::sync::Arc;
 
-use crate::backend::cpu::PackedMatrix;
+use rayon::prelude::*;
+
+use crate::backend::cpu::{exp_in_place, PackedMatrix};
 use crate::comm::{Comm, Shard};
 use crate::config::ModelConfig;
 use crate::forward::{BatchPlan, ForwardBatch};
@@ -16,6 +18,7 @@ use crate::layers::embedding::Embedding;
 use crate::layers::linear::{Linear, Part, RowPart};
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::{Rope, RopeTables};
+use crate::layers::ROWS_PER_TASK;
 use crate::weights::{DType, WeightSource};
 use crate::{Error, Result};
 
@@ -157,13 +160,13 @@ impl Llama {
         let attn = paged_attention(&q, cache, plan, self.heads);
         let mut o = l.o_proj.forward(&attn, n);
         self.comm.all_reduce_sum(&mut o)?;
-        add_into(x, &o);
+        add_into(x, &o, self.config.hidden_size);
 
         let gu = l.gate_up.forward(&l.post_norm.forward(x), n);
         let act = swiglu(&gu, n);
         let mut d = l.down.forward(&act, n);
         self.comm.all_reduce_sum(&mut d)?;
-        add_into(x, &d);
+        add_into(x, &d, self.config.hidden_size);
         Ok(())
     }
 
@@ -285,32 +288,44 @@ fn load_layer(
 /// Splits fused `[n, q | k | v]` rows into three row-major buffers.
 fn split_qkv(qkv: &[f32], n: usize, qd: usize, kvd: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let w = qd + 2 * kvd;
-    let (mut q, mut k, mut v) = (
-        Vec::with_capacity(n * qd),
-        Vec::with_capacity(n * kvd),
-        Vec::with_capacity(n * kvd),
-    );
-    for row in qkv.chunks_exact(w) {
-        q.extend_from_slice(&row[..qd]);
-        k.extend_from_slice(&row[qd..qd + kvd]);
-        v.extend_from_slice(&row[qd + kvd..]);
-    }
+    let (mut q, mut k, mut v) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
+    let rows = q.par_chunks_exact_mut(qd).zip(k.par_chunks_exact_mut(kvd));
+    let rows = rows
+        .zip(v.par_chunks_exact_mut(kvd))
+        .zip(qkv.par_chunks_exact(w));
+    rows.with_min_len(ROWS_PER_TASK)
+        .for_each(|(((q, k), v), row)| {
+            q.copy_from_slice(&row[..qd]);
+            k.copy_from_slice(&row[qd..qd + kvd]);
+            v.copy_from_slice(&row[qd + kvd..]);
+        });
     (q, k, v)
 }
 
 /// `silu(gate) · up` for fused `[n, gate | up]` rows.
 fn swiglu(gu: &[f32], n: usize) -> Vec<f32> {
     let ff = gu.len() / n / 2;
-    let mut out = Vec::with_capacity(n * ff);
-    for row in gu.chunks_exact(2 * ff) {
+    let mut out = vec![0.0; n * ff];
+    let rows = out
+        .par_chunks_exact_mut(ff)
+        .zip(gu.par_chunks_exact(2 * ff));
+    rows.with_min_len(ROWS_PER_TASK).for_each(|(o, row)| {
         let (g, u) = row.split_at(ff);
-        out.extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
-    }
+        o.iter_mut().zip(g).for_each(|(o, &g)| *o = -g);
+        exp_in_place(o);
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + *o) * u;
+        }
+    });
     out
 }
 
-fn add_into(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
+/// `x += y` for `[n, width]` rows.
+fn add_into(x: &mut [f32], y: &[f32], width: usize) {
+    let rows = x.par_chunks_exact_mut(width).zip(y.par_chunks_exact(width));
+    rows.with_min_len(ROWS_PER_TASK).for_each(|(a, b)| {
+        for (a, b) in a.iter_mut().zip(b) {
+            *a += b;
+        }
+    });
 }

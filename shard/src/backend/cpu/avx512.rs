@@ -61,6 +61,49 @@ unsafe fn round_bf16_avx512(x: &[f32], out: &mut [u16]) {
     }
 }
 
+/// `x[i] = eˣ⁽ⁱ⁾` in place: 2ⁿ·p(r) with r = x − n·ln 2, |r| ≤ ln 2 / 2, and p the degree-6
+/// Taylor polynomial (relative error ≈ 2·10⁻⁷); NaN stays NaN, large negatives go to 0.
+pub fn exp_in_place(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: AVX-512F is present; `exp_avx512` stays inside the slice.
+        return unsafe { exp_avx512(x) };
+    }
+    x.iter_mut().for_each(|v| *v = v.exp());
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_avx512(x: &mut [f32]) {
+    let full = x.len() / 16 * 16;
+    for i in (0..full).step_by(16) {
+        let p = x.as_mut_ptr().add(i);
+        _mm512_storeu_ps(p, exp16(_mm512_loadu_ps(p)));
+    }
+    for v in &mut x[full..] {
+        *v = v.exp();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn exp16(v: __m512) -> __m512 {
+    let c = _mm512_set1_ps;
+    // `min`/`max` return their second operand for NaN, so NaN passes through.
+    let x = _mm512_max_ps(c(-104.0), _mm512_min_ps(c(88.7), v));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, c(std::f32::consts::LOG2_E)),
+    );
+    let r = _mm512_fnmadd_ps(n, c(0.693_145_75), x);
+    let r = _mm512_fnmadd_ps(n, c(1.428_606_8e-6), r);
+    let mut p = c(1.0 / 720.0);
+    for k in [120.0, 24.0, 6.0, 2.0, 1.0, 1.0] {
+        p = _mm512_fmadd_ps(p, r, c(1.0 / k));
+    }
+    _mm512_scalef_ps(p, n)
+}
+
 /// Monomorphizes the tile function for the token count so accumulators live in registers.
 macro_rules! dispatch {
     ($f:ident, $mr:expr, $x:expr, $k:expr, $w:expr, $acc:expr) => {

@@ -288,6 +288,8 @@ fn run_panel(
     }
 }
 
+pub use avx512::exp_in_place;
+
 /// Dot product with 16 independent lanes so the compiler vectorizes it without reassociation.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -394,6 +396,25 @@ mod tests {
                 (8, 172, 64),
             ] {
                 check(n, m, k, dtype);
+            }
+        }
+    }
+
+    #[test]
+    fn exp_matches_std_within_a_few_ulps() {
+        let mut x: Vec<f32> = (-2000..2000).map(|i| i as f32 / 20.0).collect();
+        x.extend([f32::NEG_INFINITY, -200.0, 0.0, f32::NAN]);
+        let mut y = x.clone();
+        exp_in_place(&mut y);
+        for (a, b) in x.iter().zip(&y) {
+            let want = a.exp();
+            if a.is_nan() {
+                assert!(b.is_nan());
+            } else {
+                assert!(
+                    (b - want).abs() <= 4e-7 * want,
+                    "exp({a}) = {b}, want {want}"
+                );
             }
         }
     }
