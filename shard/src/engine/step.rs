@@ -3,6 +3,7 @@
 //! Everything that can be rejected is checked before any batch is taken out of the engine, so a
 //! bad request leaves the held batches untouched.
 
+use rayon::prelude::*;
 use std::collections::HashSet;
 use std::time::Instant;
 
@@ -129,16 +130,34 @@ impl Engine {
             )));
         }
         let t = Instant::now();
+        // Token choice and detokenization of each sequence are independent: run them in parallel,
+        // then keep the batch order (and report the first error in it).
         let mut rows = rows.into_iter();
+        let mut seqs: Vec<(Seq, usize, Vec<f32>)> = seqs
+            .into_iter()
+            .zip(plan)
+            .map(|(seq, n)| {
+                let logits = if n > 0 {
+                    rows.next().unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                (seq, n, logits)
+            })
+            .collect();
+        let ctx = &self.ctx;
+        let advanced: Vec<_> = seqs
+            .par_iter_mut()
+            .map(|(seq, n, logits)| (*n > 0).then(|| seq.advance(*n, logits, ctx)))
+            .collect();
         let mut generations = Vec::new();
         let mut kept = Vec::with_capacity(seqs.len());
-        for (mut seq, n) in seqs.into_iter().zip(plan) {
-            if n == 0 {
+        for ((seq, _, _), generation) in seqs.into_iter().zip(advanced) {
+            let Some(generation) = generation else {
                 kept.push(seq);
                 continue;
-            }
-            let logits = rows.next().unwrap_or_default();
-            let generation = seq.advance(n, &logits, &self.ctx)?;
+            };
+            let generation = generation?;
             let finished = generation.as_ref().is_some_and(|g| g.finished.is_some());
             if let Some(g) = generation.filter(|g| self.owns(g.request_id)) {
                 generations.push(g);

@@ -6,6 +6,7 @@
 //! model distribution, before penalties and warpers, so they mean the same thing whatever the sampling
 //! parameters (TGI reports post-warper values, a known source of confusion).
 
+use crate::backend::cpu::exp_in_place;
 use std::collections::{HashMap, HashSet};
 
 use rand::rngs::StdRng;
@@ -343,22 +344,20 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     if !max.is_finite() {
         return vec![f32::NEG_INFINITY; logits.len()];
     }
-    let sum: f64 = logits
-        .iter()
-        .filter(|v| !v.is_nan())
-        .map(|&v| ((v - max) as f64).exp())
-        .sum();
-    let ln_sum = sum.ln() as f32;
-    logits
-        .iter()
-        .map(|&v| {
-            if v.is_nan() {
-                f32::NEG_INFINITY
-            } else {
-                (v - max) - ln_sum
-            }
-        })
-        .collect()
+    let shifted = |v: f32| {
+        if v.is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            v - max
+        }
+    };
+    let mut out: Vec<f32> = logits.iter().map(|&v| shifted(v)).collect();
+    // The vocabulary-wide sum is the sampling hot spot: vectorised f32 exp, summed in f64.
+    let mut e = out.clone();
+    exp_in_place(&mut e);
+    let ln_sum = e.iter().map(|&x| x as f64).sum::<f64>().ln() as f32;
+    out.iter_mut().for_each(|v| *v -= ln_sum);
+    out
 }
 
 fn softmax(scores: &[f32]) -> Vec<f32> {
