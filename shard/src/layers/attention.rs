@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use crate::backend::cpu::{avx512, matmul_serial, PackedMatrix, NR};
+use crate::backend::cpu::{avx512, axpy, dot, matmul_serial, PackedMatrix, NR};
 use crate::forward::BatchPlan;
 use crate::kv_cache::LayerCache;
 
@@ -115,6 +115,9 @@ unsafe fn attend_avx512(
 /// of Vᵀ (P·V), so neither needs horizontal sums.
 #[inline(always)]
 fn attend(q: &[f32], cache: &LayerCache, plan: &BatchPlan, h: Heads, tile: &Tile) -> Vec<f32> {
+    if tile.tokens.len() == 1 {
+        return attend_one(q, cache, plan, h, tile);
+    }
     let (hd, group) = (h.head_dim, h.num_heads / h.num_kv_heads);
     let kv_dim = h.num_kv_heads * hd;
     let kv_off = tile.kv_head * hd;
@@ -149,6 +152,35 @@ fn attend(q: &[f32], cache: &LayerCache, plan: &BatchPlan, h: Heads, tile: &Tile
     }
     let mut out = vec![0f32; nq * hd];
     matmul_serial(&probs, nq, &values_t, &mut out);
+    out
+}
+
+/// A one-token tile (a decode step): K and V rows are read in place through the block table —
+/// packing them for a GEMM of `group` rows would copy more than it computes.
+#[inline(always)]
+fn attend_one(q: &[f32], cache: &LayerCache, plan: &BatchPlan, h: Heads, tile: &Tile) -> Vec<f32> {
+    let (hd, group) = (h.head_dim, h.num_heads / h.num_kv_heads);
+    let kv_dim = h.num_kv_heads * hd;
+    let kv_off = tile.kv_head * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let t = tile.tokens.start;
+    let pos = plan.positions[t];
+    let lo = h.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    let slots = &plan.seq_slots[tile.seq][lo..=pos];
+    let row = |slot: usize| slot * kv_dim + kv_off..slot * kv_dim + kv_off + hd;
+    let q0 = (t * h.num_heads + tile.kv_head * group) * hd;
+    let mut out = vec![0f32; group * hd];
+    let mut scores = vec![0f32; slots.len()];
+    for (g, o) in out.chunks_exact_mut(hd).enumerate() {
+        let qg = &q[q0 + g * hd..q0 + (g + 1) * hd];
+        for (s, &slot) in scores.iter_mut().zip(slots) {
+            *s = dot(qg, &cache.k[row(slot)]) * scale;
+        }
+        softmax(&mut scores);
+        for (&p, &slot) in scores.iter().zip(slots) {
+            axpy(o, p, &cache.v[row(slot)]);
+        }
+    }
     out
 }
 
