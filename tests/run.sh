@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one test command (README and .ci/run call it): fetch test models, build every binary, run every test.
+# The one test command (README and .ci/run call it): fetch test models, build every binary, run every test,
+# then the deployment checks (Dockerfiles, Kubernetes, Prometheus rules, dashboard) against a live router.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/fetch-models.sh
@@ -8,3 +9,6 @@ cargo test --workspace
 # Client compatibility (official `openai` SDK, `huggingface_hub`) against the real router: their own venv.
 python3 -m venv .cache/venv && .cache/venv/bin/pip install -q openai huggingface_hub pytest
 .cache/venv/bin/pytest -q tests/python
+# Deployment: every metric the dashboard, rules and autoscaler read is in a live router's /metrics.
+bash deploy/tools/scrape-router.sh .cache/router-metrics.txt
+bash .ci/deploy-checks.sh --scrape .cache/router-metrics.txt

@@ -87,6 +87,11 @@ pub fn install(max_input_tokens: u32, max_total_tokens: u32) -> anyhow::Result<P
         )?;
     let handle = builder.install_recorder()?;
     describe();
+    // Failure counters exist from the start at 0, so `rate()` and the alerts on them have a series
+    // before the first failure (Prometheus' advice for counters with known labels).
+    for method in ["prefill", "decode"] {
+        metrics::counter!(BATCH_INFERENCE_FAILURE, "method" => method).increment(0);
+    }
     Ok(handle)
 }
 
