@@ -72,7 +72,7 @@ pub(crate) fn paged_attention(
                 // SAFETY: AVX-512F is present (checked at run time above).
                 unsafe { attend_avx512(q, cache, plan, h, tile) }
             } else {
-                attend(q, cache, plan, h, tile)
+                attend::<false>(q, cache, plan, h, tile)
             }
         })
         .collect();
@@ -96,7 +96,7 @@ unsafe fn attend_avx512(
     h: Heads,
     tile: &Tile,
 ) -> Vec<f32> {
-    attend(q, cache, plan, h, tile)
+    attend::<true>(q, cache, plan, h, tile)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -107,16 +107,23 @@ unsafe fn attend_avx512(
     h: Heads,
     tile: &Tile,
 ) -> Vec<f32> {
-    attend(q, cache, plan, h, tile)
+    attend::<false>(q, cache, plan, h, tile)
 }
 
 /// Attention of one tile; returns `[tokens][group heads][head_dim]`. Scores and the weighted sum
 /// are two small GEMMs on the CPU matmul kernel: K gathered into panels (Q·Kᵀ) and V into panels
 /// of Vᵀ (P·V), so neither needs horizontal sums.
+/// `AVX512`: the caller runs with AVX-512F enabled (decode dot products use it).
 #[inline(always)]
-fn attend(q: &[f32], cache: &LayerCache, plan: &BatchPlan, h: Heads, tile: &Tile) -> Vec<f32> {
+fn attend<const AVX512: bool>(
+    q: &[f32],
+    cache: &LayerCache,
+    plan: &BatchPlan,
+    h: Heads,
+    tile: &Tile,
+) -> Vec<f32> {
     if tile.tokens.len() == 1 {
-        return attend_one(q, cache, plan, h, tile);
+        return attend_one::<AVX512>(q, cache, plan, h, tile);
     }
     let (hd, group) = (h.head_dim, h.num_heads / h.num_kv_heads);
     let kv_dim = h.num_kv_heads * hd;
@@ -158,7 +165,13 @@ fn attend(q: &[f32], cache: &LayerCache, plan: &BatchPlan, h: Heads, tile: &Tile
 /// A one-token tile (a decode step): K and V rows are read in place through the block table —
 /// packing them for a GEMM of `group` rows would copy more than it computes.
 #[inline(always)]
-fn attend_one(q: &[f32], cache: &LayerCache, plan: &BatchPlan, h: Heads, tile: &Tile) -> Vec<f32> {
+fn attend_one<const AVX512: bool>(
+    q: &[f32],
+    cache: &LayerCache,
+    plan: &BatchPlan,
+    h: Heads,
+    tile: &Tile,
+) -> Vec<f32> {
     let (hd, group) = (h.head_dim, h.num_heads / h.num_kv_heads);
     let kv_dim = h.num_kv_heads * hd;
     let kv_off = tile.kv_head * hd;
@@ -174,7 +187,14 @@ fn attend_one(q: &[f32], cache: &LayerCache, plan: &BatchPlan, h: Heads, tile: &
     for (g, o) in out.chunks_exact_mut(hd).enumerate() {
         let qg = &q[q0 + g * hd..q0 + (g + 1) * hd];
         for (s, &slot) in scores.iter_mut().zip(slots) {
-            *s = dot(qg, &cache.k[row(slot)]) * scale;
+            let k = &cache.k[row(slot)];
+            *s = scale
+                * if AVX512 {
+                    // SAFETY: `AVX512` is only set under `attend_avx512`, after the CPU check.
+                    unsafe { avx512::dot(qg, k) }
+                } else {
+                    dot(qg, k)
+                };
         }
         softmax(&mut scores);
         for (&p, &slot) in scores.iter().zip(slots) {

@@ -104,6 +104,33 @@ unsafe fn exp16(v: __m512) -> __m512 {
     _mm512_scalef_ps(p, n)
 }
 
+/// `Σ a[i]·b[i]` over the shorter slice, 16 lanes per FMA and one horizontal sum.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let full = n / 16 * 16;
+    let mut acc = _mm512_setzero_ps();
+    for i in (0..full).step_by(16) {
+        let (x, y) = (
+            _mm512_loadu_ps(a.as_ptr().add(i)),
+            _mm512_loadu_ps(b.as_ptr().add(i)),
+        );
+        acc = _mm512_fmadd_ps(x, y, acc);
+    }
+    let tail: f32 = a[full..n].iter().zip(&b[full..n]).map(|(x, y)| x * y).sum();
+    _mm512_reduce_add_ps(acc) + tail
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    super::dot(a, b)
+}
+
 /// Monomorphizes the tile function for the token count so accumulators live in registers.
 macro_rules! dispatch {
     ($f:ident, $mr:expr, $x:expr, $k:expr, $w:expr, $acc:expr) => {
