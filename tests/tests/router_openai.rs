@@ -232,7 +232,10 @@ async fn openai_errors_have_real_statuses() {
         // OpenAI's error shape (the SDKs read `error.message`) plus TGI's `error_type`.
         let error: Value = response.json().await.unwrap();
         assert!(
-            error["error"]["message"].as_str().unwrap().contains(message),
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(message),
             "{error} vs {message}"
         );
         assert_eq!(error["error"]["code"], 422);
