@@ -176,15 +176,14 @@ async fn chat_inner(state: AppStateRef, request: ChatRequest) -> Result<Response
             .stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage);
-        let chunks = chat_stream(
-            streams,
-            permit,
+        let shape = ChunkShape {
             stops,
             model,
-            request.logprobs.unwrap_or(false),
+            with_logprobs: request.logprobs.unwrap_or(false),
             include_usage,
             prompt_tokens,
-        );
+        };
+        let chunks = chat_stream(streams, permit, shape);
         return Ok(Sse::new(chunks)
             .keep_alive(KeepAlive::default())
             .into_response());
@@ -346,16 +345,27 @@ fn data(value: &impl serde::Serialize) -> Event {
     Event::default().data(serde_json::to_string(value).unwrap_or_default())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn chat_stream(
-    streams: ChoiceStreams,
-    permit: OwnedSemaphorePermit,
+/// What a chat stream's chunks carry besides the tokens.
+struct ChunkShape {
     stops: Vec<String>,
     model: String,
     with_logprobs: bool,
     include_usage: bool,
     prompt_tokens: u32,
+}
+
+fn chat_stream(
+    streams: ChoiceStreams,
+    permit: OwnedSemaphorePermit,
+    shape: ChunkShape,
 ) -> impl Stream<Item = std::result::Result<Event, Infallible>> {
+    let ChunkShape {
+        stops,
+        model,
+        with_logprobs,
+        include_usage,
+        prompt_tokens,
+    } = shape;
     let n = streams.firsts.len();
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let created = unix_now();
