@@ -18,6 +18,8 @@ use super::Comm;
 use crate::{Error, Result};
 
 const MAGIC: u32 = 0x5453_5241; // "TSRA"
+/// Largest message a collective accepts (a corrupt length must not allocate without bound).
+const MAX_MESSAGE: usize = 1 << 34;
 
 /// Where and how long to wait.
 #[derive(Debug, Clone)]
@@ -230,8 +232,11 @@ impl Link {
                 self.peer, head[0]
             )));
         }
-        if !len.is_multiple_of(4) {
-            return Err(comm_err(format!("rank {} sent {len} bytes", self.peer)));
+        if !len.is_multiple_of(4) || len > MAX_MESSAGE {
+            return Err(comm_err(format!(
+                "rank {} announced {len} bytes (not whole f32 values under {MAX_MESSAGE})",
+                self.peer
+            )));
         }
         Ok(len / 4)
     }

@@ -70,14 +70,11 @@ impl Embedding {
         let h = self.hidden;
         let mut out = Vec::with_capacity(tokens.len() * h);
         for &t in tokens {
-            let Some(row) = (t as usize).checked_sub(self.ids.start) else {
-                out.resize(out.len() + h, 0.0);
-                continue;
-            };
-            match &self.table {
-                _ if row >= self.ids.len() => out.resize(out.len() + h, 0.0),
-                Table::Rows(rows) => out.extend(rows.f32_range(row * h, (row + 1) * h)),
-                Table::Packed(p) => out.extend((0..h).map(|c| p.get(row, c))),
+            let local = (t as usize).checked_sub(self.ids.start);
+            match (local.filter(|&r| r < self.ids.len()), &self.table) {
+                (None, _) => out.resize(out.len() + h, 0.0),
+                (Some(r), Table::Rows(rows)) => out.extend(rows.f32_range(r * h, (r + 1) * h)),
+                (Some(r), Table::Packed(p)) => out.extend((0..h).map(|c| p.get(r, c))),
             }
         }
         out

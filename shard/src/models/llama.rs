@@ -111,9 +111,7 @@ impl Llama {
             return Ok(Vec::new());
         }
         let mut x = self.embed.forward(&plan.tokens);
-        if self.comm.world_size() > 1 {
-            self.comm.all_reduce_sum(&mut x)?;
-        }
+        self.comm.all_reduce_sum(&mut x)?;
         let rope = self.rope.tables(&plan.positions);
         for (i, layer) in self.layers.iter().enumerate() {
             self.layer_forward(layer, &mut x, &plan, &rope, cache.layer_mut(i))?;

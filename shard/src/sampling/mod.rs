@@ -352,10 +352,17 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
         }
     };
     let mut out: Vec<f32> = logits.iter().map(|&v| shifted(v)).collect();
-    // The vocabulary-wide sum is the sampling hot spot: vectorised f32 exp, summed in f64.
-    let mut e = out.clone();
-    exp_in_place(&mut e);
-    let ln_sum = e.iter().map(|&x| x as f64).sum::<f64>().ln() as f32;
+    // The vocabulary-wide sum is the sampling hot spot: vectorised f32 exp over a small scratch
+    // block (no second vocabulary-sized buffer), summed in f64.
+    let mut scratch = [0f32; 1024];
+    let mut sum = 0f64;
+    for chunk in out.chunks(scratch.len()) {
+        let e = &mut scratch[..chunk.len()];
+        e.copy_from_slice(chunk);
+        exp_in_place(e);
+        sum += e.iter().map(|&x| x as f64).sum::<f64>();
+    }
+    let ln_sum = sum.ln() as f32;
     out.iter_mut().for_each(|v| *v -= ln_sum);
     out
 }
