@@ -3,6 +3,7 @@
 pub mod api;
 pub mod args;
 pub mod batcher;
+pub mod cli;
 pub mod client;
 pub mod error;
 pub mod metrics;

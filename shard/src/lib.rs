@@ -5,6 +5,7 @@ pub use error::{Error, Result};
 
 pub mod backend;
 pub mod bench;
+pub mod cli;
 pub mod comm;
 pub mod config;
 pub mod forward;
