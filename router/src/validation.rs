@@ -109,7 +109,11 @@ impl Validation {
         let max_new_tokens = p
             .max_new_tokens
             .unwrap_or_else(|| max_total.saturating_sub(input_length));
-        if input_length + max_new_tokens > max_total {
+        // Checked: `max_new_tokens` is the user's number and may be near u32::MAX.
+        if input_length
+            .checked_add(max_new_tokens)
+            .is_none_or(|total| total > max_total)
+        {
             return Err(RouterError::MaxTotalTokens(
                 max_total,
                 input_length,
@@ -350,6 +354,13 @@ mod tests {
                     ..Default::default()
                 },
                 RouterError::MaxTotalTokens(20, 4, 18),
+            ),
+            (
+                GenerateParameters {
+                    max_new_tokens: Some(u32::MAX),
+                    ..Default::default()
+                },
+                RouterError::MaxTotalTokens(20, 4, u32::MAX),
             ),
             (
                 GenerateParameters {
