@@ -1,13 +1,12 @@
-//! Generates the gRPC code from generate.proto with a vendored protoc, so builds need no system protoc.
+//! Generates the gRPC code from generate.proto. `protox` (a protobuf compiler in Rust) parses it
+//! into a descriptor set that tonic-build turns into code, so builds need no `protoc` binary.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protoc = protoc_bin_vendored::protoc_bin_path()?;
-    // SAFETY: build scripts are single-threaded; the variable is read by tonic-build below.
-    unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=generate.proto");
+    let descriptors = protox::compile(["generate.proto"], ["."])?;
     tonic_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_protos(&["generate.proto"], &["."])?;
+        .compile_fds(descriptors)?;
     Ok(())
 }
