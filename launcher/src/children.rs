@@ -88,6 +88,9 @@ pub fn serve_args(
             .kv_cache_fraction
             .unwrap_or(defaults.serve.kv_cache_fraction),
         max_batch_prefill_tokens: args.batching.max_batch_prefill_tokens as usize,
+        // As TGI's launcher does: the shards export under the launcher's service name too.
+        otlp_endpoint: args.server.otlp_endpoint.clone(),
+        otlp_service_name: args.server.otlp_service_name.clone(),
         ..defaults.serve
     })
 }
@@ -124,6 +127,10 @@ pub fn shard_argv(serve: &ServeArgs) -> Result<Vec<String>, String> {
     if let Some(bytes) = serve.kv_cache_memory {
         pairs.push(("kv_cache_memory", bytes.to_string()));
     }
+    if let Some(endpoint) = &serve.otlp_endpoint {
+        pairs.push(("otlp_endpoint", endpoint.clone()));
+    }
+    pairs.push(("otlp_service_name", serve.otlp_service_name.clone()));
     let mut argv = vec!["serve".to_string()];
     for (id, value) in pairs {
         argv.extend([shard_flag(id)?, value]);
@@ -237,6 +244,7 @@ mod tests {
             "--waiting-served-ratio=0.5",
             "--max-waiting-tokens=9",
             "--max-batch-size=4",
+            "--otlp-endpoint=http://collector:4317",
         ]);
         let argv = router_argv(&router_args(&args, &model())).unwrap();
         let all = std::iter::once("tessera-router".to_string()).chain(argv);
@@ -275,6 +283,8 @@ mod tests {
             "--kv-cache-memory=1000000",
             "--kv-cache-fraction=0.25",
             "--max-batch-prefill-tokens=256",
+            "--otlp-endpoint=http://collector:4317",
+            "--otlp-service-name=tessera",
         ]);
         let serve = serve_args(&args, &model(), 1, 2).unwrap();
         let argv = shard_argv(&serve).unwrap();
@@ -294,6 +304,11 @@ mod tests {
         assert_eq!(parsed.kv_cache_memory, Some(1_000_000));
         assert_eq!(parsed.kv_cache_fraction, 0.25);
         assert_eq!(parsed.max_batch_prefill_tokens, 256);
+        assert_eq!(
+            parsed.otlp_endpoint.as_deref(),
+            Some("http://collector:4317")
+        );
+        assert_eq!(parsed.otlp_service_name, "tessera");
     }
 
     #[test]

@@ -69,6 +69,13 @@ pub struct ServerArgs {
     /// Log as JSON lines.
     #[arg(long, env)]
     pub json_output: bool,
+    /// Export spans over OTLP/gRPC to this collector (e.g. `http://localhost:4317`); a W3C
+    /// `traceparent` header on a request continues the caller's trace.
+    #[arg(long, env)]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    #[arg(long, env, default_value = "text-generation-inference.router")]
+    pub otlp_service_name: String,
 }
 
 /// Per-request limits (validation) and admission.
@@ -147,6 +154,10 @@ impl RouterArgs {
         for origin in &v.cors_allow_origin {
             push("cors-allow-origin", origin.clone());
         }
+        if let Some(endpoint) = &v.otlp_endpoint {
+            push("otlp-endpoint", endpoint.clone());
+        }
+        push("otlp-service-name", v.otlp_service_name.clone());
         let l = &self.limits;
         push(
             "max-concurrent-requests",
@@ -202,6 +213,8 @@ mod tests {
         full.server.api_key = Some("k".into());
         full.server.cors_allow_origin = vec!["http://a".into(), "http://b".into()];
         full.server.json_output = true;
+        full.server.otlp_endpoint = Some("http://collector:4317".into());
+        full.server.otlp_service_name = "tessera".into();
         full.limits.max_input_tokens = Some(100);
         full.limits.max_total_tokens = Some(200);
         full.batching.max_batch_total_tokens = Some(5000);

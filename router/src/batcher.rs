@@ -15,6 +15,7 @@ use tessera_proto::v3::{self, Generation, Tokens};
 use tessera_proto::RequestId;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 
 /// What a request's channel carries.
 #[derive(Debug)]
@@ -222,8 +223,9 @@ impl Batcher {
             let step = self.scheduler.schedule(Instant::now());
             stalled = step.is_none();
             if let Some(step) = step {
-                // 5. Run it on every shard.
-                let outcome = self.execute(&step).await;
+                // 5. Run it on every shard, in a span the shards continue.
+                let span = self.step_span(&step);
+                let outcome = self.execute(&step).instrument(span).await;
                 // 6. Feed the result back; deliver each request's events.
                 let delivering = Instant::now();
                 for event in self.scheduler.update(outcome) {
@@ -282,6 +284,50 @@ impl Batcher {
         }
         self.scheduler.cancel(id);
         metrics::counter!(m::REQUEST_FAILURE, "err" => "dropped").increment(1);
+    }
+
+    /// The span of one shard RPC; the client's interceptor hands its context to the shards.
+    ///
+    /// One forward serves many requests, but a span has one parent. The span is a child of one
+    /// request of the batch — for a prefill the first newly admitted one (the request that prefill
+    /// is there for), otherwise the first still running — so that request's trace runs unbroken from
+    /// its HTTP span through the router into the shards' spans. Every other request of the batch is
+    /// linked (`follows_from`, an OpenTelemetry link), so each request's trace still points at every
+    /// forward it rode in without one span per request per step.
+    fn step_span(&self, step: &Step) -> tracing::Span {
+        let (method, first, ids): (&str, Option<u64>, Vec<u64>) = match step {
+            Step::Prefill {
+                batch,
+                cached,
+                admitted,
+            } => {
+                let mut ids: Vec<u64> = batch.requests.iter().map(|r| r.id).collect();
+                ids.extend(cached.iter().flat_map(|c| c.request_ids.iter().copied()));
+                ("prefill", admitted.first().map(|(id, _)| id.0), ids)
+            }
+            Step::Decode { batches } => {
+                let ids = batches.iter().flat_map(|b| b.request_ids.iter().copied());
+                ("decode", None, ids.collect())
+            }
+            Step::Filter { request_ids, .. } => ("filter_batch", None, request_ids.clone()),
+            // Every request of a cleared batch is gone: nothing to continue.
+            Step::Clear { .. } => return tracing::Span::none(),
+        };
+        let batch_size = ids.len();
+        let mut tracked = first
+            .into_iter()
+            .chain(ids)
+            .filter_map(|id| Some((id, &self.requests.get(&RequestId(id))?.span)));
+        let Some((parent_id, parent)) = tracked.next() else {
+            return tracing::info_span!(parent: None, "shard_rpc", otel.name = method, batch_size);
+        };
+        let span = tracing::info_span!(parent: parent, "shard_rpc", otel.name = method, batch_size);
+        for (id, request) in tracked {
+            if id != parent_id {
+                span.follows_from(request);
+            }
+        }
+        span
     }
 
     async fn execute(&mut self, step: &Step) -> Outcome {

@@ -18,7 +18,24 @@ where
         println!("{schema}");
         return ExitCode::SUCCESS;
     }
-    init_tracing(cli.router.server.json_output);
+    let server = &cli.router.server;
+    let telemetry = match tessera_telemetry::init(tessera_telemetry::LogConfig {
+        json: server.json_output,
+        writer: tessera_telemetry::Writer::Stdout,
+        otlp: server
+            .otlp_endpoint
+            .as_deref()
+            .map(|endpoint| tessera_telemetry::Otlp {
+                endpoint,
+                service_name: &server.otlp_service_name,
+            }),
+    }) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -26,22 +43,15 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(crate::startup::run(cli.router)) {
+    let code = match runtime.block_on(crate::startup::run(cli.router)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if json {
-        builder.json().with_current_span(true).init();
-    } else {
-        builder.init();
-    }
+    };
+    // The last requests' spans leave before the process does.
+    drop(runtime);
+    telemetry.shutdown();
+    code
 }

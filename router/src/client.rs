@@ -14,9 +14,12 @@ use tessera_proto::v3::*;
 use tessera_proto::TextGenerationServiceClient;
 use tokio::net::UnixStream;
 use tokio::sync::Mutex;
+use tessera_telemetry::TraceInjector;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-type Client = TextGenerationServiceClient<Channel>;
+/// Every call carries the current span's trace context, so the shard's spans join the request's trace.
+type Client = TextGenerationServiceClient<InterceptedService<Channel, TraceInjector>>;
 
 /// Shard-side timings of one forward (the slowest rank's).
 #[derive(Debug, Clone, Copy, Default)]
@@ -50,7 +53,7 @@ async fn connect_uds(path: PathBuf) -> Result<Client> {
         }))
         .await
         .map_err(|e| RouterError::Shard(format!("cannot connect: {e}")))?;
-    Ok(TextGenerationServiceClient::new(channel)
+    Ok(TextGenerationServiceClient::with_interceptor(channel, TraceInjector)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX))
 }

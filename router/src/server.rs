@@ -25,6 +25,7 @@ use tessera_formats::chat_template::ChatTemplate;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::OwnedSemaphorePermit;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::trace::TraceLayer;
 
 /// Everything the handlers share.
 pub struct AppState {
@@ -78,6 +79,14 @@ pub fn router(state: AppStateRef, payload_limit: usize, cors_origins: &[String])
         .fallback(|| async { RouterError::NotFound })
         .layer(DefaultBodyLimit::max(payload_limit))
         .layer(cors)
+        // Outermost, so the request's span (a child of an incoming `traceparent`) covers every layer.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(tessera_telemetry::http_server_span::<axum::body::Body>)
+                .on_request(())
+                .on_response(tessera_telemetry::record_http_response::<axum::body::Body>)
+                .on_failure(()),
+        )
         .with_state(state)
 }
 

@@ -55,12 +55,28 @@ where
     T: Into<OsString> + Clone,
 {
     let cli = Cli::parse_from(argv);
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Filter: TGI's `LOG_LEVEL` first (the launcher's children inherit it), then `RUST_LOG`.
+    let otlp = match &cli.command {
+        Command::Serve(args) => args
+            .otlp_endpoint
+            .as_deref()
+            .map(|endpoint| tessera_telemetry::Otlp {
+                endpoint,
+                service_name: &args.otlp_service_name,
+            }),
+        _ => None,
+    };
+    let telemetry = match tessera_telemetry::init(tessera_telemetry::LogConfig {
+        json: false,
+        writer: tessera_telemetry::Writer::Stderr,
+        otlp,
+    }) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Generate(args) => generate::run(&args),
         Command::Bench(args) => bench::run(&args),
@@ -68,6 +84,8 @@ where
         Command::Benchmark(args) => runtime().and_then(|rt| rt.block_on(benchmark::run(args))),
         Command::RandomModel(args) => random_model::run(&args),
     };
+    // The last RPCs' spans leave before the process does.
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -59,6 +59,13 @@ pub struct ServeArgs {
     /// Prefill tokens per forward for continuing chunked prefills (warmup overrides it).
     #[arg(long, env, default_value_t = 4096)]
     pub max_batch_prefill_tokens: usize,
+    /// Export spans over OTLP/gRPC to this collector (e.g. `http://localhost:4317`); each RPC's span
+    /// continues the trace context the router sends in its metadata.
+    #[arg(long, env)]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    #[arg(long, env, default_value = "text-generation-inference.server")]
+    pub otlp_service_name: String,
 }
 
 impl ServeArgs {
@@ -150,6 +157,7 @@ pub async fn serve_listener(
         .max_decoding_message_size(i32::MAX as usize)
         .max_encoding_message_size(i32::MAX as usize);
     tonic::transport::Server::builder()
+        .trace_fn(tessera_telemetry::grpc_server_span)
         .add_service(server)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await

@@ -63,8 +63,6 @@ pub fn http_server_span<B>(request: &http::Request<B>) -> Span {
         otel.name = format!("{method} {path}"),
         otel.kind = "server",
         otel.status_code = Empty,
-        http.request.method = method,
-        url.path = path,
         http.response.status_code = Empty,
     );
     continue_trace(&span, request.headers());
