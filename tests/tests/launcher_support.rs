@@ -123,6 +123,19 @@ impl Launcher {
     pub fn children(&self) -> Vec<(i32, String)> {
         children_of(self.child.id() as i32)
     }
+
+    /// The launcher's shard processes, as (pid, command line).
+    pub fn shards(&self) -> Vec<(i32, String)> {
+        let children = self.children().into_iter();
+        children.filter(|(_, cmd)| is_shard(cmd)).collect()
+    }
+}
+
+/// Whether a command line is a shard's: the launcher runs itself as `tessera-launcher shard serve …`.
+pub fn is_shard(cmdline: &str) -> bool {
+    let mut words = cmdline.split(' ');
+    let program = words.next().unwrap_or_default();
+    program.ends_with("tessera-launcher") && words.next() == Some("shard")
 }
 
 impl Drop for Launcher {
