@@ -37,6 +37,15 @@ ROUTER_METRICS = ROUTER_SRC / "metrics.rs"
 # Series Prometheus itself produces for every target.
 PROMETHEUS_BUILTINS = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+# Series that TGI's published Grafana dashboard (assets/tgi_grafana.json in TGI's repository) queries: a
+# Tessera scrape must hold each, so that dashboard works unmodified.
+TGI_DASHBOARD_SERIES = (
+    "tgi_request_count", "tgi_request_success", "tgi_request_failure", "tgi_batch_concat",
+    "tgi_request_skipped_tokens_bucket", "tgi_request_queue_duration_bucket",
+    "tgi_batch_inference_duration_bucket", "tgi_batch_forward_duration_bucket",
+    "tgi_request_generated_tokens_sum", "tgi_request_generated_tokens_count",
+    "tgi_request_generated_tokens_bucket", "tgi_request_input_length_bucket",
+)
 
 
 class CheckError(Exception):
@@ -197,7 +206,7 @@ def used_metrics() -> tuple[dict[str, list[str]], set[str]]:
     queries = dashboard_queries(json.loads(DASHBOARD.read_text()))
     adapter = yaml.safe_load(ADAPTER_CONFIG.read_text())
     queries += adapter_queries(adapter) + rule_exprs
-    used: dict[str, list[str]] = {}
+    used: dict[str, list[str]] = {n: ["TGI's Grafana dashboard"] for n in TGI_DASHBOARD_SERIES}
     for where, q in queries:
         for n in metric_names(q):
             used.setdefault(n, []).append(where)
@@ -235,7 +244,9 @@ def check_metrics(scrape: Path | None, router_src: Path = ROUTER_SRC) -> list[st
         for n, where in sorted(raw.items()):
             if n not in samples:
                 problems.append(f"{n}: used by {where[0]} but absent from the scrape {scrape}")
-            elif n.endswith(HISTOGRAM_SUFFIXES) and types.get(base_name(n)) != "histogram":
+            # A name with a TYPE line of its own (the counter tgi_request_count) is not a histogram's
+            # `_count` series.
+            elif n not in types and n.endswith(HISTOGRAM_SUFFIXES) and types.get(base_name(n)) != "histogram":
                 problems.append(f"{n}: used as a histogram series but {base_name(n)} has TYPE {types.get(base_name(n))}")
     for note in notes:
         print(f"metrics: note: {note}")
@@ -419,10 +430,13 @@ def self_test(k8s_file: Path) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         full = Path(tmp, "full.prom")
         lines = []
+        histograms = {base_name(n) for n in raw if n.endswith("_bucket")}
         for n in raw:
             b = base_name(n)
-            kind = "histogram" if n.endswith(HISTOGRAM_SUFFIXES) else "counter"
-            lines.append(f"# TYPE {b} {kind}")
+            if b in histograms:
+                lines.append(f"# TYPE {b} histogram")
+            else:
+                lines.append(f"# TYPE {n} counter")
             lines.append(f'{n}{{le="1"}} 1' if n.endswith("_bucket") else f"{n} 1")
         full.write_text("\n".join(lines) + "\n")
         empty_router = Path(tmp, "src")
@@ -433,6 +447,10 @@ def self_test(k8s_file: Path) -> list[str]:
         partial.write_text("\n".join(l for l in lines if raw[0] not in l) + "\n")
         if not check_metrics(partial, empty_router):
             failures.append(f"metrics check accepted a scrape without {raw[0]}")
+        suffixed = Path(tmp, "suffixed.prom")
+        suffixed.write_text(re.sub(r"^(# TYPE )?(tgi_request_count)\b", r"\1\2_total", full.read_text(), flags=re.M))
+        if not check_metrics(suffixed, empty_router):
+            failures.append("metrics check accepted tgi_request_count exported as tgi_request_count_total")
         (empty_router / "metrics.rs").write_text('pub const X: &str = "tgi_request_count";\n')
         if not check_metrics(None, empty_router):
             failures.append("metrics check accepted a router metrics.rs that declares almost nothing")

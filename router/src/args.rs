@@ -76,6 +76,12 @@ pub struct ServerArgs {
     /// `service.name` of the exported spans.
     #[arg(long, env, default_value = "text-generation-inference.router")]
     pub otlp_service_name: String,
+    /// Also serve the Prometheus text (every path answers it, as TGI's exporter does) on this port of
+    /// `--hostname`; `/metrics` stays on `--port` too. 0 (the default) turns it off: TGI's default, 9000,
+    /// would make a second router on the same host, or tests that start routers in parallel, fail to start
+    /// on the taken port. Pass `--prometheus-port 9000` for TGI's layout.
+    #[arg(long, env, default_value_t = 0)]
+    pub prometheus_port: u16,
 }
 
 /// Per-request limits (validation) and admission.
@@ -158,6 +164,7 @@ impl RouterArgs {
             push("otlp-endpoint", endpoint.clone());
         }
         push("otlp-service-name", v.otlp_service_name.clone());
+        push("prometheus-port", v.prometheus_port.to_string());
         let l = &self.limits;
         push(
             "max-concurrent-requests",
@@ -215,6 +222,7 @@ mod tests {
         full.server.json_output = true;
         full.server.otlp_endpoint = Some("http://collector:4317".into());
         full.server.otlp_service_name = "tessera".into();
+        full.server.prometheus_port = 9000;
         full.limits.max_input_tokens = Some(100);
         full.limits.max_total_tokens = Some(200);
         full.batching.max_batch_total_tokens = Some(5000);

@@ -417,6 +417,10 @@ impl Batcher {
             return;
         };
         let now = Instant::now();
+        // TGI's `tgi_request_skipped_tokens`: tokens past the first in one step are accepted speculative
+        // ones (0 while the shards do not speculate).
+        let step_tokens = generation.tokens.as_ref().map_or(0, |t| t.ids.len());
+        metrics::histogram!(m::REQUEST_SKIPPED_TOKENS).record(step_tokens.saturating_sub(1) as f64);
         let tokens = to_tokens(generation.tokens.as_ref());
         let mut prefill = to_prefill(generation.prefill_tokens.as_ref());
         for (i, token) in tokens.into_iter().enumerate() {

@@ -13,4 +13,5 @@ pub mod openapi;
 pub mod scheduler;
 pub mod server;
 pub mod startup;
+pub mod swagger;
 pub mod validation;

@@ -13,7 +13,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::Stream;
@@ -62,8 +62,8 @@ pub fn router(state: AppStateRef, payload_limit: usize, cors_origins: &[String])
         .route("/metrics", get(metrics))
         .route("/v1/models", get(openai::models))
         .route("/chat_tokenize", post(openai::chat_tokenize))
-        .route("/docs", get(docs))
-        .route("/api-doc/openapi.json", get(openapi_json));
+        .route("/api-doc/openapi.json", get(openapi_json))
+        .merge(crate::swagger::routes());
     let cors = if cors_origins.is_empty() {
         CorsLayer::new().allow_origin(AllowOrigin::any())
     } else {
@@ -480,9 +480,4 @@ pub async fn metrics(State(state): State<AppStateRef>) -> impl IntoResponse {
 
 async fn openapi_json() -> impl IntoResponse {
     Json(crate::openapi::document())
-}
-
-/// Swagger UI over `/api-doc/openapi.json` (the UI's assets load in the browser from a CDN).
-async fn docs() -> Html<&'static str> {
-    Html(include_str!("docs.html"))
 }

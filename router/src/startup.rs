@@ -166,6 +166,9 @@ fn load_tokenizer(path: &Path) -> Result<(Tokenizer, Option<ChatTemplate>)> {
 
 /// Connect, size everything with Warmup, serve until SIGINT/SIGTERM.
 pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
+    // Bound before the shards are reached, so a taken port fails in milliseconds rather than after
+    // Warmup; scrapes wait in the backlog until the recorder exists.
+    let prometheus = bind_prometheus(&args.server.hostname, args.server.prometheus_port).await?;
     let (tokenizer, template) = load_tokenizer(&args.shard.tokenizer_name)?;
     let client = ShardedClient::connect_with_retry(
         &args.shard.master_shard_uds_path,
@@ -198,9 +201,16 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         "shards warmed up"
     );
 
-    let metrics = crate::metrics::install(limits.max_input_tokens, limits.max_total_tokens)?;
+    let metrics = crate::metrics::install(crate::metrics::BucketLimits {
+        max_input_tokens: limits.max_input_tokens,
+        max_total_tokens: limits.max_total_tokens,
+        speculate: shard_info.speculate,
+    })?;
     metrics::gauge!(crate::metrics::BATCH_MAX_TOTAL_TOKENS)
         .set(limits.max_batch_total_tokens as f64);
+    if let Some(listener) = prometheus {
+        tokio::spawn(serve_prometheus(listener, metrics.clone()));
+    }
     let scheduler = Scheduler::new(SchedulerConfig {
         block_size,
         num_blocks: limits.max_batch_total_tokens / block_size,
@@ -253,6 +263,45 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     Ok(())
+}
+
+/// `--prometheus-port`: its listener, or `None` when the flag is 0.
+async fn bind_prometheus(hostname: &str, port: u16) -> Result<Option<tokio::net::TcpListener>> {
+    if port == 0 {
+        return Ok(None);
+    }
+    let address = format!("{hostname}:{port}");
+    let listener = tokio::net::TcpListener::bind(&address).await.map_err(|e| {
+        RouterError::Config(format!(
+            "cannot listen for Prometheus on {address} (--prometheus-port): {e}"
+        ))
+    })?;
+    tracing::info!("serving Prometheus metrics on {address}");
+    Ok(Some(listener))
+}
+
+/// The metrics-only server of `--prometheus-port`: every GET answers the Prometheus text, like the
+/// exporter's own listener in TGI.
+async fn serve_prometheus(
+    listener: tokio::net::TcpListener,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+) {
+    let render = move || {
+        let handle = handle.clone();
+        async move {
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4",
+                )],
+                handle.render(),
+            )
+        }
+    };
+    let app = axum::Router::new().fallback(axum::routing::get(render));
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("Prometheus listener stopped: {e}");
+    }
 }
 
 fn model_info(
@@ -323,6 +372,45 @@ mod tests {
             max_supported_total_tokens: supported,
             max_input_tokens: input,
             max_total_tokens: total,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_taken_prometheus_port_is_a_clear_error_and_zero_is_off() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let e = bind_prometheus("127.0.0.1", port).await.unwrap_err();
+        let message = e.to_string();
+        assert!(
+            message.contains(&format!("127.0.0.1:{port} (--prometheus-port)")),
+            "{message}"
+        );
+        assert!(bind_prometheus("127.0.0.1", 0).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn the_prometheus_port_answers_the_scrape_on_any_path() {
+        let recorder = crate::metrics::recorder(crate::metrics::BucketLimits {
+            max_input_tokens: 10,
+            max_total_tokens: 20,
+            speculate: 0,
+        })
+        .unwrap();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, crate::metrics::describe_and_register);
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = free.local_addr().unwrap().port();
+        drop(free);
+        let listener = bind_prometheus("127.0.0.1", port).await.unwrap().unwrap();
+        tokio::spawn(serve_prometheus(listener, handle));
+        for path in ["/metrics", "/"] {
+            let body = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            assert!(body.contains("tgi_request_count 0"), "{path}: {body}");
         }
     }
 

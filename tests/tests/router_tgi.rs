@@ -206,13 +206,27 @@ async fn tokenize_info_health_models_docs_and_metrics() {
         json!({"inputs": "Hello", "parameters": {"max_new_tokens": 2}}),
     )
     .await;
+    let (swagger, css) = (
+        get("/docs/swagger-ui-bundle.js").await,
+        get("/docs/swagger-ui.css").await,
+    );
+    assert_eq!(
+        (swagger.status(), css.status()),
+        (200, 200),
+        "Swagger UI is served by the router"
+    );
     let text = get("/metrics").await.text().await.unwrap();
+    // TGI's names exactly (its counters have no `_total`), including every series TGI's Grafana dashboard
+    // queries.
     for name in [
-        "tgi_request_count_total",
-        "tgi_request_success_total",
+        "tgi_request_count ",
+        "tgi_request_success ",
+        "tgi_request_failure{",
+        "tgi_batch_concat{",
+        "tgi_request_skipped_tokens_bucket",
         "tgi_request_duration_bucket",
         "tgi_batch_current_size",
-        "tgi_batch_inference_count_total",
+        "tgi_batch_inference_count{",
         "tessera_request_time_to_first_token_seconds_bucket",
         "tessera_request_inter_token_latency_seconds_bucket",
         "tessera_kv_blocks_used",
@@ -222,6 +236,9 @@ async fn tokenize_info_health_models_docs_and_metrics() {
     ] {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
+    assert!(!text.contains("tgi_request_count_total"));
+    assert!(metric(&text, "tgi_request_count") > 0.0);
+    assert!(metric(&text, "tgi_request_skipped_tokens_count") > 0.0);
     assert!(metric(&text, "tessera_prefix_cache_prompt_tokens_total") > 0.0);
 }
 
@@ -387,7 +404,7 @@ async fn a_client_that_disconnects_is_removed_from_the_batch() {
         .is_err());
     let text = wait_batch_empty().await;
     assert!(
-        metric(&text, "tgi_request_failure_total{err=\"dropped\"}") >= 2.0,
+        metric(&text, "tgi_request_failure{err=\"dropped\"}") >= 2.0,
         "{text}"
     );
 }
