@@ -1,9 +1,12 @@
 //! The router ⇄ shard contract: TGI's `generate.v3` gRPC service, plus id newtypes shared by both sides.
 
 /// Generated messages, client and server of `generate.v3.TextGenerationService`.
+#[allow(unused_qualifications)] // generated code spells out full paths
 pub mod v3 {
     tonic::include_proto!("generate.v3");
 }
+
+pub mod uds;
 
 pub use v3::text_generation_service_client::TextGenerationServiceClient;
 pub use v3::text_generation_service_server::{TextGenerationService, TextGenerationServiceServer};

@@ -354,7 +354,7 @@ impl Batcher {
                     .await
                 {
                     Ok(batch) => Outcome::Filtered(batch),
-                    Err(e) => Outcome::Failed(e.to_string()),
+                    Err(e) => Outcome::Failed(e),
                 }
             }
             Step::Clear { batch_id } => {
@@ -397,16 +397,14 @@ impl Batcher {
     fn deliver(&mut self, event: Event) {
         match event {
             Event::Generation(generation) => self.deliver_generation(*generation),
-            Event::Failed { id, message } => {
+            Event::Failed { id, error } => {
+                metrics::counter!(m::REQUEST_FAILURE, "err" => error.metric_label()).increment(1);
                 if let Some(tracked) = self.requests.remove(&id) {
                     tracked
                         .span
-                        .in_scope(|| tracing::error!("generation failed: {message}"));
-                    let _ = tracked
-                        .tx
-                        .send(InferEvent::Error(RouterError::Generation(message)));
+                        .in_scope(|| tracing::error!("generation failed: {error}"));
+                    let _ = tracked.tx.send(InferEvent::Error(error));
                 }
-                metrics::counter!(m::REQUEST_FAILURE, "err" => "generation").increment(1);
             }
         }
     }
@@ -518,7 +516,7 @@ async fn forward_outcome(
         Err(e) => {
             metrics::counter!(m::BATCH_INFERENCE_FAILURE, "method" => method).increment(1);
             tracing::error!("{method} failed: {e}");
-            Outcome::Failed(e.to_string())
+            Outcome::Failed(e)
         }
     }
 }

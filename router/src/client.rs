@@ -4,19 +4,18 @@
 //! Invariant: RPCs that run a forward (Health, Warmup, Prefill, Decode) reach every rank in the same
 //! order — one at a time through `lockstep` — because the ranks' collectives pair up in call order.
 
-use crate::error::{Result, RouterError};
+use crate::error::{Result, RouterError, ShardStatus};
 use futures::future::try_join_all;
-use hyper_util::rt::TokioIo;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use tessera_proto::uds;
 use tessera_proto::v3::*;
 use tessera_proto::TextGenerationServiceClient;
-use tokio::net::UnixStream;
-use tokio::sync::Mutex;
 use tessera_telemetry::TraceInjector;
+use tokio::sync::Mutex;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 /// Every call carries the current span's trace context, so the shard's spans join the request's trace.
 type Client = TextGenerationServiceClient<InterceptedService<Channel, TraceInjector>>;
@@ -44,40 +43,36 @@ pub struct ShardedClient {
     lockstep: Arc<Mutex<()>>,
 }
 
-async fn connect_uds(path: PathBuf) -> Result<Client> {
-    // The URI is a placeholder: the connector below ignores it and dials the socket.
-    let channel = Endpoint::from_static("http://[::]:50051")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { UnixStream::connect(path).await.map(TokioIo::new) }
-        }))
+/// The gRPC client of one rank: the channel over its socket (tracing context injected into every call),
+/// without tonic's message size limits.
+async fn connect_rank(socket: &Path) -> Result<Client> {
+    let channel = uds::connect(socket)
         .await
-        .map_err(|e| RouterError::Shard(format!("cannot connect: {e}")))?;
-    Ok(TextGenerationServiceClient::with_interceptor(channel, TraceInjector)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX))
+        .map_err(|e| RouterError::Connect(e.to_string()))?;
+    Ok(
+        TextGenerationServiceClient::with_interceptor(channel, TraceInjector)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX),
+    )
 }
 
 impl ShardedClient {
     /// Connect to rank 0, ask it for every rank's socket, connect to each.
     pub async fn connect(master: &Path) -> Result<Self> {
-        let mut master_client = connect_uds(master.to_path_buf())
-            .await
-            .map_err(|e| RouterError::Shard(format!("{} ({e})", master.display())))?;
+        let mut master_client = connect_rank(master).await?;
         let urls = master_client
             .service_discovery(ServiceDiscoveryRequest {})
-            .await?
+            .await
+            .map_err(|status| RouterError::Shard(ShardStatus::new("ServiceDiscovery", 0, &status)))?
             .into_inner()
             .urls;
         if urls.is_empty() {
-            return Err(RouterError::Shard(
+            return Err(RouterError::Connect(
                 "ServiceDiscovery returned no shard".into(),
             ));
         }
-        let paths = urls
-            .iter()
-            .map(|u| PathBuf::from(u.trim_start_matches("unix://")));
-        let clients = try_join_all(paths.map(connect_uds)).await?;
+        let sockets: Vec<_> = urls.iter().map(|u| uds::url_socket(u)).collect();
+        let clients = try_join_all(sockets.iter().map(|s| connect_rank(s))).await?;
         Ok(ShardedClient {
             clients,
             lockstep: Arc::new(Mutex::new(())),
@@ -102,17 +97,17 @@ impl ShardedClient {
     }
 
     /// `fan_out` for an RPC that runs a forward: no other such RPC is in flight meanwhile.
-    async fn fan_out_forward<T, F, Fut>(&self, call: F) -> Result<Vec<T>>
+    async fn fan_out_forward<T, F, Fut>(&self, rpc: &'static str, call: F) -> Result<Vec<T>>
     where
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
         let _turn = self.lockstep.lock().await;
-        self.fan_out(call).await
+        self.fan_out(rpc, call).await
     }
 
-    /// Run `call` on every rank concurrently; rank-tagged errors.
-    async fn fan_out<T, F, Fut>(&self, call: F) -> Result<Vec<T>>
+    /// Run `call` on every rank concurrently; a failure keeps its gRPC code, the RPC and the rank.
+    async fn fan_out<T, F, Fut>(&self, rpc: &'static str, call: F) -> Result<Vec<T>>
     where
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
@@ -120,43 +115,44 @@ impl ShardedClient {
         let calls = self.clients.iter().enumerate().map(|(rank, client)| {
             let fut = call(client.clone());
             async move {
-                fut.await.map(|r| r.into_inner()).map_err(|status| {
-                    RouterError::Shard(format!(
-                        "rank {rank}: {:?}: {}",
-                        status.code(),
-                        status.message()
-                    ))
-                })
+                fut.await
+                    .map(tonic::Response::into_inner)
+                    .map_err(|status| RouterError::Shard(ShardStatus::new(rpc, rank, &status)))
             }
         });
         try_join_all(calls).await
     }
 
     pub async fn clear_cache(&self, id: Option<u64>) -> Result<()> {
-        self.fan_out(|mut c| async move { c.clear_cache(ClearCacheRequest { id }).await })
-            .await?;
+        self.fan_out("ClearCache", |mut c| async move {
+            c.clear_cache(ClearCacheRequest { id }).await
+        })
+        .await?;
         Ok(())
     }
 
     /// Model info (rank 0's; ranks serve the same model).
     pub async fn info(&self) -> Result<InfoResponse> {
         let mut answers = self
-            .fan_out(|mut c| async move { c.info(InfoRequest {}).await })
+            .fan_out("Info", |mut c| async move { c.info(InfoRequest {}).await })
             .await?;
         Ok(answers.swap_remove(0))
     }
 
     /// Healthy only when every rank answers (TGI looks at the last rank only).
     pub async fn health(&self) -> Result<()> {
-        self.fan_out_forward(|mut c| async move { c.health(HealthRequest {}).await })
-            .await?;
+        self.fan_out_forward(
+            "Health",
+            |mut c| async move { c.health(HealthRequest {}).await },
+        )
+        .await?;
         Ok(())
     }
 
     /// Warmup on every rank; the tightest answer wins.
     pub async fn warmup(&self, request: WarmupRequest) -> Result<WarmupResponse> {
         let answers = self
-            .fan_out_forward(|mut c| {
+            .fan_out_forward("Warmup", |mut c| {
                 let request = request.clone();
                 async move { c.warmup(request).await }
             })
@@ -190,7 +186,7 @@ impl ShardedClient {
             cached_batch,
         };
         let answers = self
-            .fan_out_forward(|mut c| {
+            .fan_out_forward("Prefill", |mut c| {
                 let request = request.clone();
                 async move { c.prefill(request).await }
             })
@@ -207,7 +203,7 @@ impl ShardedClient {
     pub async fn decode(&self, batches: Vec<CachedBatch>) -> Result<ForwardResult> {
         let request = DecodeRequest { batches };
         let answers = self
-            .fan_out_forward(|mut c| {
+            .fan_out_forward("Decode", |mut c| {
                 let request = request.clone();
                 async move { c.decode(request).await }
             })
@@ -231,7 +227,7 @@ impl ShardedClient {
             request_ids,
         };
         let mut answers = self
-            .fan_out(|mut c| {
+            .fan_out("FilterBatch", |mut c| {
                 let request = request.clone();
                 async move { c.filter_batch(request).await }
             })

@@ -1,5 +1,6 @@
 //! The router's one error type and the one place it becomes an HTTP status + `{error, error_type}` body
 //! or an SSE error event (TGI's `InferError` + `ValidationError` messages, one enum, no strings to parse).
+//! A shard's gRPC failure keeps its `tonic::Code` up to here, where the code picks the status.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::sse::Event;
@@ -79,6 +80,10 @@ pub enum RouterError {
     #[error("Not found")]
     NotFound,
     // --- generation ---
+    /// A shard RPC failed; its code decides the HTTP status (see `status_and_type`).
+    #[error("{0}")]
+    Shard(ShardStatus),
+    /// The router gave up on a request the shards did not account for.
     #[error("Request failed during generation: {0}")]
     Generation(String),
     #[error("Incomplete generation")]
@@ -86,12 +91,44 @@ pub enum RouterError {
     #[error("unhealthy")]
     Unhealthy,
     // --- startup ---
-    #[error("shard error: {0}")]
-    Shard(String),
+    #[error("cannot connect to the shards: {0}")]
+    Connect(String),
     #[error("Not enough memory to handle `max_total_tokens={0}` (the shards hold {1} tokens of KV cache)")]
     NotEnoughMemory(u32, u32),
     #[error("invalid arguments: {0}")]
     Config(String),
+}
+
+/// A shard's gRPC failure: which RPC, on which rank, and the status it answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardStatus {
+    pub rpc: &'static str,
+    pub rank: usize,
+    pub code: tonic::Code,
+    pub message: String,
+}
+
+impl ShardStatus {
+    pub fn new(rpc: &'static str, rank: usize, status: &tonic::Status) -> Self {
+        ShardStatus {
+            rpc,
+            rank,
+            code: status.code(),
+            message: status.message().to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for ShardStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ShardStatus {
+            rpc,
+            rank,
+            code,
+            message,
+        } = self;
+        write!(f, "shard error: {rpc} on rank {rank}: {code:?}: {message}")
+    }
 }
 
 /// TGI's error body.
@@ -113,7 +150,14 @@ impl RouterError {
             Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             NotFound => (StatusCode::NOT_FOUND, "not_found"),
-            Generation(_) | Shard(_) => (StatusCode::FAILED_DEPENDENCY, "generation"),
+            Shard(status) => match status.code {
+                // The shard refused the request itself (TGI's validation class).
+                tonic::Code::InvalidArgument => (StatusCode::UNPROCESSABLE_ENTITY, "validation"),
+                // Out of memory or capacity for now: TGI's overloaded answer, retryable.
+                tonic::Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
+                _ => (StatusCode::FAILED_DEPENDENCY, "generation"),
+            },
+            Generation(_) | Connect(_) => (StatusCode::FAILED_DEPENDENCY, "generation"),
             IncompleteGeneration => (StatusCode::INTERNAL_SERVER_ERROR, "incomplete_generation"),
             Unhealthy => (StatusCode::SERVICE_UNAVAILABLE, "healthcheck"),
             NotEnoughMemory(..) | Config(_) => (StatusCode::INTERNAL_SERVER_ERROR, "config"),
@@ -133,9 +177,28 @@ impl RouterError {
         }
     }
 
+    /// Failures the batcher counts in `tgi_request_failure` itself.
+    pub fn counted_by_batcher(&self) -> bool {
+        matches!(self, RouterError::Generation(_) | RouterError::Shard(_))
+    }
+
+    /// The client-facing message: TGI's wording; a shard failure shows the shard's own message under the
+    /// prefix of its class (the RPC and rank stay in the logs).
+    pub fn message(&self) -> String {
+        let RouterError::Shard(status) = self else {
+            return self.to_string();
+        };
+        let prefix = match status.code {
+            tonic::Code::InvalidArgument => "Input validation error",
+            tonic::Code::ResourceExhausted => "Model is overloaded",
+            _ => "Request failed during generation",
+        };
+        format!("{prefix}: {}", status.message)
+    }
+
     pub fn body(&self) -> ErrorResponse {
         ErrorResponse {
-            error: self.to_string(),
+            error: self.message(),
             error_type: self.status_and_type().1.to_string(),
         }
     }
@@ -189,7 +252,7 @@ impl From<axum::extract::rejection::JsonRejection> for OpenAiError {
 impl RouterError {
     fn openai_body(&self) -> serde_json::Value {
         let (status, error_type) = self.status_and_type();
-        json!({"error": {"message": self.to_string(), "type": error_type, "code": status.as_u16()}, "error_type": error_type})
+        json!({"error": {"message": self.message(), "type": error_type, "code": status.as_u16()}, "error_type": error_type})
     }
 }
 
@@ -208,17 +271,102 @@ impl IntoResponse for OpenAiError {
     }
 }
 
-impl From<tonic::Status> for RouterError {
-    fn from(status: tonic::Status) -> Self {
-        RouterError::Shard(format!("{:?}: {}", status.code(), status.message()))
-    }
-}
-
 impl From<axum::extract::rejection::JsonRejection> for RouterError {
     fn from(rejection: axum::extract::rejection::JsonRejection) -> Self {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             return RouterError::PayloadTooLarge;
         }
         RouterError::InvalidRequest(rejection.body_text())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(code: tonic::Code, message: &str) -> RouterError {
+        RouterError::Shard(ShardStatus::new(
+            "Prefill",
+            1,
+            &tonic::Status::new(code, message),
+        ))
+    }
+
+    fn answer(error: RouterError) -> (StatusCode, serde_json::Value, Option<HeaderValue>) {
+        let response = error.into_response();
+        let status = response.status();
+        let retry = response.headers().get(header::RETRY_AFTER).cloned();
+        let body = futures::executor::block_on(axum::body::to_bytes(response.into_body(), 1 << 16))
+            .expect("body");
+        (status, serde_json::from_slice(&body).expect("json"), retry)
+    }
+
+    #[test]
+    fn a_refused_request_is_a_validation_error() {
+        let (status, body, _) = answer(shard(tonic::Code::InvalidArgument, "prompt too long"));
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            body,
+            json!({"error": "Input validation error: prompt too long", "error_type": "validation"})
+        );
+        assert_eq!(
+            shard(tonic::Code::InvalidArgument, "x").metric_label(),
+            "validation"
+        );
+    }
+
+    #[test]
+    fn exhausted_shards_answer_overloaded_with_retry_after() {
+        let (status, body, retry) = answer(shard(tonic::Code::ResourceExhausted, "no KV blocks"));
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            body,
+            json!({"error": "Model is overloaded: no KV blocks", "error_type": "overloaded"})
+        );
+        assert_eq!(retry, Some(HeaderValue::from_static("1")));
+    }
+
+    #[test]
+    fn other_shard_failures_are_generation_errors() {
+        for code in [
+            tonic::Code::Unavailable,
+            tonic::Code::Internal,
+            tonic::Code::Unknown,
+            tonic::Code::DeadlineExceeded,
+        ] {
+            let (status, body, _) = answer(shard(code, "engine died"));
+            assert_eq!(status, StatusCode::FAILED_DEPENDENCY, "{code:?}");
+            assert_eq!(
+                body,
+                json!({"error": "Request failed during generation: engine died", "error_type": "generation"})
+            );
+            assert_eq!(shard(code, "x").metric_label(), "generation");
+        }
+    }
+
+    #[test]
+    fn the_log_line_keeps_rpc_rank_and_code() {
+        assert_eq!(
+            shard(tonic::Code::Unavailable, "socket closed").to_string(),
+            "shard error: Prefill on rank 1: Unavailable: socket closed"
+        );
+        assert!(shard(tonic::Code::Internal, "x").counted_by_batcher());
+        assert!(!RouterError::Overloaded.counted_by_batcher());
+    }
+
+    #[test]
+    fn openai_routes_get_the_same_status_and_message() {
+        let response =
+            OpenAiError(shard(tonic::Code::InvalidArgument, "bad adapter")).into_response();
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let body = futures::executor::block_on(axum::body::to_bytes(response.into_body(), 1 << 16))
+            .expect("body");
+        let body: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(
+            body["error"]["message"],
+            "Input validation error: bad adapter"
+        );
+        assert_eq!(body["error"]["code"], 422);
+        assert_eq!(body["error_type"], "validation");
     }
 }

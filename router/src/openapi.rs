@@ -1,4 +1,5 @@
-//! The OpenAPI document (utoipa), served at `/api-doc/openapi.json` and printed by `print-schema`.
+//! The OpenAPI document (utoipa), served at `/api-doc/openapi.json` and printed by `print-schema`: it only
+//! lists the handlers and types; nothing here is used by them.
 
 use crate::api::*;
 use crate::error::ErrorResponse;
@@ -9,18 +10,18 @@ use utoipa::OpenApi;
 #[openapi(
     info(title = "Tessera", description = "TGI- and OpenAI-compatible text generation server"),
     paths(
-        crate::server::compat_generate,
-        crate::server::generate,
-        crate::server::generate_stream,
-        crate::server::tokenize,
-        crate::server::health,
-        crate::server::info,
-        crate::server::metrics,
+        crate::tgi::compat_generate,
+        crate::tgi::generate,
+        crate::tgi::generate_stream,
+        crate::tgi::tokenize,
+        crate::tgi::health,
+        crate::tgi::info,
+        crate::tgi::metrics,
         crate::openai::chat_completions,
         crate::openai::completions,
         crate::openai::models,
         crate::openai::chat_tokenize,
-        crate::openai::invocations,
+        crate::sagemaker::invocations,
     ),
     components(schemas(
         GenerateParameters, GenerateRequest, CompatGenerateRequest, FinishReason, PrefillToken, Token,

@@ -16,6 +16,7 @@ pub use blocks::{Allocation, BlockAllocator, BlockId, BlockPool, KvBlock};
 pub use queue::NewRequest;
 pub use radix::{PrefixCache, PrefixLease};
 
+use crate::error::RouterError;
 use queue::{Queue, Waiting};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -73,8 +74,8 @@ pub enum Outcome {
     },
     Filtered(Option<CachedBatch>),
     Cleared,
-    /// The RPC failed; the message goes to every request it involved.
-    Failed(String),
+    /// The RPC failed; the error goes to every request it involved.
+    Failed(RouterError),
 }
 
 /// What happened to one request.
@@ -84,7 +85,7 @@ pub enum Event {
     Generation(Box<Generation>),
     Failed {
         id: RequestId,
-        message: String,
+        error: RouterError,
     },
 }
 
@@ -407,7 +408,7 @@ impl Scheduler {
             }
             Outcome::Cleared => Vec::new(),
             Outcome::Failed(_) if pending.is_clear => Vec::new(),
-            Outcome::Failed(message) => self.on_failure(pending, message),
+            Outcome::Failed(error) => self.on_failure(pending, error),
         }
     }
 
@@ -440,7 +441,7 @@ impl Scheduler {
             if !finished.contains(&id) && !kept.contains(&id.0) && self.finish(id) {
                 events.push(Event::Failed {
                     id,
-                    message: "the shard dropped the request".into(),
+                    error: RouterError::Generation("the shard dropped the request".into()),
                 });
             }
         }
@@ -448,13 +449,13 @@ impl Scheduler {
         events
     }
 
-    fn on_failure(&mut self, pending: Pending, message: String) -> Vec<Event> {
+    fn on_failure(&mut self, pending: Pending, error: RouterError) -> Vec<Event> {
         let mut events = Vec::new();
         for id in pending.involved {
             if self.finish(id) {
                 events.push(Event::Failed {
                     id,
-                    message: message.clone(),
+                    error: error.clone(),
                 });
             }
         }

@@ -410,12 +410,13 @@ fn a_failed_forward_fails_only_its_requests_and_clears_the_batch() {
     let mut s = Scheduler::new(config(false));
     s.enqueue(request(0, &prompt(0, 4), 3), Instant::now());
     let step = s.schedule(Instant::now()).unwrap();
-    let events = s.update(Outcome::Failed("boom".into()));
+    let boom = RouterError::Generation("boom".into());
+    let events = s.update(Outcome::Failed(boom.clone()));
     assert_eq!(
         events,
         vec![Event::Failed {
             id: RequestId(0),
-            message: "boom".into()
+            error: boom
         }]
     );
     let Some(Step::Clear { batch_id }) = s.schedule(Instant::now()) else {
