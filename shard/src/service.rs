@@ -2,12 +2,16 @@
 //! types and back, and maps [`Error`] to `tonic::Status` in the one `From` below. No model work
 //! happens here; every RPC is one command to the engine thread.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
+
 use tessera_proto::v3::{self as pb, input_chunk::Chunk};
 use tessera_proto::TextGenerationService;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{
-    BatchInfo, EngineHandle, GenerationOut, NewBatch, NewRequest, StepOut, TokenOut, WarmupIn,
+    BatchInfo, EngineHandle, GenerationOut, NewBatch, NewRequest, Refused, StepOut, TokenOut,
+    WarmupIn,
 };
 use crate::sampling::SamplingParams;
 use crate::stopping::StopParams;
@@ -29,11 +33,16 @@ impl From<Error> for Status {
     }
 }
 
+/// Distinct adapter ids remembered for logging; past this, new ones are no longer logged one by
+/// one (the ids come from clients, so the set must not grow without bound).
+const ADAPTER_IDS_LOGGED: usize = 64;
+
 /// The gRPC service of one rank.
 pub struct ShardService {
     engine: EngineHandle,
     uds_path: String,
     world_size: usize,
+    adapter_ids_seen: Mutex<HashSet<String>>,
 }
 
 impl ShardService {
@@ -43,6 +52,39 @@ impl ShardService {
             engine,
             uds_path: uds_path.into(),
             world_size,
+            adapter_ids_seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// No LoRA adapters are ever loaded here, so every request runs on the base model, as TGI's
+    /// server does with an adapter id it has not loaded (TGI's router turns an OpenAI `model`
+    /// other than "tgi" into one). Says so once per distinct id.
+    fn note_adapters(&self, batch: Option<&pb::Batch>) {
+        let ids = batch
+            .into_iter()
+            .flat_map(|b| &b.requests)
+            .filter_map(|r| r.adapter_id.as_deref())
+            .filter(|a| !a.is_empty());
+        let mut seen = self
+            .adapter_ids_seen
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for id in ids {
+            if seen.len() > ADAPTER_IDS_LOGGED || seen.contains(id) {
+                continue;
+            }
+            if seen.len() == ADAPTER_IDS_LOGGED {
+                tracing::warn!(
+                    "{ADAPTER_IDS_LOGGED} distinct adapter ids seen: further ones are served with the base model without a log line"
+                );
+                seen.insert(String::new());
+                continue;
+            }
+            tracing::warn!(
+                adapter_id = id,
+                "no LoRA adapter is loaded: requests naming adapter {id:?} are served with the base model"
+            );
+            seen.insert(id.to_string());
         }
     }
 }
@@ -83,13 +125,8 @@ fn prompt_text(r: &pb::Request) -> Result<String, Error> {
     Ok(text)
 }
 
+/// Converts one request; `adapter_id` is ignored (see [`ShardService::note_adapters`]).
 fn new_request(r: pb::Request) -> Result<NewRequest, Error> {
-    if r.adapter_id.as_deref().is_some_and(|a| !a.is_empty()) {
-        return Err(invalid(
-            "adapter_id".into(),
-            "LoRA adapters are not supported",
-        ));
-    }
     Ok(NewRequest {
         id: r.id,
         inputs: prompt_text(&r)?,
@@ -106,14 +143,22 @@ fn new_request(r: pb::Request) -> Result<NewRequest, Error> {
     })
 }
 
+/// Converts a batch; a request that does not convert is carried as refused, so the engine can
+/// serve the others.
 fn new_batch(batch: Option<pb::Batch>) -> Result<NewBatch, Error> {
     let batch = batch.ok_or_else(|| invalid("batch".into(), "missing"))?;
     let requests = batch
         .requests
         .into_iter()
         .enumerate()
-        .map(|(i, r)| new_request(r).map_err(|e| in_request(e, i)))
-        .collect::<Result<_, _>>()?;
+        .map(|(i, r)| {
+            let id = r.id;
+            new_request(r).map_err(|e| Refused {
+                id,
+                error: in_request(e, i),
+            })
+        })
+        .collect();
     Ok(NewBatch {
         id: batch.id,
         requests,
@@ -188,7 +233,7 @@ impl TextGenerationService for ShardService {
         _: Request<pb::ServiceDiscoveryRequest>,
     ) -> Result<Response<pb::ServiceDiscoveryResponse>, Status> {
         let urls = (0..self.world_size)
-            .map(|r| format!("unix://{}-{r}", self.uds_path))
+            .map(|r| tessera_proto::uds::shard_url(&self.uds_path, r))
             .collect();
         Ok(Response::new(pb::ServiceDiscoveryResponse { urls }))
     }
@@ -217,6 +262,7 @@ impl TextGenerationService for ShardService {
         request: Request<pb::WarmupRequest>,
     ) -> Result<Response<pb::WarmupResponse>, Status> {
         let r = request.into_inner();
+        self.note_adapters(r.batch.as_ref());
         let out = self
             .engine
             .warmup(WarmupIn {
@@ -238,6 +284,7 @@ impl TextGenerationService for ShardService {
         request: Request<pb::PrefillRequest>,
     ) -> Result<Response<pb::PrefillResponse>, Status> {
         let r = request.into_inner();
+        self.note_adapters(r.batch.as_ref());
         let batch = new_batch(r.batch)?;
         let out = self
             .engine

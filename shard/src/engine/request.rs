@@ -245,6 +245,11 @@ fn token_out(id: u32, logprob: f32, ctx: &Ctx) -> Result<TokenOut, Error> {
     })
 }
 
+/// Prompt tokens of `req` after truncation (what [`Seq::new`] will hold).
+pub(super) fn prompt_len(req: &NewRequest, ctx: &Ctx) -> Result<usize, Error> {
+    tokenize(req, &ctx.tokenizer).map(|t| t.len())
+}
+
 /// Prompt ids, truncated to the last `truncate` tokens when asked.
 fn tokenize(req: &NewRequest, tokenizer: &Tokenizer) -> Result<Vec<u32>, Error> {
     if req.inputs.is_empty() {

@@ -1,14 +1,15 @@
 //! Prefill and Decode: gather the batches, plan each request's tokens (prefill chunks and decode
 //! tokens together), run one ragged forward, then sample, detokenize and check stops.
 //! Everything that can be rejected is checked before any batch is taken out of the engine, so a
-//! bad request leaves the held batches untouched.
+//! bad request leaves the held batches untouched; a refused request of a new batch is left out of
+//! it rather than failing its neighbours.
 
 use rayon::prelude::*;
 use std::collections::HashSet;
 use std::time::Instant;
 
 use super::request::Seq;
-use super::types::{NewBatch, StepOut, Timings};
+use super::types::{NewBatch, Refused, StepOut, Timings};
 use super::Engine;
 use crate::forward::ForwardBatch;
 use crate::Error;
@@ -17,20 +18,56 @@ fn elapsed_ns(since: Instant) -> u64 {
     since.elapsed().as_nanos() as u64
 }
 
-fn duplicate<'a>(ids: impl IntoIterator<Item = &'a u64>) -> Option<u64> {
+fn duplicate(ids: impl IntoIterator<Item = u64>) -> Option<u64> {
     let mut seen = HashSet::new();
-    ids.into_iter().copied().find(|id| !seen.insert(*id))
+    ids.into_iter().find(|id| !seen.insert(*id))
 }
 
 impl Engine {
     /// Builds the new batch and, when given, runs it in one forward with a cached batch (TGI's
-    /// chunking Prefill); the merged batch keeps the cached batch's id.
+    /// chunking Prefill); the merged batch keeps the cached batch's id. A request that cannot be
+    /// served is logged and left out (no generation, not in the returned batch) while the others
+    /// go on; only when nothing at all is left to run does the RPC fail, with the first refusal.
     pub(super) fn prefill(
         &mut self,
         batch: NewBatch,
         cached: Option<u64>,
     ) -> Result<StepOut, Error> {
         let start = Instant::now();
+        let id = batch.id;
+        let (new, refused) = self.admit(batch, cached)?;
+        for r in &refused {
+            tracing::warn!(
+                request_id = r.id,
+                batch_id = id,
+                "request refused: {}",
+                r.error
+            );
+        }
+        if new.is_empty() && cached.is_none() {
+            if let Some(first) = refused.into_iter().next() {
+                return Err(first.error);
+            }
+        }
+        let concat = Instant::now();
+        let (id, seqs, concat_ns) = match cached {
+            Some(cached) => {
+                let mut seqs = self.batches.remove(&cached).unwrap_or_default();
+                seqs.extend(new);
+                (cached, seqs, Some(elapsed_ns(concat)))
+            }
+            None => (id, new, None),
+        };
+        self.step(id, seqs, concat_ns, start)
+    }
+
+    /// Checks a new batch against the held ones (an error refuses the whole RPC) and builds each
+    /// request, in order: the sequences to run and the requests refused.
+    pub(super) fn admit(
+        &self,
+        batch: NewBatch,
+        cached: Option<u64>,
+    ) -> Result<(Vec<Seq>, Vec<Refused>), Error> {
         if batch.requests.is_empty() {
             return Err(Error::InvalidArgument {
                 field: "batch.requests".into(),
@@ -48,29 +85,35 @@ impl Engine {
         }
         let cached_ids = cached
             .iter()
-            .flat_map(|id| self.batches[id].iter().map(|s| &s.id));
-        if let Some(dup) = duplicate(cached_ids.chain(batch.requests.iter().map(|r| &r.id))) {
+            .flat_map(|id| self.batches[id].iter().map(|s| s.id));
+        let new_ids = batch.requests.iter().map(|r| match r {
+            Ok(r) => r.id,
+            Err(r) => r.id,
+        });
+        // Generations are matched to requests by id: two requests under one id is a router bug
+        // that no answer could make sense of.
+        if let Some(dup) = duplicate(cached_ids.chain(new_ids)) {
             return Err(Error::InvalidArgument {
                 field: "batch.requests.id".into(),
                 reason: format!("request {dup} appears twice"),
             });
         }
-        let new: Vec<Seq> = batch
-            .requests
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| Seq::new(r, &self.ctx).map_err(|e| in_request(e, i)))
-            .collect::<Result<_, _>>()?;
-        let concat = Instant::now();
-        let (id, seqs, concat_ns) = match cached {
-            Some(id) => {
-                let mut seqs = self.batches.remove(&id).unwrap_or_default();
-                seqs.extend(new);
-                (id, seqs, Some(elapsed_ns(concat)))
+        let mut seqs = Vec::with_capacity(batch.requests.len());
+        let mut refused = Vec::new();
+        for (i, r) in batch.requests.into_iter().enumerate() {
+            let built = r.and_then(|r| {
+                let id = r.id;
+                Seq::new(r, &self.ctx).map_err(|e| Refused {
+                    id,
+                    error: in_request(e, i),
+                })
+            });
+            match built {
+                Ok(seq) => seqs.push(seq),
+                Err(r) => refused.push(r),
             }
-            None => (batch.id, new, None),
-        };
-        self.step(id, seqs, concat_ns, start)
+        }
+        Ok((seqs, refused))
     }
 
     /// One decode step over one or more held batches, concatenated under the first id.
@@ -85,7 +128,7 @@ impl Engine {
         if let Some(&missing) = ids.iter().find(|id| !self.batches.contains_key(id)) {
             return Err(Error::BatchNotFound(missing));
         }
-        if let Some(dup) = duplicate(ids) {
+        if let Some(dup) = duplicate(ids.iter().copied()) {
             return Err(Error::InvalidArgument {
                 field: "batches.id".into(),
                 reason: format!("batch {dup} appears twice"),
@@ -102,7 +145,7 @@ impl Engine {
 
     /// Runs one forward over `seqs` and keeps the unfinished ones as batch `id`. On error the
     /// requests are dropped: their KV state is unknown, and the router clears the batch anyway.
-    fn step(
+    pub(super) fn step(
         &mut self,
         id: u64,
         seqs: Vec<Seq>,
@@ -192,7 +235,7 @@ impl Engine {
 }
 
 /// Prefixes a request error's field with its index, so the router can tell which request it was.
-fn in_request(e: Error, index: usize) -> Error {
+pub(super) fn in_request(e: Error, index: usize) -> Error {
     match e {
         Error::InvalidArgument { field, reason } => Error::InvalidArgument {
             field: format!("batch.requests[{index}].{field}"),

@@ -5,6 +5,7 @@ use tessera_proto::v3::FinishReason;
 
 use crate::sampling::SamplingParams;
 use crate::stopping::StopParams;
+use crate::Error;
 
 /// One validated request of a new batch; tokenization happens on the engine thread.
 #[derive(Debug, Clone)]
@@ -28,11 +29,20 @@ pub struct NewRequest {
     pub chunk_len: Option<u32>,
 }
 
-/// A new batch named by the router.
-#[derive(Debug, Clone)]
+/// A request of a new batch that the shard will not serve, and why. Within a Prefill the rest of
+/// the batch goes on without it (it gets no generation and is absent from the returned batch).
+#[derive(Debug)]
+pub struct Refused {
+    pub id: u64,
+    /// Names the field as `batch.requests[i].field`.
+    pub error: Error,
+}
+
+/// A new batch named by the router, in its order: each request converted, or refused.
+#[derive(Debug)]
 pub struct NewBatch {
     pub id: u64,
-    pub requests: Vec<NewRequest>,
+    pub requests: Vec<Result<NewRequest, Refused>>,
 }
 
 /// What the router holds of a batch kept by the engine (`CachedBatch`).
@@ -94,7 +104,7 @@ pub struct StepOut {
 }
 
 /// The router's warmup: a max-size batch and its limits.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct WarmupIn {
     pub batch: NewBatch,
     pub max_input_tokens: Option<u32>,

@@ -1,7 +1,12 @@
-//! Warmup (run the router's max-size prefill, then size the KV cache from the memory left) and
+//! Warmup (run the router's max-size prefill, placing it in the cache itself when the router sent
+//! no blocks, then size the KV cache from the memory left) and
 //! Health (a real one-token forward into block 0, which the router reserves for it).
 
-use super::types::{WarmupIn, WarmupOut};
+use std::time::Instant;
+
+use super::request::prompt_len;
+use super::step::in_request;
+use super::types::{NewBatch, WarmupIn, WarmupOut};
 use super::Engine;
 use crate::forward::{ForwardBatch, LogitsWanted, SeqInput};
 use crate::kv_cache::KvCache;
@@ -24,19 +29,13 @@ impl Engine {
     pub(super) fn warmup(&mut self, w: WarmupIn) -> Result<WarmupOut, Error> {
         // Warmup replaces the cache: batches held in the old one would read garbage.
         self.batches.clear();
-        let warmup_blocks = w
-            .batch
-            .requests
-            .iter()
-            .flat_map(|r| r.blocks.iter())
-            .max()
-            .map_or(1, |&b| b as usize + 1);
+        let (batch, warmup_blocks) = self.place_warmup(w.batch)?;
         if warmup_blocks > self.ctx.num_blocks {
             self.resize_cache(warmup_blocks)?;
         }
         self.opts.max_prefill_tokens = (w.max_prefill_tokens as usize).max(1);
-        let id = w.batch.id;
-        let result = self.prefill(w.batch, None);
+        let id = batch.id;
+        let result = self.run_warmup(batch);
         self.batches.remove(&id);
         result.map_err(|e| match e {
             Error::InvalidArgument { .. } | Error::BatchNotFound(_) => e,
@@ -65,6 +64,66 @@ impl Engine {
             max_input_tokens: max_input,
             max_total_tokens: max_total,
         })
+    }
+
+    /// Prepares the warmup batch as TGI's own shard does with what TGI's router sends: requests
+    /// without `blocks`/`slots` get blocks of their own (after every block the router named, and
+    /// after block 0, which health checks use), and the requests, which that router numbers all
+    /// 0, are numbered privately. Warmup runs a single forward whose tokens are dropped with the
+    /// batch, so each request needs slots for its prompt only. Returns the batch and the blocks
+    /// the cache needs for it.
+    fn place_warmup(&self, batch: NewBatch) -> Result<(NewBatch, usize), Error> {
+        let bs = self.ctx.block_size;
+        let mut requests = batch
+            .requests
+            .into_iter()
+            .map(|r| r.map_err(|r| r.error))
+            .collect::<Result<Vec<_>, _>>()?;
+        let named = requests.iter().flat_map(|r| &r.blocks).max();
+        let mut next = named.map_or(1, |&b| b as usize + 1);
+        for (i, r) in requests.iter_mut().enumerate() {
+            r.id = i as u64;
+            r.stop.max_new_tokens = 1;
+            if !r.blocks.is_empty() || !r.slots.is_empty() {
+                continue;
+            }
+            let n = prompt_len(r, &self.ctx)
+                .map_err(|e| in_request(e, i))?
+                .div_ceil(bs);
+            r.blocks = (next..next + n)
+                .map(|b| {
+                    u32::try_from(b).map_err(|_| Error::InvalidArgument {
+                        field: format!("batch.requests[{i}].inputs"),
+                        reason: "the warmup batch needs more KV blocks than a u32 numbers".into(),
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            next += n;
+        }
+        let blocks = requests
+            .iter()
+            .flat_map(|r| &r.blocks)
+            .max()
+            .map_or(1, |&b| b as usize + 1);
+        let requests = requests.into_iter().map(Ok).collect();
+        Ok((
+            NewBatch {
+                id: batch.id,
+                requests,
+            },
+            blocks,
+        ))
+    }
+
+    /// The warmup forward must cover the whole batch: a request it cannot build fails warmup.
+    fn run_warmup(&mut self, batch: NewBatch) -> Result<(), Error> {
+        let start = Instant::now();
+        let id = batch.id;
+        let (seqs, refused) = self.admit(batch, None)?;
+        if let Some(first) = refused.into_iter().next() {
+            return Err(first.error);
+        }
+        self.step(id, seqs, None, start).map(drop)
     }
 
     /// Blocks that fit in `--kv-cache-memory`, or in this rank's share of the available memory
