@@ -1,11 +1,12 @@
 //! The shard's command line (`tessera-shard …`, or `tessera-launcher shard …` in the launcher's
 //! multi-call binary): subcommands and the process entry point both binaries call.
 
-use crate::bench::{self, BenchArgs};
-use crate::benchmark::{self, BenchmarkArgs};
-use crate::generate::{self, GenerateArgs};
-use crate::random_model::{self, RandomModelArgs};
 use crate::serve::{self, ServeArgs};
+use crate::tools::bench::{self, BenchArgs};
+use crate::tools::benchmark::{self, BenchmarkArgs};
+use crate::tools::convert::{self, ConvertArgs};
+use crate::tools::generate::{self, GenerateArgs};
+use crate::tools::random_model::{self, RandomModelArgs};
 use crate::Error;
 use clap::{Parser, Subcommand};
 use std::ffi::OsString;
@@ -34,6 +35,8 @@ enum Command {
     Benchmark(BenchmarkArgs),
     /// Write a Llama-shaped model folder with seeded random weights (for benchmarks).
     RandomModel(RandomModelArgs),
+    /// Convert a GGUF file to a Hugging Face model folder (safetensors, config, tokenizer).
+    Convert(ConvertArgs),
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {
@@ -83,6 +86,7 @@ where
         Command::Serve(args) => runtime().and_then(|rt| rt.block_on(serve::run(args))),
         Command::Benchmark(args) => runtime().and_then(|rt| rt.block_on(benchmark::run(args))),
         Command::RandomModel(args) => random_model::run(&args),
+        Command::Convert(args) => convert::run(&args),
     };
     // The last RPCs' spans leave before the process does.
     telemetry.shutdown();

@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use tessera_shard::backend::cuda::{probe, Probe};
-use tessera_shard::random_model::{write_model, Shape};
+use tessera_shard::tools::random_model::{write_model, Shape};
 use tessera_shard::weights::DType;
 
 fn generate(dir: &std::path::Path, device: &str) -> std::process::Output {

@@ -2,9 +2,9 @@
 //! bytes depend only on the seed, and the llama3-8b shape is Llama-3.1-8B's.
 
 use tessera_shard::config::{ModelConfig, RopeScaling};
-use tessera_shard::generate::greedy;
 use tessera_shard::loader::{self, Device, LoadOptions, WeightDtype};
-use tessera_shard::random_model::{config_json, tensors, write_model, Shape};
+use tessera_shard::tools::generate::greedy;
+use tessera_shard::tools::random_model::{config_json, tensors, write_model, Shape};
 use tessera_shard::weights::DType;
 
 #[test]

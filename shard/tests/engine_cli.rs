@@ -37,11 +37,7 @@ fn ids(v: &Value) -> Vec<u64> {
 
 #[test]
 fn chat_generation_from_gguf_stops_after_eos() {
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(shared().join("models/smollm2-135m-instruct/reference.json"))
-            .unwrap(),
-    )
-    .unwrap();
+    let reference = smollm2_reference();
     let case = &reference["cases"][1];
     assert_eq!(case["name"], "chat_capital");
     let model = smollm2_gguf();
@@ -68,7 +64,7 @@ fn chat_generation_from_gguf_stops_after_eos() {
 
 #[test]
 fn empty_prompt_starts_from_bos() {
-    let model = stories();
+    let model = or_skip!(stories());
     let out = generate(&[
         "--model-id",
         model.to_str().unwrap(),
@@ -87,7 +83,7 @@ fn empty_prompt_starts_from_bos() {
 
 #[test]
 fn cuda_request_is_a_clear_error() {
-    let model = stories();
+    let model = or_skip!(stories());
     let out = Command::new(env!("CARGO_BIN_EXE_tessera-shard"))
         .args([
             "generate",

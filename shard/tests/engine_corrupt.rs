@@ -13,8 +13,10 @@ use tessera_shard::kv_cache::KvCache;
 use tessera_shard::loader::{load, LoadOptions};
 
 /// A copy of stories260K in a temp dir whose safetensors header went through `edit`.
-fn with_header(edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> tempfile::TempDir {
-    let dir = copy_model();
+fn with_header(
+    edit: impl FnOnce(&mut serde_json::Map<String, Value>),
+) -> Option<tempfile::TempDir> {
+    let dir = copy_model()?;
     let path = dir.path().join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
@@ -25,10 +27,12 @@ fn with_header(edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> tempfi
     out.extend(text);
     out.extend(&bytes[8 + n..]);
     std::fs::write(&path, out).unwrap();
-    dir
+    Some(dir)
 }
 
-fn copy_model() -> tempfile::TempDir {
+/// A copy of stories260K to corrupt; `None` (skipped) without `../shared`.
+fn copy_model() -> Option<tempfile::TempDir> {
+    let stories = stories()?;
     let dir = tempfile::tempdir().unwrap();
     for f in [
         "config.json",
@@ -36,9 +40,9 @@ fn copy_model() -> tempfile::TempDir {
         "tokenizer.json",
         "tokenizer_config.json",
     ] {
-        std::fs::copy(stories().join(f), dir.path().join(f)).unwrap();
+        std::fs::copy(stories.join(f), dir.path().join(f)).unwrap();
     }
-    dir
+    Some(dir)
 }
 
 /// Loads `dir` and returns the error message, failing the test if loading succeeds.
@@ -59,7 +63,7 @@ const Q: &str = "model.layers.0.self_attn.q_proj.weight";
 
 #[test]
 fn truncated_safetensors() {
-    let dir = copy_model();
+    let dir = or_skip!(copy_model());
     let path = dir.path().join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
@@ -76,7 +80,7 @@ fn truncated_safetensors() {
 
 #[test]
 fn header_length_past_the_end() {
-    let dir = copy_model();
+    let dir = or_skip!(copy_model());
     let path = dir.path().join("model.safetensors");
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -89,7 +93,9 @@ fn header_length_past_the_end() {
 
 #[test]
 fn tensor_offsets_past_the_end() {
-    let dir = with_header(|h| h[Q]["data_offsets"][1] = Value::from(10_000_000_000u64));
+    let dir = or_skip!(with_header(
+        |h| h[Q]["data_offsets"][1] = Value::from(10_000_000_000u64)
+    ));
     assert_mentions(
         &load_error(dir.path()),
         &["model.safetensors", Q, "past the end"],
@@ -98,7 +104,7 @@ fn tensor_offsets_past_the_end() {
 
 #[test]
 fn wrong_shape() {
-    let dir = with_header(|h| h[Q]["shape"] = serde_json::json!([32, 128]));
+    let dir = or_skip!(with_header(|h| h[Q]["shape"] = serde_json::json!([32, 128])));
     assert_mentions(
         &load_error(dir.path()),
         &[
@@ -112,12 +118,12 @@ fn wrong_shape() {
 
 #[test]
 fn unknown_and_unsupported_dtypes() {
-    let dir = with_header(|h| h[Q]["dtype"] = Value::from("F7"));
+    let dir = or_skip!(with_header(|h| h[Q]["dtype"] = Value::from("F7")));
     assert_mentions(
         &load_error(dir.path()),
         &["model.safetensors", Q, "unknown dtype 'F7'"],
     );
-    let dir = with_header(|h| h[Q]["dtype"] = Value::from("I32"));
+    let dir = or_skip!(with_header(|h| h[Q]["dtype"] = Value::from("I32")));
     assert_mentions(
         &load_error(dir.path()),
         &["model.safetensors", Q, "unsupported dtype 'I32'"],
@@ -127,9 +133,9 @@ fn unknown_and_unsupported_dtypes() {
 #[test]
 fn missing_tensor() {
     let name = "model.layers.1.mlp.up_proj.weight";
-    let dir = with_header(|h| {
+    let dir = or_skip!(with_header(|h| {
         h.remove(name);
-    });
+    }));
     assert_mentions(
         &load_error(dir.path()),
         &["model.safetensors", name, "missing"],
@@ -138,7 +144,7 @@ fn missing_tensor() {
 
 #[test]
 fn bad_config_json() {
-    let dir = copy_model();
+    let dir = or_skip!(copy_model());
     let config = dir.path().join("config.json");
     std::fs::write(&config, "{ not json").unwrap();
     assert_mentions(&load_error(dir.path()), &["config.json", "invalid JSON"]);
@@ -147,7 +153,7 @@ fn bad_config_json() {
         &load_error(dir.path()),
         &["config.json", "missing 'num_attention_heads'"],
     );
-    let original = std::fs::read_to_string(stories().join("config.json")).unwrap();
+    let original = std::fs::read_to_string(or_skip!(stories()).join("config.json")).unwrap();
     std::fs::write(
         &config,
         original.replace("\"num_key_value_heads\": 4", "\"num_key_value_heads\": 3"),
@@ -158,8 +164,8 @@ fn bad_config_json() {
 
 #[test]
 fn unsupported_architecture() {
-    let dir = copy_model();
-    let original = std::fs::read_to_string(stories().join("config.json")).unwrap();
+    let dir = or_skip!(copy_model());
+    let original = std::fs::read_to_string(or_skip!(stories()).join("config.json")).unwrap();
     let edited = original.replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt2\"");
     std::fs::write(dir.path().join("config.json"), edited).unwrap();
     assert_mentions(
@@ -179,7 +185,7 @@ fn garbage_gguf_and_missing_path() {
 
 #[test]
 fn invalid_batches_are_errors() {
-    let loaded = load(&stories(), &LoadOptions::default()).unwrap();
+    let loaded = load(&or_skip!(stories()), &LoadOptions::default()).unwrap();
     let mut cache = KvCache::new(loaded.model.cache_shape(), 2, 16);
     let seq = |tokens: Vec<u32>, slots: Vec<u32>, blocks: Vec<u32>| ForwardBatch {
         seqs: vec![SeqInput {

@@ -7,13 +7,8 @@ use std::path::Path;
 
 use engine_common::*;
 use serde_json::Value;
-use tessera_shard::generate::{greedy, top_k};
 use tessera_shard::loader::{load, LoadOptions, WeightDtype};
-
-fn reference() -> Value {
-    let path = shared().join("models/smollm2-135m-instruct/reference.json");
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
-}
+use tessera_shard::tools::generate::{greedy, top_k};
 
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
@@ -34,7 +29,7 @@ fn check_model(model: &Path, dtype: WeightDtype, tol: f32, prefix: Option<usize>
         },
     )
     .unwrap();
-    for case in reference()["cases"].as_array().unwrap() {
+    for case in smollm2_reference()["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let (text, special) = match case["templated_text"].as_str() {
             Some(t) => (t.to_string(), false),

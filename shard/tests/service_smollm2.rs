@@ -19,8 +19,7 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let path = shared().join("models/smollm2-135m-instruct/reference.json");
-    let json: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let json = smollm2_reference();
     let u32s = |v: &Value| {
         v.as_array()
             .unwrap()

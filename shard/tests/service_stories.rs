@@ -16,7 +16,7 @@ const REFERENCE_TEXT: &str = ", there was a little girl named Lily. She loved to
 
 #[tokio::test]
 async fn greedy_matches_reference() {
-    let mut shard = Shard::start(stories(), &[]).await;
+    let mut shard = Shard::start(or_skip!(stories()), &[]).await;
     let mut blocks = Blocks::new();
     let out = generate(
         &mut shard.client,
@@ -37,7 +37,7 @@ async fn greedy_matches_reference() {
 
 #[tokio::test]
 async fn info_health_and_discovery() {
-    let mut shard = Shard::start(stories(), &[]).await;
+    let mut shard = Shard::start(or_skip!(stories()), &[]).await;
     let info = shard
         .client
         .info(pb::InfoRequest {})
@@ -83,7 +83,7 @@ async fn solo(client: &mut Client, max_new: u32) -> Vec<Vec<u32>> {
 
 #[tokio::test]
 async fn filter_mid_generation_leaves_the_others_unchanged() {
-    let mut shard = Shard::start(stories(), &[]).await;
+    let mut shard = Shard::start(or_skip!(stories()), &[]).await;
     let alone = solo(&mut shard.client, 12).await;
     let mut blocks = Blocks::new();
     let reqs = prompts()
@@ -136,7 +136,7 @@ async fn filter_mid_generation_leaves_the_others_unchanged() {
 
 #[tokio::test]
 async fn merged_batches_and_chunked_prefill_change_nothing() {
-    let mut shard = Shard::start(stories(), &["--max-batch-prefill-tokens", "3"]).await;
+    let mut shard = Shard::start(or_skip!(stories()), &["--max-batch-prefill-tokens", "3"]).await;
     let alone = solo(&mut shard.client, 10).await;
     let c = &mut shard.client;
     let mut blocks = Blocks::new();
@@ -217,7 +217,7 @@ fn sampled(id: u64, text: &str, blocks: &mut Blocks) -> pb::Request {
 
 #[tokio::test]
 async fn seeded_sampling_is_independent_of_the_batch() {
-    let mut shard = Shard::start(stories(), &[]).await;
+    let mut shard = Shard::start(or_skip!(stories()), &[]).await;
     let mut blocks = Blocks::new();
     let alone = generate(
         &mut shard.client,
@@ -240,7 +240,7 @@ async fn seeded_sampling_is_independent_of_the_batch() {
 
 #[tokio::test]
 async fn stop_sequence_straddling_tokens() {
-    let mut shard = Shard::start(stories(), &[]).await;
+    let mut shard = Shard::start(or_skip!(stories()), &[]).await;
     let mut blocks = Blocks::new();
     let mut r = request(1, "Once upon a time", 20, &mut blocks);
     // "tle gi" spans the tokens of " little" and " girl".
@@ -257,7 +257,7 @@ async fn stop_sequence_straddling_tokens() {
 
 #[tokio::test]
 async fn emoji_and_accented_prompt_stream_intact() {
-    let mut shard = Shard::start(stories(), &[]).await;
+    let mut shard = Shard::start(or_skip!(stories()), &[]).await;
     let mut blocks = Blocks::new();
     let text = "Zoë ate a crème brûlée 🍮 and said: «très bien» 🦀";
     let mut r = request(1, text, 12, &mut blocks);
@@ -266,7 +266,7 @@ async fn emoji_and_accented_prompt_stream_intact() {
     let out = generate(&mut shard.client, batch(1, vec![r])).await;
     let gens = &out[&1];
     let prefill = gens[0].prefill_tokens.as_ref().expect("prefill tokens");
-    let tok = tokenizers::Tokenizer::from_file(stories().join("tokenizer.json")).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(or_skip!(stories()).join("tokenizer.json")).unwrap();
     let prompt = tok.encode(text, true).unwrap().get_ids().to_vec();
     assert_eq!(prefill.ids, prompt);
     assert_eq!(tok.decode(&prefill.ids, true).unwrap(), text);
@@ -290,7 +290,7 @@ async fn emoji_and_accented_prompt_stream_intact() {
 
 #[tokio::test]
 async fn warmup_sizes_the_cache() {
-    let mut shard = Shard::start(stories(), &["--kv-cache-memory", "10000000"]).await;
+    let mut shard = Shard::start(or_skip!(stories()), &["--kv-cache-memory", "10000000"]).await;
     let mut blocks = Blocks::new();
     let reqs = (0..4)
         .map(|i| request(i, &"_test ".repeat(30), 5, &mut blocks))
@@ -317,7 +317,7 @@ async fn warmup_sizes_the_cache() {
 
 #[tokio::test]
 async fn prefix_cache_hit_skips_cached_tokens_and_changes_nothing() {
-    let mut shard = Shard::start(stories(), &[]).await;
+    let mut shard = Shard::start(or_skip!(stories()), &[]).await;
     let mut blocks = Blocks::new();
     let first = request(1, "Once upon a time", 20, &mut blocks);
     let shared_block = first.blocks[0];

@@ -13,27 +13,10 @@ use tessera_shard::service::ShardService;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
+mod paths;
+pub use paths::*;
+
 pub type Client = TextGenerationServiceClient<Channel>;
-
-/// `../shared` beside the repository.
-pub fn shared() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared")
-}
-
-pub fn stories() -> PathBuf {
-    shared().join("models/stories260K")
-}
-
-/// SmolLM2 in the HF layout, made by the project's setup step.
-pub fn smollm2() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/smollm2-hf-float32");
-    assert!(
-        dir.join("model.safetensors").exists(),
-        "{} is missing: run `bash tests/fetch-models.sh`",
-        dir.display()
-    );
-    dir
-}
 
 #[derive(Parser)]
 struct Cli {

@@ -2,15 +2,15 @@
 //! of TGI's text-generation-benchmark: for each batch size, Prefill then Decode steps, reporting
 //! latency percentiles and throughput. Every RPC goes to all ranks (they run in lockstep).
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use tessera_proto::uds;
 use tessera_proto::v3 as pb;
 use tessera_proto::TextGenerationServiceClient;
 use tonic::transport::Channel;
 
 use crate::kv_cache::DEFAULT_BLOCK_SIZE;
-use crate::serve::{connect, socket_path};
+use crate::serve::connect;
 use crate::Error;
 
 /// Arguments of `benchmark`.
@@ -48,7 +48,7 @@ fn status(e: tonic::Status) -> Error {
 }
 
 async fn connect_all(uds_path: &str) -> Result<Vec<Client>, Error> {
-    let mut master = connect(socket_path(uds_path, 0)).await?;
+    let mut master = connect(uds::shard_socket(uds_path, 0)).await?;
     let urls = master
         .service_discovery(pb::ServiceDiscoveryRequest {})
         .await
@@ -57,7 +57,7 @@ async fn connect_all(uds_path: &str) -> Result<Vec<Client>, Error> {
         .urls;
     let mut clients = Vec::new();
     for url in urls {
-        clients.push(connect(PathBuf::from(url.trim_start_matches("unix://"))).await?);
+        clients.push(connect(uds::url_socket(&url)).await?);
     }
     Ok(clients)
 }

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::forward::{ForwardBatch, LogitsWanted, SeqInput};
-use crate::generate::argmax;
 use crate::kv_cache::{KvCache, DEFAULT_BLOCK_SIZE};
 use crate::loader::{self, Device, LoadOptions, WeightDtype};
 use crate::models::Model;
+use crate::tools::generate::argmax;
 use crate::Result;
 
 /// Arguments of `tessera-shard bench`.
