@@ -162,7 +162,7 @@ fn api_key_stays_off_command_lines_and_out_of_the_log() {
     assert!(!out.contains(key), "the key is in the log:\n{out}");
     // The ready line: where it listens and a first request (with a placeholder for the key).
     let port = launcher.port;
-    let ready = out.lines().find(|l| l.contains("listening on"));
+    let ready = out.lines().find(|l| l.contains("; try: curl"));
     let ready = ready.unwrap_or_else(|| panic!("no ready line:\n{out}"));
     assert!(
         ready.contains(&format!(
