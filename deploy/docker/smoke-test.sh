@@ -64,7 +64,7 @@ PY
 
 # 3. /metrics is Prometheus text with the router's request counter.
 metrics=$(curl -fsS "http://127.0.0.1:$port/metrics") || fail "/metrics did not answer 200"
-grep -q '^tgi_request_count' <<<"$metrics" || fail "/metrics has no tgi_request_count"
+grep -Eq '^tgi_request_count [0-9]' <<<"$metrics" || fail "/metrics has no tgi_request_count (TGI's name, no _total)"
 [ -n "${SMOKE_SCRAPE_OUT:-}" ] && printf '%s\n' "$metrics" >"$SMOKE_SCRAPE_OUT"
 
 # 4. Graceful stop: SIGTERM (via tini) drains and the launcher exits 0 before podman's SIGKILL.
