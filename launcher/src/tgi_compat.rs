@@ -172,8 +172,6 @@ pub const TGI_FLAGS: &[TgiFlag] = &[
 
 /// TGI launcher flags Tessera's launcher defines with TGI's meaning: the rest of the audit, checked
 /// against the parser by a test (clap handles them, so nothing else reads this list).
-/// `--otlp-endpoint`, `--otlp-service-name` and `--prometheus-port` join them from the telemetry and
-/// metrics argument groups.
 #[cfg(test)]
 const SUPPORTED: &[&str] = &[
     "model-id",
@@ -206,6 +204,9 @@ const SUPPORTED: &[&str] = &[
     "max-client-batch-size",
     "payload-limit",
     "graceful-termination-timeout",
+    "prometheus-port",
+    "otlp-endpoint",
+    "otlp-service-name",
 ];
 
 /// argv ready for the launcher's parser, and one warning per TGI flag accepted without effect.
