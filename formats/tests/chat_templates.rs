@@ -1,7 +1,9 @@
-//! Real chat templates from ../shared/data/chat-templates render a typical conversation, and
-//! SmolLM2's template reproduces the reference's templated text.
+//! Real chat templates from ../shared/data/chat-templates (skipped without it) render a typical
+//! conversation, and SmolLM2's template reproduces the reference's templated text.
 
 mod common;
+
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use tessera_formats::chat_template::ChatTemplate;
@@ -16,8 +18,18 @@ fn conversation() -> Vec<Value> {
     ]
 }
 
-fn render_file(name: &str, messages: &[Value], tools: Option<&Value>) -> Result<String, Error> {
-    let path = common::shared().join("data/chat-templates").join(name);
+/// The collected templates (third-party, not redistributed), or `None`: the test is skipped.
+fn templates() -> Option<PathBuf> {
+    common::shared("data/chat-templates")
+}
+
+fn render_file(
+    dir: &Path,
+    name: &str,
+    messages: &[Value],
+    tools: Option<&Value>,
+) -> Result<String, Error> {
+    let path = dir.join(name);
     let source = std::fs::read_to_string(&path).unwrap();
     let t = ChatTemplate::new(&source, Some("<s>".into()), Some("</s>".into()))?;
     t.render(messages, true, tools)
@@ -25,7 +37,7 @@ fn render_file(name: &str, messages: &[Value], tools: Option<&Value>) -> Result<
 
 #[test]
 fn every_template_renders_a_conversation() {
-    let dir = common::shared().join("data/chat-templates");
+    let dir = common::or_skip!(templates());
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -37,7 +49,7 @@ fn every_template_renders_a_conversation() {
     assert!(names.len() >= 30);
     let mut failures = Vec::new();
     for name in &names {
-        match render_file(name, &conversation(), None) {
+        match render_file(&dir, name, &conversation(), None) {
             Ok(out) => {
                 for needle in ["capital of France", "Paris.", "And of Italy?"] {
                     if !out.contains(needle) {
@@ -61,13 +73,20 @@ fn every_template_renders_a_conversation() {
 fn gemma_2_rejects_a_system_message_with_its_own_error() {
     // Gemma 2's template has no system role and says so through raise_exception; transformers
     // gives the same error. Without the system message it renders.
-    match render_file("google-gemma-2-2b-it.jinja", &conversation(), None) {
+    let dir = common::or_skip!(templates());
+    match render_file(&dir, "google-gemma-2-2b-it.jinja", &conversation(), None) {
         Err(Error::TemplateException { message, .. }) => {
             assert_eq!(message, "System role not supported")
         }
         other => panic!("expected the template's exception, got {other:?}"),
     }
-    let out = render_file("google-gemma-2-2b-it.jinja", &conversation()[1..], None).unwrap();
+    let out = render_file(
+        &dir,
+        "google-gemma-2-2b-it.jinja",
+        &conversation()[1..],
+        None,
+    )
+    .unwrap();
     assert!(
         out.starts_with("<s><start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n"),
         "{out}"
@@ -76,8 +95,7 @@ fn gemma_2_rejects_a_system_message_with_its_own_error() {
 }
 
 fn smollm2_reference_chat() -> (Vec<Value>, String) {
-    let path = common::shared().join("models/smollm2-135m-instruct/reference.json");
-    let reference: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let reference = common::smollm2_reference();
     let case = reference["cases"]
         .as_array()
         .unwrap()
@@ -95,9 +113,7 @@ fn smollm2_reference_chat() -> (Vec<Value>, String) {
 #[test]
 fn smollm2_hf_folder_template_matches_reference() {
     let (messages, want) = smollm2_reference_chat();
-    let t = ChatTemplate::load(&common::shared().join("models/smollm2-135m-instruct"))
-        .unwrap()
-        .unwrap();
+    let t = ChatTemplate::load(&common::smollm2_hf()).unwrap().unwrap();
     assert_eq!(t.bos_token(), Some("<|im_start|>"));
     assert_eq!(t.eos_token(), Some("<|im_end|>"));
     assert_eq!(t.render(&messages, true, None).unwrap(), want);
@@ -124,7 +140,14 @@ fn tools_render_with_python_json() {
             "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}),
         json!({"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "22 C"}),
     ];
-    let out = render_file("Qwen-Qwen2.5-7B-Instruct.jinja", &messages, Some(&tools)).unwrap();
+    let dir = common::or_skip!(templates());
+    let out = render_file(
+        &dir,
+        "Qwen-Qwen2.5-7B-Instruct.jinja",
+        &messages,
+        Some(&tools),
+    )
+    .unwrap();
     // Python json.dumps: ", " / ": " separators, key order kept, no HTML or non-ASCII escaping.
     assert!(out.contains(r#"{"type": "function", "function": {"name": "get_weather", "description": "Weather <now> in a city, e.g. Zürich""#), "{out}");
     assert!(

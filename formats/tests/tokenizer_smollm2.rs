@@ -1,8 +1,9 @@
-//! SmolLM2's GGUF vocabulary must tokenize like the tokenizer.json Hugging Face ships for it.
+//! SmolLM2's GGUF vocabulary must tokenize like its Hugging Face tokenizer.json (as written by
+//! `tessera-shard convert`, byte-identical to the Python converter's) and give transformers'
+//! reference prompt ids.
 
 mod common;
 
-use serde_json::Value;
 use tessera_formats::tokenizer::load_tokenizer;
 
 const TRICKY: &[&str] = &[
@@ -21,17 +22,12 @@ const TRICKY: &[&str] = &[
     "It's we'll they've I'M",
 ];
 
-fn reference() -> Value {
-    let path = common::shared().join("models/smollm2-135m-instruct/reference.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 #[test]
 fn gguf_tokenizer_encodes_like_hf() {
-    let hf = load_tokenizer(&common::shared().join("models/smollm2-135m-instruct")).unwrap();
+    let hf = load_tokenizer(&common::smollm2_hf()).unwrap();
     let gguf = load_tokenizer(&common::smollm2_gguf()).unwrap();
     assert_eq!(hf.get_vocab_size(true), gguf.get_vocab_size(true));
-    let reference = reference();
+    let reference = common::smollm2_reference();
     let prompts = reference["cases"].as_array().unwrap().iter().map(|c| {
         c["templated_text"]
             .as_str()
@@ -61,7 +57,7 @@ fn gguf_tokenizer_encodes_like_hf() {
 #[test]
 fn reference_prompt_ids() {
     let gguf = load_tokenizer(&common::smollm2_gguf()).unwrap();
-    for case in reference()["cases"].as_array().unwrap() {
+    for case in common::smollm2_reference()["cases"].as_array().unwrap() {
         let text = case["templated_text"]
             .as_str()
             .or(case["input"].as_str())
