@@ -157,9 +157,17 @@ fn host_and_port(endpoint: &str) -> Result<(String, u16), String> {
 
 /// Downloads (or completes) a snapshot of `repo_id` into the hub cache and returns its folder.
 pub fn download(hub: &HubConfig, repo_id: &str, revision: Option<&str>) -> Result<PathBuf, String> {
-    check_reachable(hub)?;
     // Progress bars on a terminal; elsewhere (logs, containers) one line per downloaded file.
-    let terminal = std::io::stderr().is_terminal();
+    download_with(hub, repo_id, revision, std::io::stderr().is_terminal())
+}
+
+fn download_with(
+    hub: &HubConfig,
+    repo_id: &str,
+    revision: Option<&str>,
+    terminal: bool,
+) -> Result<PathBuf, String> {
+    check_reachable(hub)?;
     let cache = Cache::new(hub.cache_dir.clone()).repo(hub.repo(repo_id, revision));
     let api = ApiBuilder::from_cache(Cache::new(hub.cache_dir.clone()))
         .with_endpoint(hub.endpoint.clone())
@@ -312,6 +320,120 @@ mod tests {
             .unwrap_err()
             .contains("cannot connect"));
         assert!(start.elapsed() < Duration::from_secs(6));
+    }
+
+    /// A Hub serving `org/m` (commit `c0ffee`) the way hf-hub reads it: repo info, then per file a
+    /// one-byte range for its metadata and a range from the resume offset for its content.
+    fn fake_hub(files: &'static [(&'static str, usize)]) -> String {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().map_while(Result::ok) {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut head = Vec::new();
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    head.push(std::mem::take(&mut line).to_ascii_lowercase());
+                }
+                // The reachability probe connects and sends nothing.
+                let Some(request) = head.first() else {
+                    continue;
+                };
+                let path = request.split(' ').nth(1).unwrap_or_default().to_string();
+                let range = head.iter().find_map(|h| h.strip_prefix("range: bytes="));
+                let start: usize = range
+                    .and_then(|r| r.split('-').next()?.parse().ok())
+                    .unwrap_or(0);
+                let one_byte = range.is_some_and(|r| r.trim() == "0-0");
+                let file = files
+                    .iter()
+                    .find(|(name, _)| path == format!("/org/m/resolve/main/{name}"));
+                let (status, headers, body) = match file {
+                    _ if path == "/api/models/org/m/revision/main" => {
+                        let siblings: Vec<_> = files
+                            .iter()
+                            .map(|(name, _)| serde_json::json!({"rfilename": name}))
+                            .collect();
+                        let info = serde_json::json!({"sha": "c0ffee", "siblings": siblings});
+                        ("200 OK", String::new(), info.to_string().into_bytes())
+                    }
+                    Some((name, len)) => {
+                        let end = if one_byte { 1 } else { *len };
+                        let headers = format!(
+                            "etag: \"e-{name}\"\r\nx-repo-commit: c0ffee\r\n\
+                             content-range: bytes {start}-{}/{len}\r\n",
+                            end - 1
+                        );
+                        ("206 Partial Content", headers, vec![b'x'; end - start])
+                    }
+                    None => ("404 Not Found", String::new(), Vec::new()),
+                };
+                let mut stream = stream;
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(&body);
+            }
+        });
+        endpoint
+    }
+
+    #[test]
+    fn downloads_log_one_line_per_file_off_a_terminal() {
+        const FILES: &[(&str, usize)] = &[
+            ("config.json", 20),
+            ("tokenizer.json", 900),
+            ("model.safetensors", 3000),
+        ];
+        let tmp = tempfile::tempdir().unwrap();
+        let hub = HubConfig {
+            cache_dir: tmp.path().into(),
+            endpoint: fake_hub(FILES),
+            token: None,
+            offline: false,
+        };
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        let sink = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || LogSink(sink.clone()))
+            .finish();
+        let download = || download_with(&hub, "org/m", None, false);
+        let dir = tracing::subscriber::with_default(subscriber, || {
+            download().unwrap();
+            // Everything is cached now: no file is fetched, so no line.
+            download().unwrap()
+        });
+        assert_eq!(
+            std::fs::read(dir.join("model.safetensors")).unwrap().len(),
+            3000
+        );
+        assert_eq!(cached_snapshot(&hub, "org/m", None), Some(dir));
+        let text = String::from_utf8(log.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        for line in [
+            "downloaded org/m/config.json (20 B) in ",
+            "downloaded org/m/tokenizer.json (900 B) in ",
+            "downloaded org/m/model.safetensors (3.0 kB) in ",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
+    }
+
+    /// A `Write` into the shared log buffer of a test subscriber.
+    struct LogSink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogSink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 
     #[test]
