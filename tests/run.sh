@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 bash tests/fetch-models.sh
 cargo build --workspace --bins
 cargo test --workspace
-# Client compatibility (official `openai` SDK, `huggingface_hub`) against the real router: their own venv.
-python3 -m venv .cache/venv && .cache/venv/bin/pip install -q openai huggingface_hub pytest
+# Client compatibility (official `openai` SDK, `huggingface_hub`) against the real router, installed
+# into the venv fetch-models.sh made (.cache/venv).
+.cache/venv/bin/pip install -q openai huggingface_hub pytest
 .cache/venv/bin/pytest -q tests/python
 # Deployment: every metric the dashboard, rules and autoscaler read is in a live router's /metrics.
 bash deploy/tools/scrape-router.sh .cache/router-metrics.txt
