@@ -6,7 +6,7 @@ use crate::args::LauncherArgs;
 use crate::model::ResolvedModel;
 use crate::process::ChildSpec;
 use clap::{CommandFactory, Parser};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tessera_router::args::{Cli as RouterCli, RouterArgs, ShardArgs as RouterShardArgs};
 use tessera_shard::serve::ServeArgs;
 
@@ -16,11 +16,7 @@ fn no_color() -> (String, String) {
 }
 
 /// The socket of shard `rank`: `{shard_uds_path}-{rank}` (TGI's layout).
-pub fn shard_socket(base: &Path, rank: usize) -> PathBuf {
-    let mut path = base.as_os_str().to_owned();
-    path.push(format!("-{rank}"));
-    PathBuf::from(path)
-}
+pub use tessera_proto::uds::shard_socket;
 
 /// The router's arguments: the launcher's router groups plus the shard socket and tokenizer.
 pub fn router_args(args: &LauncherArgs, model: &ResolvedModel) -> RouterArgs {
@@ -402,14 +398,6 @@ mod tests {
         assert_eq!(
             redact("router --api-key s3cret --port 1 --api-key=s3cret"),
             "router --api-key [redacted] --port 1 --api-key=[redacted]"
-        );
-    }
-
-    #[test]
-    fn sockets_follow_tgi_layout() {
-        assert_eq!(
-            shard_socket(Path::new("/tmp/s"), 3),
-            PathBuf::from("/tmp/s-3")
         );
     }
 }

@@ -2,14 +2,12 @@
 //! socket file appears, TGI's wart); the router is ready when `GET /health` answers 200. Health is a real
 //! forward that joins the ranks' collectives, so it goes to every rank at once, after each answers `Info`.
 
-use hyper_util::rt::TokioIo;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tessera_proto::v3::{HealthRequest, InfoRequest};
 use tessera_proto::TextGenerationServiceClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
-use tonic::transport::{Endpoint, Uri};
+use tokio::net::TcpStream;
 
 /// How long one probe may take: a loaded shard answers Info in microseconds.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -47,15 +45,9 @@ pub async fn shard_health(socket: PathBuf, timeout: Duration) -> Result<(), Stri
 async fn shard_client(
     socket: PathBuf,
 ) -> Result<TextGenerationServiceClient<tonic::transport::Channel>, String> {
-    // The URI is required by tonic but unused: the connector below always dials the socket.
-    let channel = Endpoint::from_static("http://[::]:50051")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { UnixStream::connect(socket).await.map(TokioIo::new) }
-        }))
+    tessera_proto::uds::client(socket)
         .await
-        .map_err(|e| format!("connect: {e}"))?;
-    Ok(TextGenerationServiceClient::new(channel))
+        .map_err(|e| e.to_string())
 }
 
 /// The HTTP status of `GET /health` on the router, or why there was none.
@@ -138,11 +130,11 @@ mod tests {
     async fn shard_probe_fails_without_a_server() {
         let tmp = tempfile::tempdir().unwrap();
         let err = shard_serving(&tmp.path().join("sock")).await.unwrap_err();
-        assert!(err.contains("connect"), "{err}");
+        assert!(err.contains("cannot connect"), "{err}");
         let socket = tmp.path().join("sock");
         let err = shard_health(socket, Duration::from_secs(1))
             .await
             .unwrap_err();
-        assert!(err.starts_with("connect"), "{err}");
+        assert!(err.starts_with("cannot connect"), "{err}");
     }
 }

@@ -35,10 +35,16 @@ pub struct ConnectError {
 impl std::fmt::Display for ConnectError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "cannot connect to {}", self.path.display())?;
-        // tonic's own message is only "transport error"; the cause (e.g. "No such file") is below it.
+        // tonic's own message is only "transport error"; the cause (e.g. "No such file") is below it,
+        // sometimes wrapped in a layer that repeats it.
         let mut cause: Option<&dyn std::error::Error> = Some(&self.source);
+        let mut last = String::new();
         while let Some(e) = cause {
-            write!(f, ": {e}")?;
+            let message = e.to_string();
+            if message != last {
+                write!(f, ": {message}")?;
+            }
+            last = message;
             cause = e.source();
         }
         Ok(())
@@ -104,7 +110,11 @@ mod tests {
         let error = connect(&path).await.unwrap_err();
         let message = error.to_string();
         assert!(message.contains(&*path.to_string_lossy()), "{message}");
-        assert!(message.contains("No such file"), "{message}");
+        assert_eq!(
+            message.matches("No such file").count(),
+            1,
+            "the cause once: {message}"
+        );
     }
 
     #[tokio::test]

@@ -71,7 +71,7 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// This rank's socket.
     pub fn socket(&self) -> PathBuf {
-        socket_path(&self.uds_path, self.rank)
+        tessera_proto::uds::shard_socket(&self.uds_path, self.rank)
     }
 
     /// Checks the arguments and joins the tensor-parallel group (blocking until every rank has
@@ -130,11 +130,6 @@ impl ServeArgs {
         }
         Ok(())
     }
-}
-
-/// `{uds_path}-{rank}`, the socket TGI's router and launcher expect.
-pub fn socket_path(uds_path: &str, rank: usize) -> PathBuf {
-    PathBuf::from(format!("{uds_path}-{rank}"))
 }
 
 /// Binds `path`, replacing a stale socket file a previous run left behind.
@@ -217,19 +212,7 @@ async fn shutdown_signal() {
 pub async fn connect(
     path: impl AsRef<Path>,
 ) -> Result<tessera_proto::TextGenerationServiceClient<tonic::transport::Channel>, Error> {
-    let path = path.as_ref().to_path_buf();
-    // The URI is required by the API but unused: the connector dials the socket.
-    let channel = tonic::transport::Endpoint::from_static("http://[::]:50051")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
+    tessera_proto::uds::client(path)
         .await
-        .map_err(|e| Error::Device(format!("cannot connect to the shard socket: {e}")))?;
-    Ok(tessera_proto::TextGenerationServiceClient::new(channel)
-        .max_decoding_message_size(i32::MAX as usize)
-        .max_encoding_message_size(i32::MAX as usize))
+        .map_err(|e| Error::Device(e.to_string()))
 }

@@ -173,7 +173,7 @@ fn traceparent_continues_through_router_into_shard_spans() {
     children.0.push(spawn(
         Command::new(binary("tessera-router"))
             .arg("--master-shard-uds-path")
-            .arg(format!("{}-0", uds.display()))
+            .arg(tessera_proto::uds::shard_socket(&uds, 0))
             .arg("--tokenizer-name")
             .arg(&model)
             .args(["--hostname", "127.0.0.1", "--port", &port.to_string()])

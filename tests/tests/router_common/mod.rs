@@ -43,7 +43,7 @@ pub fn start(name: &str, router_args: &[&str]) -> Server {
         let mut router = spawn(
             Command::new(binary("tessera-router"))
                 .arg("--master-shard-uds-path")
-                .arg(format!("{}-0", uds.display()))
+                .arg(tessera_proto::uds::shard_socket(&uds, 0))
                 .arg("--tokenizer-name")
                 .arg(&model)
                 .args(["--hostname", "127.0.0.1", "--port", &port.to_string()])
