@@ -234,10 +234,12 @@ mod tests {
     use std::path::PathBuf;
 
     fn validation() -> Validation {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/models/smollm2-135m-instruct");
-        let tokenizer =
-            tessera_formats::tokenizer::load_tokenizer(&dir).expect("shared SmolLM2 tokenizer");
+        // SmolLM2 as converted by the setup step (`bash tests/fetch-models.sh`).
+        let dir =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/smollm2-hf-float32");
+        let tokenizer = tessera_formats::tokenizer::load_tokenizer(&dir).unwrap_or_else(|e| {
+            panic!("{e}: run `bash tests/fetch-models.sh` for the SmolLM2 tokenizer")
+        });
         let limits = Limits {
             max_best_of: 2,
             max_stop_sequences: 4,

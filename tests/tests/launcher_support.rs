@@ -219,10 +219,10 @@ pub fn model_arg(relative: &str) -> String {
     tessera_tests::fetched_model(relative).display().to_string()
 }
 
-/// The shared reference outputs of SmolLM2-135M-Instruct.
+/// The reference outputs of SmolLM2-135M-Instruct (tests/fixtures/smollm2/SOURCE.md).
 pub fn reference() -> serde_json::Value {
-    let path: PathBuf = tessera_tests::workspace_root()
-        .join("../shared/models/smollm2-135m-instruct/reference.json");
+    let path: PathBuf =
+        tessera_tests::workspace_root().join("tests/fixtures/smollm2/reference.json");
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 

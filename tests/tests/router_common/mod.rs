@@ -124,10 +124,9 @@ fn wait_healthy(port: u16, router: &mut Child, shard: &mut Child) -> Result<(), 
     Err("timed out waiting for /health".into())
 }
 
-/// The reference outputs of SmolLM2 (transformers, float32, greedy).
+/// The reference outputs of SmolLM2 (transformers, float32, greedy; tests/fixtures/smollm2/SOURCE.md).
 pub fn reference() -> serde_json::Value {
-    let path = tessera_tests::workspace_root()
-        .join("../shared/models/smollm2-135m-instruct/reference.json");
+    let path = tessera_tests::workspace_root().join("tests/fixtures/smollm2/reference.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
