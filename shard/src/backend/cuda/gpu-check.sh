@@ -49,7 +49,7 @@ device() {
   "$stage/cuda_nvrtc" --test-threads=1 2>&1 | tee "$out/nvrtc.txt"
   # 3. Once the CUDA engine exists (docs/cuda.md, "What remains"), the same session runs:
   #    kernel parity (a cuda_kernels test against the CPU layers on awkward sizes), SmolLM2 parity
-  #    against ../shared reference.json, then the benchmark on a random Llama-3-8B:
+  #    against tests/fixtures/smollm2/reference.json, then the benchmark on a random Llama-3-8B:
   #    "$stage/tessera-shard" random-model --shape llama3-8b --dtype bf16 --out "$out/l8b" --seed 0
   #    "$stage/tessera-shard" bench --model-id "$out/l8b" --device cuda --batch-sizes 1,8,32,64 \
   #      --prefill-tokens 2048
