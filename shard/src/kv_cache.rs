@@ -51,7 +51,7 @@ impl KvCache {
 
     /// Bytes one block takes across all layers (K and V, f32).
     pub fn bytes_per_block(shape: CacheShape, block_size: usize) -> usize {
-        shape.layers * 2 * block_size * shape.kv_dim * std::mem::size_of::<f32>()
+        shape.layers * 2 * block_size * shape.kv_dim * size_of::<f32>()
     }
 
     pub fn num_blocks(&self) -> usize {

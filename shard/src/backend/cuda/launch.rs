@@ -169,7 +169,7 @@ pub fn decode_workspace_bytes(
     split: DecodeSplit,
 ) -> usize {
     let parts = num_seqs * num_heads * split.max_splits;
-    parts * (head_dim + 1) * std::mem::size_of::<f32>()
+    parts * (head_dim + 1) * size_of::<f32>()
 }
 
 /// Launch of the prefill kernel over a ragged batch whose longest chunk is `max_q_len` tokens.
