@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The one test command (README and .ci/run call it): fetch test models, build every binary, run every test,
-# then the deployment checks (Dockerfiles, Kubernetes, Prometheus rules, dashboard) against a live router.
+# The one test command (README and .ci/run call it): fetch test models, check style (rustfmt, clippy with
+# warnings as errors), build every binary, run every test, then the deployment checks (Dockerfiles,
+# Kubernetes, Prometheus rules, dashboard) against a live router.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/fetch-models.sh
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
 cargo test --workspace
 # Client compatibility (official `openai` SDK, `huggingface_hub`) against the real router, installed
