@@ -60,13 +60,14 @@ where
     let cli = Cli::parse_from(argv);
     // Filter: TGI's `LOG_LEVEL` first (the launcher's children inherit it), then `RUST_LOG`.
     let otlp = match &cli.command {
-        Command::Serve(args) => args
-            .otlp_endpoint
-            .as_deref()
-            .map(|endpoint| tessera_telemetry::Otlp {
-                endpoint,
-                service_name: &args.otlp_service_name,
-            }),
+        Command::Serve(args) => {
+            args.otlp_endpoint
+                .as_deref()
+                .map(|endpoint| tessera_telemetry::Otlp {
+                    endpoint,
+                    service_name: &args.otlp_service_name,
+                })
+        }
         _ => None,
     };
     let telemetry = match tessera_telemetry::init(tessera_telemetry::LogConfig {

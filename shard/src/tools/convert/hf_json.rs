@@ -202,7 +202,10 @@ mod tests {
     #[test]
     fn metadata_floats_become_the_decimals_people_write() {
         assert_eq!(decimal(1e-5).as_f64(), Some(1e-5));
-        assert_ne!(1e-5f32 as f64, 1e-5, "a plain widening would write 9.99999974e-6");
+        assert_ne!(
+            1e-5f32 as f64, 1e-5,
+            "a plain widening would write 9.99999974e-6"
+        );
         assert_eq!(decimal(100000.0).as_f64(), Some(100000.0));
         assert_eq!(decimal(1e-6).as_f64().unwrap() as f32, 1e-6f32);
         assert_eq!(decimal(f32::NAN), Value::Null);
