@@ -209,6 +209,23 @@ const SUPPORTED: &[&str] = &[
     "otlp-service-name",
 ];
 
+/// The table as text for `--help`, so the generated configuration reference lists every TGI flag too.
+pub fn help() -> String {
+    let mut text = String::from(
+        "TGI launcher flags this launcher does not define (also read from their environment variables):\n",
+    );
+    for tgi in TGI_FLAGS {
+        let what = match tgi.action {
+            Action::Ignore(instead) => format!("accepted and ignored with a warning: {instead}"),
+            Action::Rename(to) => format!("read as --{to}"),
+            Action::OnlyValue(value, why) => format!("accepted only as {value}: {why}"),
+            Action::Refuse(why) => format!("refused: {why}"),
+        };
+        text.push_str(&format!("  --{}: {what}\n", tgi.long));
+    }
+    text
+}
+
 /// argv ready for the launcher's parser, and one warning per TGI flag accepted without effect.
 #[derive(Debug, PartialEq)]
 pub struct Translated {
