@@ -129,8 +129,11 @@ pub fn convert(gguf_path: &Path, out: &Path, dtype: WeightDtype) -> Result<Conve
     // Written under a temporary name and renamed last, so a folder with `model.safetensors` is
     // always a complete conversion (the fetch script relies on it).
     let partial = out.join("model.safetensors.partial");
-    let parameters = write_safetensors(&partial, &entries, dtype, |name| {
+    let written = write_safetensors(&partial, &entries, dtype, |name| {
         src.tensor(name).map(|t| t.data)
+    });
+    let parameters = written.inspect_err(|_| {
+        let _ = std::fs::remove_file(&partial);
     })?;
 
     let tied = !plan.iter().any(|(hf, _)| hf == "lm_head.weight");
