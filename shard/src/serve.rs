@@ -10,7 +10,7 @@ use tessera_proto::TextGenerationServiceServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
-use crate::comm::{Comm, CpuComm, Local, Rendezvous};
+use crate::comm::{Comm, CpuComm, Local, Rendezvous, SECRET_ENV};
 use crate::engine::{EngineHandle, EngineOptions};
 use crate::loader::{Device, LoadOptions, WeightDtype};
 use crate::service::ShardService;
@@ -99,11 +99,22 @@ impl ServeArgs {
             return Ok(Arc::new(Local));
         }
         let timeout = Duration::from_secs(self.comm_timeout_secs.max(1));
+        // The launcher hands the per-launch secret through the environment, never argv.
+        let secret = std::env::var(SECRET_ENV).unwrap_or_default();
+        if secret.is_empty() {
+            tracing::warn!(
+                "{SECRET_ENV} is not set: any local process that reaches {}:{} can join this \
+                 tensor-parallel group (the launcher sets it)",
+                self.master_addr,
+                self.master_port
+            );
+        }
         let rendezvous = Rendezvous {
             master_addr: self.master_addr.clone(),
             master_port: self.master_port,
             join_timeout: timeout,
             op_timeout: timeout,
+            secret: secret.into_bytes(),
         };
         Ok(Arc::new(CpuComm::join(
             self.rank,
@@ -132,14 +143,32 @@ impl ServeArgs {
     }
 }
 
-/// Binds `path`, replacing a stale socket file a previous run left behind.
+/// Binds `path`, replacing a stale socket file a previous run left behind. The socket is made
+/// owner-only (0600): gRPC on it runs the model for whoever connects. A directory others may
+/// write to (as `/tmp`) lets them replace the socket, so it is named in a warning; the launcher
+/// puts sockets in a fresh 0700 directory of its own.
 pub fn bind(path: &Path) -> Result<UnixListener, Error> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let meta = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
+    if meta.mode() & 0o022 != 0 {
+        tracing::warn!(
+            "socket directory {} is writable by other users: prefer a private (0700) directory",
+            dir.display()
+        );
+    }
     match std::fs::remove_file(path) {
         Ok(()) => tracing::info!("replaced stale socket {}", path.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io(path, e)),
     }
-    UnixListener::bind(path).map_err(|e| Error::io(path, e))
+    let listener = UnixListener::bind(path).map_err(|e| Error::io(path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(path, e))?;
+    Ok(listener)
 }
 
 /// Serves the engine on `listener` until `shutdown` resolves.

@@ -2,7 +2,9 @@
 //! threads of this process, each with its own thread pool, as separate processes would be): every
 //! rank ends each forward with identical logits, equal to the one-rank model's within 2e-4, and
 //! greedy decoding gives the same ids. Uneven splits (SmolLM2's 3 KV heads on 2 ranks, stories'
-//! 4 KV heads and 172 FFN columns on 3) are covered.
+//! 4 KV heads and 172 FFN columns on 3, and stories' 512-token vocabulary on 3) are covered, and
+//! so is every batch shape the engine makes: a chunk-only forward that wants no logits, a chunk
+//! that ends exactly at the prompt's end, decode-only and mixed batches, prompt-logprob rows.
 
 mod engine_common;
 
@@ -72,13 +74,20 @@ fn load(path: &Path, comm: Arc<dyn Comm>) -> Model {
     load_model(path, &opts).expect("load").0
 }
 
+type Forwards = Vec<Vec<Vec<f32>>>;
+
 /// Runs the same forwards on `world` ranks joined over TCP; each rank's logits.
-fn sharded(
+fn sharded(path: &Path, world: usize, prompts: &[Vec<u32>], steps: usize) -> Vec<Forwards> {
+    let prompts = prompts.to_vec();
+    on_ranks(path, world, move |model| run(model, &prompts, steps))
+}
+
+/// Runs `work` on `world` ranks, each loading the model over its own communicator.
+fn on_ranks(
     path: &Path,
     world: usize,
-    prompts: &[Vec<u32>],
-    steps: usize,
-) -> Vec<Vec<Vec<Vec<f32>>>> {
+    work: impl Fn(&Model) -> Forwards + Send + Sync + Clone + 'static,
+) -> Vec<Forwards> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -86,20 +95,21 @@ fn sharded(
         .port();
     let ranks: Vec<_> = (0..world)
         .map(|rank| {
-            let (path, prompts): (PathBuf, Vec<Vec<u32>>) = (path.into(), prompts.to_vec());
+            let (path, work): (PathBuf, _) = (path.into(), work.clone());
             std::thread::spawn(move || {
                 let rendezvous = Rendezvous {
                     master_addr: "127.0.0.1".into(),
                     master_port: port,
                     join_timeout: Duration::from_secs(60),
                     op_timeout: Duration::from_secs(60),
+                    secret: b"engine test".to_vec(),
                 };
                 let comm = CpuComm::join(rank, world, &rendezvous).expect("join");
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(1)
                     .build()
                     .unwrap();
-                pool.install(|| run(&load(&path, Arc::new(comm)), &prompts, steps))
+                pool.install(|| work(&load(&path, Arc::new(comm))))
             })
         })
         .collect();
@@ -108,15 +118,28 @@ fn sharded(
 
 fn check(path: &Path, world: usize, prompts: &[Vec<u32>], steps: usize) {
     let one = run(&load(path, Arc::new(Local)), prompts, steps);
-    let ranks = sharded(path, world, prompts, steps);
+    compare(world, &sharded(path, world, prompts, steps), &one);
+}
+
+/// Every rank saw rank 0's logits, and rank 0 the one-rank model's within `TOLERANCE`.
+fn compare(world: usize, ranks: &[Forwards], one: &Forwards) {
     for (rank, forwards) in ranks.iter().enumerate() {
         assert_eq!(
             forwards, &ranks[0],
             "rank {rank} saw other logits than rank 0"
         );
     }
-    for (step, (a, b)) in ranks[0].iter().zip(&one).enumerate() {
+    assert_eq!(ranks[0].len(), one.len(), "forwards");
+    for (step, (a, b)) in ranks[0].iter().zip(one).enumerate() {
+        assert_eq!(a.len(), b.len(), "forward {step}: logit sets");
         for (s, (x, y)) in a.iter().zip(b).enumerate() {
+            if y.is_empty() {
+                assert!(
+                    x.is_empty(),
+                    "forward {step}, sequence {s}: rows where none were asked"
+                );
+                continue;
+            }
             let d = max_abs_diff(x, y);
             assert!(
                 d < TOLERANCE,
@@ -125,6 +148,88 @@ fn check(path: &Path, world: usize, prompts: &[Vec<u32>], steps: usize) {
             assert_eq!(argmax(x), argmax(y), "forward {step}, sequence {s}");
         }
     }
+}
+
+/// One sequence's part of a forward in `shapes`: sequence, tokens, logits wanted.
+type Part = (usize, Vec<u32>, LogitsWanted);
+
+/// The batch shapes a chunking engine produces, in order, over four sequences: each forward's
+/// logits. Token ids stay under 512 so every test model has them.
+fn shapes(model: &Model) -> Forwards {
+    use LogitsWanted::{All, Last, None};
+    let prompt = |n: u32, seed: u32| {
+        (0..n)
+            .map(|i| 1 + (i * 37 + seed) % 500)
+            .collect::<Vec<_>>()
+    };
+    let (a, b, c, d) = (prompt(7, 3), prompt(5, 11), prompt(4, 29), prompt(4, 71));
+    let forwards: Vec<Vec<Part>> = vec![
+        // A prompt longer than the prefill budget: a chunk-only forward, zero logit rows.
+        vec![(0, a[..4].to_vec(), None)],
+        // Its last chunk ends exactly at the prompt's end, beside another chunk-only sequence.
+        vec![(0, a[4..].to_vec(), Last), (1, b[..2].to_vec(), None)],
+        // Decode only.
+        vec![(0, vec![42], Last)],
+        // Mixed: a decode, a prefill finishing with prompt logprobs, a whole new prompt.
+        vec![
+            (0, vec![7], Last),
+            (1, b[2..].to_vec(), All),
+            (2, c.clone(), Last),
+        ],
+        // Two chunk-only sequences at once, then decode of everyone and the end of the prompt.
+        vec![(3, d[..1].to_vec(), None), (2, vec![9], None)],
+        vec![
+            (0, vec![100], Last),
+            (1, vec![200], Last),
+            (3, d[1..].to_vec(), Last),
+        ],
+    ];
+    let per_seq = 2;
+    let mut cache = KvCache::new(model.cache_shape(), per_seq * 4, BLOCK);
+    let mut pos = [0usize; 4];
+    forwards
+        .into_iter()
+        .map(|parts| {
+            let seqs = parts
+                .into_iter()
+                .map(|(s, tokens, logits)| {
+                    let start = pos[s];
+                    pos[s] += tokens.len();
+                    SeqInput {
+                        slots: (start..pos[s])
+                            .map(|p| (s * per_seq * BLOCK + p) as u32)
+                            .collect(),
+                        tokens,
+                        start_pos: start,
+                        block_table: ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect(),
+                        logits,
+                    }
+                })
+                .collect();
+            model
+                .forward(&ForwardBatch { seqs }, &mut cache)
+                .expect("every batch shape is a valid forward")
+        })
+        .collect()
+}
+
+fn check_shapes(path: &Path, world: usize) {
+    let one = shapes(&load(path, Arc::new(Local)));
+    assert!(one[0].iter().all(Vec::is_empty), "the chunk-only forward");
+    assert_eq!(one[3][1].len() % 3, 0, "three prompt-logprob rows");
+    compare(world, &on_ranks(path, world, shapes), &one);
+}
+
+#[test]
+fn stories_on_two_and_three_ranks_survive_every_batch_shape() {
+    let stories = or_skip!(stories());
+    check_shapes(&stories, 2);
+    check_shapes(&stories, 3);
+}
+
+#[test]
+fn smollm2_on_two_ranks_survives_every_batch_shape() {
+    check_shapes(&fetched("smollm2-hf-float32"), 2);
 }
 
 #[test]

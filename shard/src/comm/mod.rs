@@ -5,7 +5,7 @@
 
 mod cpu;
 
-pub use cpu::{CpuComm, Rendezvous};
+pub use cpu::{CpuComm, Rendezvous, SECRET_ENV};
 
 use crate::{Error, Result};
 
