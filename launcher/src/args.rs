@@ -65,9 +65,10 @@ pub struct ShardingArgs {
     /// Shard the model over every visible GPU (`true`), or forbid more than one shard (`false`).
     #[arg(long, env)]
     pub sharded: Option<bool>,
-    /// Shard sockets: rank r listens on `{path}-{r}`.
-    #[arg(long, env, default_value = "/tmp/tessera-server")]
-    pub shard_uds_path: PathBuf,
+    /// Shard sockets: rank r listens on `{path}-{r}`. Default: `tessera-server` in a fresh
+    /// private (0700) directory under $XDG_RUNTIME_DIR or the temp dir, removed at exit.
+    #[arg(long, env)]
+    pub shard_uds_path: Option<PathBuf>,
     /// Rendezvous address of the ranks' communicator.
     #[arg(long, env, default_value = "localhost")]
     pub master_addr: String,
@@ -183,7 +184,7 @@ mod tests {
         let sharding = |sharded, num_shard| ShardingArgs {
             num_shard,
             sharded,
-            shard_uds_path: "/tmp/x".into(),
+            shard_uds_path: Some("/tmp/x".into()),
             master_addr: "localhost".into(),
             master_port: 29500,
         };

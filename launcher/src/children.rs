@@ -6,7 +6,7 @@ use crate::args::LauncherArgs;
 use crate::model::ResolvedModel;
 use crate::process::ChildSpec;
 use clap::{CommandFactory, Parser};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tessera_router::args::{Cli as RouterCli, RouterArgs, ShardArgs as RouterShardArgs};
 use tessera_shard::serve::ServeArgs;
 
@@ -18,21 +18,92 @@ fn no_color() -> (String, String) {
 /// The socket of shard `rank`: `{shard_uds_path}-{rank}` (TGI's layout).
 pub use tessera_proto::uds::shard_socket;
 
+/// Where the shards' sockets live for one launch. Without `--shard-uds-path` that is a fresh
+/// directory only this user can enter (0700, under `$XDG_RUNTIME_DIR` or the temp dir), so no
+/// other local user can predict, pre-create, or connect to the sockets; it is removed with
+/// everything in it when this value drops at the launcher's exit.
+pub struct SocketDir {
+    prefix: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl SocketDir {
+    pub fn for_launch(given: Option<&Path>) -> Result<Self, String> {
+        if let Some(prefix) = given {
+            return Ok(SocketDir {
+                prefix: prefix.to_path_buf(),
+                _dir: None,
+            });
+        }
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|d| d.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = private_dir(&base)?;
+        Ok(SocketDir {
+            prefix: dir.path().join("tessera-server"),
+            _dir: Some(dir),
+        })
+    }
+
+    /// The `--uds-path` prefix: shard `r` listens on `{prefix}-{r}`.
+    pub fn prefix(&self) -> &Path {
+        &self.prefix
+    }
+}
+
+fn private_dir(base: &Path) -> Result<tempfile::TempDir, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("tessera-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(base)
+        .map_err(|e| {
+            format!(
+                "cannot create a socket directory in {}: {e}",
+                base.display()
+            )
+        })?;
+    // Whatever the umask did, only the owner may enter.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("{}: {e}", dir.path().display()))?;
+    Ok(dir)
+}
+
+/// The `--shard-uds-path` prefix `main` settled (given, or the launch's private directory).
+fn uds_prefix(args: &LauncherArgs) -> Result<&Path, String> {
+    args.sharding
+        .shard_uds_path
+        .as_deref()
+        .ok_or_else(|| "no shard socket path: create the launch's SocketDir first".to_string())
+}
+
+/// A fresh random secret for this launch's tensor-parallel group (hex of 32 bytes from the
+/// kernel), handed to every shard through its environment.
+pub fn group_secret() -> Result<String, String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| format!("cannot read /dev/urandom for the group secret: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// The router's arguments: the launcher's router groups plus the shard socket and tokenizer.
-pub fn router_args(args: &LauncherArgs, model: &ResolvedModel) -> RouterArgs {
+pub fn router_args(args: &LauncherArgs, model: &ResolvedModel) -> Result<RouterArgs, String> {
     let mut server = args.server.clone();
     // Children always log JSON: the launcher parses each line and re-emits it in its own format.
     server.json_output = true;
-    RouterArgs {
+    Ok(RouterArgs {
         shard: RouterShardArgs {
-            master_shard_uds_path: shard_socket(&args.sharding.shard_uds_path, 0),
+            master_shard_uds_path: shard_socket(uds_prefix(args)?, 0),
             tokenizer_name: model.path.clone(),
             model_id: Some(model.name.clone()),
         },
         server,
         limits: args.limits.clone(),
         batching: args.batching.clone(),
-    }
+    })
 }
 
 /// The router's argv, checked by the router's own parser. The API key is never on it (any local user
@@ -107,9 +178,7 @@ pub fn serve_args(
     let model_id = model.path.display().to_string();
     let defaults = ShardServeCli::try_parse_from(["serve", "--model-id", &model_id])
         .map_err(|e| format!("shard arguments: {e}"))?;
-    let uds_path = args
-        .sharding
-        .shard_uds_path
+    let uds_path = uds_prefix(args)?
         .to_str()
         .ok_or("--shard-uds-path is not UTF-8")?;
     let m = &args.model;
@@ -189,14 +258,21 @@ fn value_name(value: impl clap::ValueEnum) -> String {
         .unwrap_or_default()
 }
 
-/// The environment of shard `rank`: the communicator's rendezvous, as TGI sets it.
-pub fn shard_env(args: &LauncherArgs, rank: usize, world_size: usize) -> Vec<(String, String)> {
+/// The environment of shard `rank`: the communicator's rendezvous, as TGI sets it, and the
+/// group's secret (in the environment, which only the shard's user can read; never on argv).
+pub fn shard_env(
+    args: &LauncherArgs,
+    rank: usize,
+    world_size: usize,
+    secret: &str,
+) -> Vec<(String, String)> {
     vec![
         no_color(),
         ("RANK".into(), rank.to_string()),
         ("WORLD_SIZE".into(), world_size.to_string()),
         ("MASTER_ADDR".into(), args.sharding.master_addr.clone()),
         ("MASTER_PORT".into(), args.sharding.master_port.to_string()),
+        (tessera_shard::comm::SECRET_ENV.into(), secret.into()),
     ]
 }
 
@@ -222,6 +298,7 @@ pub fn plan_children(
     world_size: usize,
 ) -> Result<(Vec<(ChildSpec, PathBuf)>, ChildSpec), String> {
     let (shard_bin, shard_prefix) = child_program("TESSERA_SHARD_BIN", "shard")?;
+    let secret = group_secret()?;
     let mut shards = Vec::with_capacity(world_size);
     for rank in 0..world_size {
         let spec = ChildSpec {
@@ -232,12 +309,12 @@ pub fn plan_children(
                 shard_argv(&serve_args(args, model, rank, world_size)?)?,
             ]
             .concat(),
-            env: shard_env(args, rank, world_size),
+            env: shard_env(args, rank, world_size, &secret),
         };
-        shards.push((spec, shard_socket(&args.sharding.shard_uds_path, rank)));
+        shards.push((spec, shard_socket(uds_prefix(args)?, rank)));
     }
     let (router_bin, router_prefix) = child_program("TESSERA_ROUTER_BIN", "router")?;
-    let router = router_args(args, model);
+    let router = router_args(args, model)?;
     let router = ChildSpec {
         name: "router".into(),
         program: router_bin,
@@ -290,7 +367,7 @@ mod tests {
             "--max-batch-size=4",
             "--otlp-endpoint=http://collector:4317",
         ]);
-        let router = router_args(&args, &model());
+        let router = router_args(&args, &model()).unwrap();
         let argv = router_argv(&router).unwrap();
         assert!(!argv.iter().any(|a| a.contains("api-key")), "{argv:?}");
         assert!(router_env(&router)
@@ -383,6 +460,24 @@ mod tests {
             .0
             .env
             .contains(&("MASTER_PORT".into(), "1234".into())));
+        // One secret for the whole group, in the environment and nowhere on argv.
+        let secret = |rank: usize| {
+            let env = &shards[rank].0.env;
+            let var = env
+                .iter()
+                .find(|(k, _)| k == tessera_shard::comm::SECRET_ENV);
+            var.map(|(_, v)| v.clone()).unwrap()
+        };
+        assert_eq!(secret(0), secret(1));
+        assert_eq!(secret(0).len(), 64);
+        assert!(!shards[0].0.args.iter().any(|a| a.contains(&secret(0))));
+        let (again, _) = plan_children(&args, &model(), 2).unwrap();
+        let other = again[0]
+            .0
+            .env
+            .iter()
+            .find(|(k, _)| k.starts_with("TESSERA_TP"));
+        assert_ne!(other.unwrap().1, secret(0), "a fresh secret per launch");
         assert_eq!(router.name, "router");
         // The launcher runs itself as each child.
         let exe = std::env::current_exe().unwrap();
@@ -391,6 +486,31 @@ mod tests {
             (&exe, &["shard".to_string(), "serve".to_string()][..])
         );
         assert_eq!((&router.program, router.args[0].as_str()), (&exe, "router"));
+    }
+
+    #[test]
+    fn the_default_socket_directory_is_private_fresh_and_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            private_dir(base.path()).unwrap(),
+            private_dir(base.path()).unwrap(),
+        );
+        assert_ne!(a.path(), b.path());
+        let mode = std::fs::metadata(a.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+        let sockets = SocketDir::for_launch(None).unwrap();
+        let dir = sockets.prefix().parent().unwrap().to_path_buf();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+        // A socket a shard left behind goes with the directory.
+        let socket = shard_socket(sockets.prefix(), 0);
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        drop(sockets);
+        drop(listener);
+        assert!(!dir.exists(), "{} remains", dir.display());
+        let given = SocketDir::for_launch(Some(Path::new("/srv/t"))).unwrap();
+        assert_eq!(given.prefix(), Path::new("/srv/t"));
     }
 
     #[test]

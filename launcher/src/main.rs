@@ -90,7 +90,7 @@ fn init_logging(json: bool) {
 /// Everything up to the supervisor runs synchronously (downloads block); the supervisor then runs on a
 /// current-thread runtime so every child is forked by the main thread, which lives as long as the launcher
 /// (PR_SET_PDEATHSIG fires when the forking *thread* exits).
-fn launch(args: LauncherArgs) -> anyhow::Result<()> {
+fn launch(mut args: LauncherArgs) -> anyhow::Result<()> {
     let world_size = args
         .sharding
         .world_size(args.model.device)
@@ -118,6 +118,10 @@ fn launch(args: LauncherArgs) -> anyhow::Result<()> {
         model.name,
         model.path.display()
     );
+    // Lives until the children are gone: dropping it removes the private socket directory.
+    let sockets = children::SocketDir::for_launch(args.sharding.shard_uds_path.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    args.sharding.shard_uds_path = Some(sockets.prefix().to_path_buf());
     let (shards, router) =
         children::plan_children(&args, &model, world_size).map_err(anyhow::Error::msg)?;
     let plan = supervise::Plan {
