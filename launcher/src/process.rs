@@ -82,6 +82,14 @@ impl Child {
     }
 
     /// The exit status once the child has exited (non-blocking; reaps it).
+    /// Whether the process is stopped (SIGSTOP, a debugger): `T` or `t` in `/proc/PID/stat`.
+    pub fn is_stopped(&self) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pgid)).unwrap_or_default();
+        // The state follows the parenthesised command name, which may itself hold spaces or parens.
+        let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+        matches!(state, Some("T" | "t"))
+    }
+
     pub fn exited(&mut self) -> Option<ExitStatus> {
         if self.exit.is_none() {
             self.exit = self.child.try_wait().ok().flatten();

@@ -2,6 +2,10 @@
 //! then supervise. Any child exiting stops the rest (non-zero exit naming it); SIGINT/SIGTERM drains the
 //! router within the graceful timeout, then stops the shards (exit 0). Polling every 100 ms keeps every
 //! failure visible within a fraction of a second and no wait unbounded.
+//!
+//! A child that stops answering without exiting (SIGSTOP, a hung device) is caught through the router:
+//! its RPC deadline fails the shard calls and turns `/health` 503. A 503 that lasts `UNHEALTHY_EXIT` stops
+//! everything, naming the shard that does not answer `Info` (or the router when every shard does).
 
 use crate::children::redact;
 use crate::health;
@@ -18,6 +22,11 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 const WAIT_NOTICE: Duration = Duration::from_secs(10);
 /// How long the first Health (one tiny forward on every rank) may take.
 const FIRST_HEALTH: Duration = Duration::from_secs(60);
+/// How often the steady state asks the router's `/health` (it answers from memory, in microseconds).
+const HEALTH_PROBE: Duration = Duration::from_secs(1);
+/// How long `/health` may answer 503 before the launcher gives up on the deployment. The router
+/// re-checks a failed shard every second, so a passing failure clears well within this.
+const UNHEALTHY_EXIT: Duration = Duration::from_secs(10);
 
 /// Everything the supervisor runs, already validated.
 pub struct Plan {
@@ -64,6 +73,13 @@ pub enum SuperviseError {
     Died {
         name: String,
         how: String,
+        tail: String,
+    },
+    #[error("{name} stopped answering ({reason}; the router's /health answered 503 for {secs} s); stopped the others. Its last output:\n{tail}")]
+    Stuck {
+        name: String,
+        reason: String,
+        secs: u64,
         tail: String,
     },
     #[error("cannot listen for signals: {0}")]
@@ -144,7 +160,7 @@ pub async fn run(plan: Plan) -> Result<(), SuperviseError> {
         .await;
     }
     announce_ready(&plan, secs(started));
-    let stop = supervise(&mut router, &mut shards, &mut signals).await;
+    let stop = supervise(&mut router, &mut shards, &plan, &mut signals).await;
     finish(
         shards,
         Some((router, plan.graceful_timeout)),
@@ -343,16 +359,72 @@ async fn wait_router(
     }
 }
 
-/// Steady state: returns when a child exits or a signal arrives.
-async fn supervise(router: &mut Child, shards: &mut [Child], signals: &mut Signals) -> Interrupt {
+/// Steady state: returns when a child exits, the router reports the shards unhealthy for
+/// `UNHEALTHY_EXIT`, or a signal arrives.
+async fn supervise(
+    router: &mut Child,
+    shards: &mut [Child],
+    plan: &Plan,
+    signals: &mut Signals,
+) -> Interrupt {
+    let (host, port) = &plan.router_addr;
+    let mut probed = Instant::now();
+    let mut unhealthy_since: Option<Instant> = None;
     loop {
         let children = std::iter::once(&mut *router).chain(shards.iter_mut());
         if let Some(e) = first_exit(children, false).await {
             return Interrupt::Failed(e);
         }
+        if probed.elapsed() >= HEALTH_PROBE {
+            probed = Instant::now();
+            // Only a 503 counts: a probe that cannot connect (every connection slot busy) or times out
+            // says nothing about the shards.
+            match health::router_health(health::probe_host(host), *port).await {
+                Ok(503) => {
+                    let since = *unhealthy_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= UNHEALTHY_EXIT {
+                        return Interrupt::Failed(stuck(router, shards, plan, since).await);
+                    }
+                }
+                Ok(_) => unhealthy_since = None,
+                Err(_) => {}
+            }
+        }
         if let Some(sig) = tick(signals).await {
             return Interrupt::Signal(sig);
         }
+    }
+}
+
+/// The error for a deployment whose `/health` stayed 503: the first shard that does not answer `Info`
+/// (a stopped or hung process), else the router (every shard answers, yet it reports them unhealthy).
+async fn stuck(router: &Child, shards: &[Child], plan: &Plan, since: Instant) -> SuperviseError {
+    let secs = since.elapsed().as_secs();
+    // A stopped rank also stalls its peers inside their collectives, so they fail `Info` too: name the
+    // stopped process first.
+    if let Some(child) = shards.iter().find(|c| c.is_stopped()) {
+        return SuperviseError::Stuck {
+            name: child.name.clone(),
+            reason: "the process is stopped (SIGSTOP)".into(),
+            secs,
+            tail: child.tail(),
+        };
+    }
+    for (child, (_, socket)) in shards.iter().zip(&plan.shards) {
+        if let Err(reason) = health::shard_serving(socket).await {
+            return SuperviseError::Stuck {
+                name: child.name.clone(),
+                reason,
+                secs,
+                tail: child.tail(),
+            };
+        }
+    }
+    SuperviseError::Stuck {
+        name: router.name.clone(),
+        reason: "every shard answers Info, yet the router reports them unhealthy".into(),
+        secs,
+        tail: router.tail(),
     }
 }
 

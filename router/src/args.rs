@@ -82,6 +82,13 @@ pub struct ServerArgs {
     /// on the taken port. Pass `--prometheus-port 9000` for TGI's layout.
     #[arg(long, env, default_value_t = 0)]
     pub prometheus_port: u16,
+    /// Seconds a client has to send a request's headers; the same clock closes a kept-alive connection
+    /// that sends no next request for this long (slow or idle clients cannot hold connections open).
+    #[arg(long, env, default_value_t = 30)]
+    pub header_read_timeout: u64,
+    /// Most open HTTP connections; further clients wait in the listen backlog until one closes.
+    #[arg(long, env, default_value_t = 1024)]
+    pub max_connections: usize,
 }
 
 /// Per-request limits (validation) and admission.
@@ -131,6 +138,11 @@ pub struct BatchingArgs {
     /// Hard cap on requests per batch.
     #[arg(long, env)]
     pub max_batch_size: Option<usize>,
+    /// Seconds any shard RPC may take before its requests fail and `/health` turns 503. Default: ten
+    /// times the Warmup (one forward of the whole prefill budget, so it scales with the model, the
+    /// device and `--max-batch-prefill-tokens`), at least 60.
+    #[arg(long, env)]
+    pub shard_rpc_timeout: Option<u64>,
 }
 
 impl RouterArgs {
@@ -165,6 +177,8 @@ impl RouterArgs {
         }
         push("otlp-service-name", v.otlp_service_name.clone());
         push("prometheus-port", v.prometheus_port.to_string());
+        push("header-read-timeout", v.header_read_timeout.to_string());
+        push("max-connections", v.max_connections.to_string());
         let l = &self.limits;
         push(
             "max-concurrent-requests",
@@ -193,6 +207,9 @@ impl RouterArgs {
         push("max-waiting-tokens", b.max_waiting_tokens.to_string());
         if let Some(n) = b.max_batch_size {
             push("max-batch-size", n.to_string());
+        }
+        if let Some(secs) = b.shard_rpc_timeout {
+            push("shard-rpc-timeout", secs.to_string());
         }
         if v.json_output {
             argv.push("--json-output".into());
@@ -228,6 +245,9 @@ mod tests {
         full.batching.max_batch_total_tokens = Some(5000);
         full.batching.max_batch_size = Some(8);
         full.batching.waiting_served_ratio = 0.3;
+        full.batching.shard_rpc_timeout = Some(7);
+        full.server.header_read_timeout = 3;
+        full.server.max_connections = 9;
         assert_eq!(parse(&full.to_argv()), full);
     }
 }

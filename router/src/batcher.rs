@@ -1,6 +1,11 @@
 //! The one async loop driving the shards: it owns the scheduler, runs each step's RPC on every shard and
 //! delivers each request's events on its own channel (tokens, then exactly one end). `Infer` is the
 //! handle the HTTP side uses: admission (429), submission, health.
+//!
+//! Health is the batcher's own record (`Health`), read by `/health` without touching the shards: the
+//! last forward or Health RPC succeeded, no step has run past its deadline, the loop is alive, and the
+//! server is not draining. The real check (the Health RPC, a tiny forward) runs here, between steps, when
+//! the loop is idle — so it never waits behind a forward and never reorders the ranks' collectives.
 
 use crate::api::{FinishReason, PrefillToken, Token};
 use crate::client::{ForwardResult, ShardedClient};
@@ -9,8 +14,9 @@ use crate::metrics as m;
 use crate::scheduler::{Event, NewRequest, Outcome, Scheduler, Step};
 use crate::validation::ValidRequest;
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tessera_proto::v3::{self, Generation, Tokens};
 use tessera_proto::RequestId;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -101,34 +107,123 @@ struct Tracked {
     span: tracing::Span,
 }
 
+/// How often an idle, healthy batcher re-checks the shards with the Health RPC.
+const IDLE_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
+/// How often it re-checks while the last check failed (so a transient failure clears quickly).
+const UNHEALTHY_RETRY: Duration = Duration::from_secs(1);
+
+/// The batcher's health record, shared with `/health` (which only reads it).
+#[derive(Debug)]
+pub struct Health {
+    /// The last forward or Health RPC succeeded.
+    ok: AtomicBool,
+    /// Why the last one failed (for the log of `/health`'s 503).
+    failure: Mutex<Option<String>>,
+    /// The step in flight and when it started.
+    step: Mutex<Option<(&'static str, Instant)>>,
+    /// A step running longer than this is stuck (the RPC deadline, plus slack for delivering events).
+    step_deadline: Duration,
+    draining: AtomicBool,
+}
+
+impl Health {
+    fn new(step_deadline: Duration) -> Self {
+        Health {
+            ok: AtomicBool::new(true),
+            failure: Mutex::new(None),
+            step: Mutex::new(None),
+            step_deadline,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    fn record(&self, outcome: std::result::Result<(), String>) {
+        let ok = outcome.is_ok();
+        if ok != self.ok.swap(ok, Ordering::SeqCst) {
+            match &outcome {
+                Ok(()) => tracing::info!("shards healthy again"),
+                Err(why) => tracing::error!("shards unhealthy: {why}"),
+            }
+        }
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = outcome.err();
+    }
+
+    fn step_started(&self, method: &'static str) {
+        *self.step.lock().unwrap_or_else(|e| e.into_inner()) = Some((method, Instant::now()));
+    }
+
+    fn step_finished(&self) {
+        *self.step.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn is_ok(&self) -> bool {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    /// Why the server is not healthy now, if it is not.
+    fn problem(&self) -> Option<String> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Some("draining after a shutdown signal".into());
+        }
+        if let Some((method, since)) = *self.step.lock().unwrap_or_else(|e| e.into_inner()) {
+            if since.elapsed() > self.step_deadline {
+                return Some(format!(
+                    "{method} has run for {:.0} s, past its {:.0} s deadline",
+                    since.elapsed().as_secs_f64(),
+                    self.step_deadline.as_secs_f64()
+                ));
+            }
+        }
+        if !self.is_ok() {
+            let why = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+            return Some(
+                why.clone()
+                    .unwrap_or_else(|| "the last shard call failed".into()),
+            );
+        }
+        None
+    }
+}
+
 /// The HTTP side's handle on the batcher.
 #[derive(Clone)]
 pub struct Infer {
     commands: UnboundedSender<Command>,
     limiter: Arc<Semaphore>,
-    client: ShardedClient,
+    health: Arc<Health>,
 }
 
 impl Infer {
-    /// Start the batching loop.
+    /// Start the batching loop. `kv_capacity` is the most tokens (prompt + generation) one request can
+    /// ever hold in the KV cache; a request needing more is refused at once instead of waiting forever.
     pub fn spawn(
         scheduler: Scheduler,
         client: ShardedClient,
         max_concurrent_requests: usize,
+        kv_capacity: KvCapacity,
     ) -> Self {
         let (commands, rx) = unbounded_channel();
+        // A step may take the RPC deadline and a FilterBatch or ClearCache after it; past twice that, the
+        // loop itself is stuck.
+        let step_deadline = client
+            .rpc_timeout()
+            .map_or(Duration::MAX, |t| t.saturating_mul(2));
+        let health = Arc::new(Health::new(step_deadline));
         let batcher = Batcher {
             scheduler,
-            client: client.clone(),
+            client,
             commands: rx,
             requests: HashMap::new(),
             next_id: 0,
+            health: health.clone(),
+            kv_capacity,
+            last_check: Instant::now(),
         };
         tokio::spawn(batcher.run());
         Infer {
             commands,
             limiter: Arc::new(Semaphore::new(max_concurrent_requests)),
-            client,
+            health,
         }
     }
 
@@ -185,12 +280,45 @@ impl Infer {
         Err(RouterError::IncompleteGeneration)
     }
 
-    /// Every shard answers Health.
-    pub async fn health(&self) -> Result<()> {
-        self.client.health().await.map_err(|e| {
-            tracing::warn!("health check failed: {e}");
-            RouterError::Unhealthy
-        })
+    /// The batcher's health record, read without waiting on the shards: `Unhealthy` when the last shard
+    /// call failed, a step is stuck past its deadline, the batching loop is gone, or the server drains.
+    pub fn health(&self) -> Result<()> {
+        let problem = match self.commands.is_closed() {
+            true => Some("the batching loop has stopped".to_string()),
+            false => self.health.problem(),
+        };
+        match problem {
+            None => Ok(()),
+            Some(why) => {
+                tracing::warn!("/health: unhealthy: {why}");
+                Err(RouterError::Unhealthy)
+            }
+        }
+    }
+
+    /// From now on `/health` answers 503 (the server is shutting down).
+    pub fn start_draining(&self) {
+        self.health.draining.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The KV cache as one request sees it: blocks of `block_size` tokens, block 0 reserved for the Health
+/// forward, `speculate` extra positions per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCapacity {
+    pub num_blocks: u32,
+    pub block_size: u32,
+    pub speculate: u32,
+}
+
+impl KvCapacity {
+    /// The most prompt + generated tokens one request can hold: the scheduler reserves
+    /// `ceil((total + speculate - 1) / block_size)` blocks of the `num_blocks - 1` it hands out.
+    pub fn max_request_tokens(&self) -> u32 {
+        let usable = u64::from(self.num_blocks.saturating_sub(1)) * u64::from(self.block_size);
+        (usable + 1)
+            .saturating_sub(u64::from(self.speculate))
+            .min(u64::from(u32::MAX)) as u32
     }
 }
 
@@ -200,15 +328,19 @@ struct Batcher {
     commands: UnboundedReceiver<Command>,
     requests: HashMap<RequestId, Tracked>,
     next_id: u64,
+    health: Arc<Health>,
+    kv_capacity: KvCapacity,
+    /// When the shards last proved healthy or were last checked (a forward or the Health RPC).
+    last_check: Instant,
 }
 
 impl Batcher {
     async fn run(mut self) {
         let mut stalled = false;
         loop {
-            // 1. With nothing to do, sleep until a request arrives.
+            // 1. With nothing to do, sleep until a request arrives, checking the shards now and then.
             if self.scheduler.is_idle() || stalled {
-                let Some(command) = self.commands.recv().await else {
+                let Some(command) = self.wait_idle().await else {
                     return;
                 };
                 self.enqueue(command);
@@ -225,7 +357,10 @@ impl Batcher {
             if let Some(step) = step {
                 // 5. Run it on every shard, in a span the shards continue.
                 let span = self.step_span(&step);
+                self.health.step_started(step_name(&step));
                 let outcome = self.execute(&step).instrument(span).await;
+                self.health.step_finished();
+                self.record_health(&step, &outcome);
                 // 6. Feed the result back; deliver each request's events.
                 let delivering = Instant::now();
                 for event in self.scheduler.update(outcome) {
@@ -246,7 +381,60 @@ impl Batcher {
         }
     }
 
+    /// The next command; while none comes, the Health RPC every `IDLE_HEALTH_INTERVAL` (every
+    /// `UNHEALTHY_RETRY` while unhealthy). `None` once every `Infer` is gone.
+    async fn wait_idle(&mut self) -> Option<Command> {
+        loop {
+            let every = match self.health.is_ok() {
+                true => IDLE_HEALTH_INTERVAL,
+                false => UNHEALTHY_RETRY,
+            };
+            let due = self.last_check + every;
+            match tokio::time::timeout_at(due.into(), self.commands.recv()).await {
+                Ok(command) => return command,
+                Err(_) => self.check_health().await,
+            }
+        }
+    }
+
+    async fn check_health(&mut self) {
+        self.health.step_started("Health");
+        let outcome = self.client.health().await;
+        self.health.step_finished();
+        self.last_check = Instant::now();
+        self.health.record(outcome.map_err(|e| e.to_string()));
+    }
+
+    /// A forward that succeeded proves the shards healthy; any failed step but a request's own invalid
+    /// argument (isolated to it, the shards are fine) marks them unhealthy until the next success.
+    fn record_health(&mut self, step: &Step, outcome: &Outcome) {
+        match outcome {
+            Outcome::Failed(RouterError::Shard(s)) if s.code == tonic::Code::InvalidArgument => {}
+            Outcome::Failed(e) => {
+                self.last_check = Instant::now();
+                self.health.record(Err(format!("{}: {e}", step_name(step))));
+            }
+            Outcome::Forward { .. } => {
+                self.last_check = Instant::now();
+                self.health.record(Ok(()));
+            }
+            _ => {}
+        }
+    }
+
     fn enqueue(&mut self, Command { request, tx, span }: Command) {
+        // The one admission check the scheduler cannot recover from: a request larger than the whole KV
+        // cache would wait at the queue head forever and block everything behind it. Validation caps
+        // `max_total_tokens` to the same capacity at startup, so this only fires if they disagree.
+        let input_length = request.input_ids.len() as u32;
+        let max_new_tokens = request.stopping.max_new_tokens;
+        let capacity = self.kv_capacity.max_request_tokens();
+        if u64::from(input_length) + u64::from(max_new_tokens) > u64::from(capacity) {
+            let error = RouterError::MaxTotalTokens(capacity, input_length, max_new_tokens);
+            span.in_scope(|| tracing::warn!("refused: {error}"));
+            let _ = tx.send(InferEvent::Error(error));
+            return;
+        }
         let id = RequestId(self.next_id);
         self.next_id += 1;
         span.record("request_id", id.0);
@@ -366,12 +554,7 @@ impl Batcher {
         }
     }
 
-    fn on_admitted(
-        &mut self,
-        batch: &v3::Batch,
-        merged: bool,
-        admitted: &[(RequestId, std::time::Duration)],
-    ) {
+    fn on_admitted(&mut self, batch: &v3::Batch, merged: bool, admitted: &[(RequestId, Duration)]) {
         let now = Instant::now();
         for (id, waited) in admitted {
             if let Some(tracked) = self.requests.get_mut(id) {
@@ -476,6 +659,15 @@ impl Batcher {
     }
 }
 
+fn step_name(step: &Step) -> &'static str {
+    match step {
+        Step::Prefill { .. } => "Prefill",
+        Step::Decode { .. } => "Decode",
+        Step::Filter { .. } => "FilterBatch",
+        Step::Clear { .. } => "ClearCache",
+    }
+}
+
 fn record_success(tracked: &Tracked, started: Instant, generated_tokens: u32) {
     let inference = started.elapsed().as_secs_f64();
     metrics::counter!(m::REQUEST_SUCCESS).increment(1);
@@ -568,4 +760,54 @@ fn to_prefill(tokens: Option<&Tokens>) -> Vec<PrefillToken> {
             logprob: t.logprob.is_finite().then_some(t.logprob),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_reports_failures_stuck_steps_and_draining_and_recovers() {
+        let health = Health::new(Duration::from_millis(50));
+        assert_eq!(health.problem(), None);
+        health.record(Err("Decode: shard error: no answer within 3 s".into()));
+        assert!(health.problem().unwrap().contains("no answer within 3 s"));
+        health.record(Ok(()));
+        assert_eq!(health.problem(), None);
+
+        health.step_started("Prefill");
+        assert_eq!(health.problem(), None, "a step within its deadline is fine");
+        std::thread::sleep(Duration::from_millis(80));
+        let stuck = health.problem().unwrap();
+        assert!(stuck.contains("Prefill has run for"), "{stuck}");
+        health.step_finished();
+        assert_eq!(health.problem(), None);
+
+        health.draining.store(true, Ordering::SeqCst);
+        assert!(health.problem().unwrap().contains("draining"));
+    }
+
+    #[test]
+    fn the_largest_request_fills_exactly_the_usable_blocks() {
+        for (num_blocks, block_size, speculate) in
+            [(128, 16, 0), (128, 16, 2), (2, 1, 0), (10, 7, 3)]
+        {
+            let kv = KvCapacity {
+                num_blocks,
+                block_size,
+                speculate,
+            };
+            let max = kv.max_request_tokens();
+            // The scheduler reserves ceil((total + speculate - 1) / block_size) of num_blocks - 1.
+            let blocks = |total: u32| (total + speculate - 1).div_ceil(block_size);
+            assert!(blocks(max) <= num_blocks - 1, "{kv:?}");
+            assert!(blocks(max + 1) > num_blocks - 1, "{kv:?}");
+        }
+        let none = KvCapacity {
+            num_blocks: 0,
+            block_size: 16,
+            speculate: 4,
+        };
+        assert_eq!(none.max_request_tokens(), 0);
+    }
 }

@@ -3,6 +3,10 @@
 //!
 //! Invariant: RPCs that run a forward (Health, Warmup, Prefill, Decode) reach every rank in the same
 //! order — one at a time through `lockstep` — because the ranks' collectives pair up in call order.
+//!
+//! Every RPC but Warmup has a deadline (`--shard-rpc-timeout`): a rank that stops answering fails the
+//! call with `DeadlineExceeded` naming the RPC and the rank, instead of holding the batcher forever.
+//! Warmup (sizing the KV cache, compiling kernels) is bounded by the launcher's startup timeout.
 
 use crate::error::{Result, RouterError, ShardStatus};
 use futures::future::try_join_all;
@@ -41,7 +45,12 @@ pub struct ForwardResult {
 pub struct ShardedClient {
     clients: Vec<Client>,
     lockstep: Arc<Mutex<()>>,
+    /// `None` until startup sets one (Warmup has none).
+    rpc_timeout: Option<Duration>,
 }
+
+/// How long connecting to a rank and ServiceDiscovery may take before the attempt counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The gRPC client of one rank: the channel over its socket (tracing context injected into every call),
 /// without tonic's message size limits.
@@ -59,6 +68,18 @@ async fn connect_rank(socket: &Path) -> Result<Client> {
 impl ShardedClient {
     /// Connect to rank 0, ask it for every rank's socket, connect to each.
     pub async fn connect(master: &Path) -> Result<Self> {
+        tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_unbounded(master))
+            .await
+            .map_err(|_| {
+                RouterError::Connect(format!(
+                    "{} did not answer within {} s",
+                    master.display(),
+                    CONNECT_TIMEOUT.as_secs()
+                ))
+            })?
+    }
+
+    async fn connect_unbounded(master: &Path) -> Result<Self> {
         let mut master_client = connect_rank(master).await?;
         let urls = master_client
             .service_discovery(ServiceDiscoveryRequest {})
@@ -76,7 +97,18 @@ impl ShardedClient {
         Ok(ShardedClient {
             clients,
             lockstep: Arc::new(Mutex::new(())),
+            rpc_timeout: None,
         })
+    }
+
+    /// The deadline of every later RPC but Warmup.
+    pub fn with_rpc_timeout(mut self, timeout: Duration) -> Self {
+        self.rpc_timeout = Some(timeout);
+        self
+    }
+
+    pub fn rpc_timeout(&self) -> Option<Duration> {
+        self.rpc_timeout
     }
 
     /// Connect, retrying until `timeout` (the shards may still be starting).
@@ -106,8 +138,32 @@ impl ShardedClient {
         self.fan_out(rpc, call).await
     }
 
-    /// Run `call` on every rank concurrently; a failure keeps its gRPC code, the RPC and the rank.
+    /// `fan_out_forward` without the deadline (Warmup).
+    async fn fan_out_unbounded<T, F, Fut>(&self, rpc: &'static str, call: F) -> Result<Vec<T>>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let _turn = self.lockstep.lock().await;
+        self.fan_out_within(rpc, None, call).await
+    }
+
+    /// Run `call` on every rank concurrently within the RPC deadline; a failure keeps its gRPC code, the
+    /// RPC and the rank.
     async fn fan_out<T, F, Fut>(&self, rpc: &'static str, call: F) -> Result<Vec<T>>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.fan_out_within(rpc, self.rpc_timeout, call).await
+    }
+
+    async fn fan_out_within<T, F, Fut>(
+        &self,
+        rpc: &'static str,
+        deadline: Option<Duration>,
+        call: F,
+    ) -> Result<Vec<T>>
     where
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
@@ -115,9 +171,16 @@ impl ShardedClient {
         let calls = self.clients.iter().enumerate().map(|(rank, client)| {
             let fut = call(client.clone());
             async move {
-                fut.await
-                    .map(tonic::Response::into_inner)
-                    .map_err(|status| RouterError::Shard(ShardStatus::new(rpc, rank, &status)))
+                let failed = |status: tonic::Status| {
+                    RouterError::Shard(ShardStatus::new(rpc, rank, &status))
+                };
+                let answer = match deadline {
+                    Some(limit) => tokio::time::timeout(limit, fut)
+                        .await
+                        .map_err(|_| failed(timed_out(limit)))?,
+                    None => fut.await,
+                };
+                answer.map(tonic::Response::into_inner).map_err(failed)
             }
         });
         try_join_all(calls).await
@@ -152,7 +215,7 @@ impl ShardedClient {
     /// Warmup on every rank; the tightest answer wins.
     pub async fn warmup(&self, request: WarmupRequest) -> Result<WarmupResponse> {
         let answers = self
-            .fan_out_forward("Warmup", |mut c| {
+            .fan_out_unbounded("Warmup", |mut c| {
                 let request = request.clone();
                 async move { c.warmup(request).await }
             })
@@ -234,6 +297,14 @@ impl ShardedClient {
             .await?;
         Ok(answers.pop().and_then(|a| a.batch))
     }
+}
+
+/// The status of a rank that did not answer in time (the process is stopped, hung or far too slow).
+fn timed_out(limit: Duration) -> tonic::Status {
+    tonic::Status::deadline_exceeded(format!(
+        "no answer within {} s (--shard-rpc-timeout): the shard is stopped, hung or overloaded",
+        limit.as_secs_f64()
+    ))
 }
 
 fn timings(

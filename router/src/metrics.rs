@@ -314,6 +314,22 @@ pub fn install(limits: BucketLimits) -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
+/// How often histogram samples are folded into their buckets when nobody scrapes.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Drain the recorder's histogram buffers on a timer: `install_recorder` leaves that to `render`, so
+/// without scrapes every recorded sample would stay buffered (memory growing with traffic).
+pub fn spawn_upkeep(handle: PrometheusHandle) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(UPKEEP_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            handle.run_upkeep();
+        }
+    });
+}
+
 /// HELP lines, plus one zero-valued series per (metric, label value) on the current recorder.
 pub fn describe_and_register() {
     for m in CATALOG {

@@ -15,6 +15,7 @@ use utoipa::OpenApi;
         crate::tgi::generate_stream,
         crate::tgi::tokenize,
         crate::tgi::health,
+        crate::tgi::ping,
         crate::tgi::info,
         crate::tgi::metrics,
         crate::openai::chat_completions,

@@ -1,13 +1,14 @@
 //! Startup (TGI's `connect_backend` + router `main`): shards → ClearCache → Info → Warmup, limits derived
-//! and checked against each other, then the HTTP server with graceful shutdown.
+//! and checked against each other (and capped to what the KV cache can ever hold), then the HTTP server
+//! with graceful shutdown.
 
 use crate::api::Info;
 use crate::args::RouterArgs;
-use crate::batcher::Infer;
+use crate::batcher::{Infer, KvCapacity};
 use crate::client::ShardedClient;
 use crate::error::{Result, RouterError};
 use crate::scheduler::{Scheduler, SchedulerConfig};
-use crate::server::{router, AppState};
+use crate::server::{router, serve, AppState, ConnectionLimits};
 use crate::validation::{Limits, Validation};
 use std::path::Path;
 use std::sync::Arc;
@@ -25,41 +26,65 @@ pub struct DerivedLimits {
 }
 
 /// TGI §1.3 step 5: the Warmup answer (and the flags) give the limits; inconsistent ones are errors.
+///
+/// `max_total_tokens` (and so the default `max_new_tokens`) never exceeds what one request can hold in
+/// the KV cache: a smaller cache than the model's context (any long-context model) caps the default,
+/// and an explicit flag above it is an error — otherwise a request without a token limit would reserve
+/// more blocks than exist and wait at the queue head forever.
 pub fn derive_limits(
     args: &RouterArgs,
     warmup: &v3::WarmupResponse,
-    support_chunking: bool,
+    shard: &v3::InfoResponse,
 ) -> Result<DerivedLimits> {
-    let max_total_tokens = args
-        .limits
-        .max_total_tokens
-        .unwrap_or(warmup.max_total_tokens);
-    let max_input_tokens = args.limits.max_input_tokens.unwrap_or(
-        warmup
-            .max_input_tokens
-            .min(max_total_tokens.saturating_sub(1)),
-    );
     let prefill = args.batching.max_batch_prefill_tokens;
     let max_batch_total_tokens = match warmup.max_supported_total_tokens {
         Some(supported) => {
-            if max_total_tokens > supported {
-                return Err(RouterError::NotEnoughMemory(max_total_tokens, supported));
+            if let Some(asked) = args.limits.max_total_tokens.filter(|&t| t > supported) {
+                return Err(RouterError::NotEnoughMemory(asked, supported));
             }
             if let Some(asked) = args.batching.max_batch_total_tokens {
                 tracing::warn!("--max-batch-total-tokens={asked} ignored: the shards' Warmup measured {supported}");
             }
             supported
         }
-        None => args
-            .batching
-            .max_batch_total_tokens
-            .unwrap_or(16000.max(max_total_tokens).max(prefill)),
+        None => args.batching.max_batch_total_tokens.unwrap_or(
+            16000
+                .max(args.limits.max_total_tokens.unwrap_or(0))
+                .max(prefill),
+        ),
     };
     let config = |message: String| Err(RouterError::Config(message));
+    let kv = kv_capacity(max_batch_total_tokens, shard);
+    let capacity = kv.max_request_tokens();
+    let max_total_tokens = match args.limits.max_total_tokens {
+        Some(asked) if asked > capacity => {
+            return config(format!(
+                "`max_total_tokens`({asked}) must be <= {capacity}, the most one request can hold in the KV \
+                 cache ({} blocks of {} tokens, block 0 reserved); give the shards more KV memory or lower it",
+                kv.num_blocks, kv.block_size
+            ));
+        }
+        Some(asked) => asked,
+        None if warmup.max_total_tokens > capacity => {
+            tracing::info!(
+                "max_total_tokens capped from {} to {capacity}: the KV cache holds {} blocks of {} tokens",
+                warmup.max_total_tokens,
+                kv.num_blocks,
+                kv.block_size
+            );
+            capacity
+        }
+        None => warmup.max_total_tokens,
+    };
+    let max_input_tokens = args.limits.max_input_tokens.unwrap_or(
+        warmup
+            .max_input_tokens
+            .min(max_total_tokens.saturating_sub(1)),
+    );
     if max_input_tokens >= max_total_tokens {
         return config(format!("`max_input_tokens`({max_input_tokens}) must be < `max_total_tokens`({max_total_tokens})"));
     }
-    if !support_chunking && max_input_tokens > prefill {
+    if !shard.support_chunking && max_input_tokens > prefill {
         return config(format!("`max_batch_prefill_tokens`({prefill}) must be >= `max_input_tokens`({max_input_tokens})"));
     }
     if prefill > max_batch_total_tokens {
@@ -73,6 +98,24 @@ pub fn derive_limits(
         max_total_tokens,
         max_batch_total_tokens,
     })
+}
+
+/// The scheduler's view of a KV cache of `max_batch_total_tokens` tokens.
+pub fn kv_capacity(max_batch_total_tokens: u32, shard: &v3::InfoResponse) -> KvCapacity {
+    let block_size = shard.block_size.max(1);
+    KvCapacity {
+        num_blocks: max_batch_total_tokens / block_size,
+        block_size,
+        speculate: shard.speculate,
+    }
+}
+
+/// `--shard-rpc-timeout`, or ten times the Warmup (one forward over the whole prefill budget, the longest
+/// any step can be), at least 60 s.
+fn rpc_timeout(asked: Option<u64>, warmup_took: Duration) -> Duration {
+    asked
+        .map(Duration::from_secs)
+        .unwrap_or_else(|| warmup_took.saturating_mul(10).max(Duration::from_secs(60)))
 }
 
 /// TGI's warmup batch: `_test ` prompts adding up to the prefill budget, each within `max_input`,
@@ -179,6 +222,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     let shard_info = client.info().await?;
     let block_size = shard_info.block_size.max(1);
     let batching = &args.batching;
+    let warming = std::time::Instant::now();
     let warmup = client
         .warmup(v3::WarmupRequest {
             batch: Some(warmup_batch(
@@ -193,11 +237,14 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
             max_total_tokens: args.limits.max_total_tokens,
         })
         .await?;
-    let limits = derive_limits(&args, &warmup, shard_info.support_chunking)?;
+    let limits = derive_limits(&args, &warmup, &shard_info)?;
+    let rpc_timeout = rpc_timeout(batching.shard_rpc_timeout, warming.elapsed());
+    let client = client.with_rpc_timeout(rpc_timeout);
     tracing::info!(
         ?limits,
         world_size = client.world_size(),
         block_size,
+        rpc_timeout_s = rpc_timeout.as_secs_f64(),
         "shards warmed up"
     );
 
@@ -208,6 +255,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     })?;
     metrics::gauge!(crate::metrics::BATCH_MAX_TOTAL_TOKENS)
         .set(limits.max_batch_total_tokens as f64);
+    crate::metrics::spawn_upkeep(metrics.clone());
     if let Some(listener) = prometheus {
         tokio::spawn(serve_prometheus(listener, metrics.clone()));
     }
@@ -226,6 +274,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         scheduler,
         client.clone(),
         args.limits.max_concurrent_requests,
+        kv_capacity(limits.max_batch_total_tokens, &shard_info),
     );
     let validation = Validation::new(
         tokenizer,
@@ -240,7 +289,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     );
     let info = model_info(&args, &limits, &shard_info, client.world_size());
     let state = Arc::new(AppState {
-        infer,
+        infer: infer.clone(),
         validation,
         template,
         info,
@@ -259,9 +308,15 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| RouterError::Config(format!("cannot listen on {address}: {e}")))?;
     tracing::info!("listening on {address}");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let connections = ConnectionLimits {
+        header_read_timeout: Duration::from_secs(args.server.header_read_timeout),
+        max_connections: args.server.max_connections,
+    };
+    let draining = async move {
+        shutdown_signal().await;
+        infer.start_draining();
+    };
+    serve(listener, app, connections, draining).await?;
     Ok(())
 }
 
@@ -367,6 +422,15 @@ mod tests {
         Cli::parse_from(argv).router
     }
 
+    fn shard(block_size: u32, speculate: u32, support_chunking: bool) -> v3::InfoResponse {
+        v3::InfoResponse {
+            block_size,
+            speculate,
+            support_chunking,
+            ..Default::default()
+        }
+    }
+
     fn warmup(supported: Option<u32>, input: u32, total: u32) -> v3::WarmupResponse {
         v3::WarmupResponse {
             max_supported_total_tokens: supported,
@@ -416,7 +480,12 @@ mod tests {
 
     #[test]
     fn limits_come_from_warmup_and_are_checked() {
-        let l = derive_limits(&args(&[]), &warmup(Some(50_000), 8191, 8192), true).unwrap();
+        let l = derive_limits(
+            &args(&[]),
+            &warmup(Some(50_000), 8191, 8192),
+            &shard(1, 0, true),
+        )
+        .unwrap();
         assert_eq!(
             l,
             DerivedLimits {
@@ -428,13 +497,13 @@ mod tests {
         let e = derive_limits(
             &args(&["--max-total-tokens", "60000"]),
             &warmup(Some(50_000), 8191, 8192),
-            true,
+            &shard(1, 0, true),
         );
         assert_eq!(e.unwrap_err(), RouterError::NotEnoughMemory(60_000, 50_000));
         let e = derive_limits(
             &args(&["--max-input-tokens", "100", "--max-total-tokens", "100"]),
             &warmup(Some(50_000), 0, 0),
-            true,
+            &shard(1, 0, true),
         );
         assert!(e
             .unwrap_err()
@@ -443,15 +512,54 @@ mod tests {
         let e = derive_limits(
             &args(&["--max-batch-prefill-tokens", "10"]),
             &warmup(Some(50_000), 8191, 8192),
-            false,
+            &shard(1, 0, false),
         );
         assert!(e
             .unwrap_err()
             .to_string()
             .contains("must be >= `max_input_tokens`(8191)"));
-        let e = derive_limits(&args(&[]), &warmup(Some(3000), 1000, 2000), true);
+        let e = derive_limits(
+            &args(&[]),
+            &warmup(Some(3000), 1000, 2000),
+            &shard(1, 0, true),
+        );
         assert!(e.unwrap_err().to_string().contains(
             "`max_batch_prefill_tokens`(4096) must be <= `max_batch_total_tokens`(3000)"
         ));
+    }
+
+    /// A KV cache smaller than the context: the default total is capped to what one request can hold
+    /// (127 usable blocks of 16 tokens, plus the last position that is never fed back, less speculation),
+    /// and an explicit larger one is an error naming that limit.
+    #[test]
+    fn a_small_kv_cache_caps_max_total_tokens() {
+        let small = warmup(Some(2048), 2047, 2048);
+        let prefill = ["--max-batch-prefill-tokens", "1024"];
+        let l = derive_limits(&args(&prefill), &small, &shard(16, 0, true)).unwrap();
+        assert_eq!((l.max_total_tokens, l.max_input_tokens), (2033, 2032));
+        let l = derive_limits(&args(&prefill), &small, &shard(16, 2, true)).unwrap();
+        assert_eq!(l.max_total_tokens, 2031);
+        let kv = kv_capacity(l.max_batch_total_tokens, &shard(16, 2, true));
+        // The largest request fills exactly the usable blocks.
+        assert_eq!((2031 + 2 - 1_u32).div_ceil(16), kv.num_blocks - 1);
+        let too_big = [&prefill[..], &["--max-total-tokens", "2040"]].concat();
+        let e = derive_limits(&args(&too_big), &small, &shard(16, 0, true)).unwrap_err();
+        assert!(e.to_string().contains("must be <= 2033"), "{e}");
+    }
+
+    #[test]
+    fn the_rpc_deadline_defaults_to_ten_warmups_and_the_flag_wins() {
+        assert_eq!(
+            rpc_timeout(None, Duration::from_secs(1)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            rpc_timeout(None, Duration::from_secs(30)),
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            rpc_timeout(Some(5), Duration::from_secs(30)),
+            Duration::from_secs(5)
+        );
     }
 }

@@ -280,10 +280,18 @@ pub async fn tokenize(
     Ok(Json(simple_tokens(&state, request.inputs, true).await?))
 }
 
+/// Readiness from the batcher's record (never a shard call, so it answers in microseconds even during a
+/// long forward): 503 when the last shard call failed, a step is stuck, the batcher is gone, or draining.
 #[utoipa::path(get, path = "/health", responses((status = 200), (status = 503, body = crate::error::ErrorResponse)))]
 pub async fn health(State(state): State<AppStateRef>) -> Result<StatusCode> {
-    state.infer.health().await?;
+    state.infer.health()?;
     Ok(StatusCode::OK)
+}
+
+/// Liveness: 200 while the process serves HTTP, whatever the shards do.
+#[utoipa::path(get, path = "/ping", responses((status = 200)))]
+pub async fn ping() -> StatusCode {
+    StatusCode::OK
 }
 
 #[utoipa::path(get, path = "/info", responses((status = 200, body = Info)))]
