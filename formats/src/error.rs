@@ -30,6 +30,8 @@ pub enum Error {
     /// The template itself called `raise_exception(message)`.
     #[error("{path}: chat template raised an exception: {message}", path = path.display())]
     TemplateException { path: PathBuf, message: String },
+    #[error("{path}: file is {len} bytes, more than the {cap} accepted for it", path = path.display())]
+    TooLarge { path: PathBuf, len: u64, cap: u64 },
     #[error("{path}: not a model: expected a directory with config.json or a .gguf file", path = path.display())]
     NotAModel { path: PathBuf },
 }

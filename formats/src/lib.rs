@@ -15,3 +15,24 @@ pub mod model_files;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
+
+/// Reads a UTF-8 text file, refusing one larger than `cap` bytes before reading it (model folders
+/// are untrusted input; a huge JSON file would cost several times its size once parsed).
+pub fn read_capped(path: &std::path::Path, cap: u64) -> Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len > cap {
+        return Err(Error::TooLarge {
+            path: path.to_path_buf(),
+            len,
+            cap,
+        });
+    }
+    let mut text = String::with_capacity(len as usize);
+    // `take` keeps a file that grows while read inside the cap too.
+    file.take(cap)
+        .read_to_string(&mut text)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(text)
+}

@@ -9,82 +9,8 @@ use std::path::{Path, PathBuf};
 use tessera_formats::gguf::{GgmlType, Gguf};
 use tessera_formats::Error;
 
-/// A minimal GGUF writer for building valid and deliberately broken files.
-#[derive(Default)]
-struct Builder {
-    kv: Vec<u8>,
-    n_kv: u64,
-    infos: Vec<u8>,
-    n_tensors: u64,
-    data: Vec<u8>,
-}
-
-fn put_str(buf: &mut Vec<u8>, s: &str) {
-    buf.extend((s.len() as u64).to_le_bytes());
-    buf.extend(s.as_bytes());
-}
-
-impl Builder {
-    fn kv_u32(mut self, key: &str, v: u32) -> Self {
-        put_str(&mut self.kv, key);
-        self.kv.extend(4u32.to_le_bytes());
-        self.kv.extend(v.to_le_bytes());
-        self.n_kv += 1;
-        self
-    }
-
-    fn kv_str(mut self, key: &str, v: &str) -> Self {
-        put_str(&mut self.kv, key);
-        self.kv.extend(8u32.to_le_bytes());
-        put_str(&mut self.kv, v);
-        self.n_kv += 1;
-        self
-    }
-
-    fn kv_raw(mut self, key: &str, ty: u32, raw: &[u8]) -> Self {
-        put_str(&mut self.kv, key);
-        self.kv.extend(ty.to_le_bytes());
-        self.kv.extend(raw);
-        self.n_kv += 1;
-        self
-    }
-
-    /// A tensor header with raw type id and offset; data is appended separately.
-    fn tensor(mut self, name: &str, dims: &[u64], ty: u32, offset: u64) -> Self {
-        put_str(&mut self.infos, name);
-        self.infos.extend((dims.len() as u32).to_le_bytes());
-        for d in dims {
-            self.infos.extend(d.to_le_bytes());
-        }
-        self.infos.extend(ty.to_le_bytes());
-        self.infos.extend(offset.to_le_bytes());
-        self.n_tensors += 1;
-        self
-    }
-
-    fn data(mut self, bytes: &[u8]) -> Self {
-        self.data.extend(bytes);
-        self
-    }
-
-    fn bytes(&self) -> Vec<u8> {
-        let mut out = b"GGUF".to_vec();
-        out.extend(3u32.to_le_bytes());
-        out.extend(self.n_tensors.to_le_bytes());
-        out.extend(self.n_kv.to_le_bytes());
-        out.extend(&self.kv);
-        out.extend(&self.infos);
-        while out.len() % 32 != 0 {
-            out.push(0);
-        }
-        out.extend(&self.data);
-        out
-    }
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
+mod gguf_writer;
+use gguf_writer::{f32_bytes, Builder};
 
 /// A valid file: one string key and a 2x3 f32 tensor.
 fn valid() -> Builder {

@@ -15,6 +15,15 @@ use crate::error::{Error, Result};
 /// Name under which the template is registered in its environment.
 const NAME: &str = "chat_template";
 
+/// Longest template source compiled: real chat templates are a few KiB (the largest, with tool
+/// calling, tens of KiB).
+pub const MAX_TEMPLATE_BYTES: usize = 1 << 20;
+
+/// Instructions one render may execute. A long chat with tools takes about a hundred per message,
+/// so this leaves room for tens of thousands of messages while a template that loops without end
+/// (it comes from a model file) fails in well under a second instead of holding a worker forever.
+pub const RENDER_FUEL: u64 = 5_000_000;
+
 /// A compiled chat template plus the BOS/EOS strings it is rendered with.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -46,7 +55,17 @@ impl ChatTemplate {
         eos: Option<String>,
         origin: PathBuf,
     ) -> Result<ChatTemplate> {
+        if source.len() > MAX_TEMPLATE_BYTES {
+            return Err(Error::Template {
+                path: origin,
+                msg: format!(
+                    "template is {} bytes, more than the {MAX_TEMPLATE_BYTES} accepted",
+                    source.len()
+                ),
+            });
+        }
         let mut env = Environment::new();
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -78,7 +97,8 @@ impl ChatTemplate {
         self.eos.as_deref()
     }
 
-    /// Renders OpenAI-style `messages`. Content given as a list of parts is flattened to one string
+    /// Renders OpenAI-style `messages`; at most [`RENDER_FUEL`] instructions run, and callers on
+    /// an async runtime should call this from a blocking worker. Content given as a list of parts is flattened to one string
     /// (text parts concatenated, images as `![](url)`), as TGI does, since most templates only
     /// handle string content.
     pub fn render(

@@ -4,9 +4,13 @@ use std::path::Path;
 
 use serde_json::Value as Json;
 
-use super::ChatTemplate;
+use super::{ChatTemplate, MAX_TEMPLATE_BYTES};
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
+
+/// Largest `tokenizer_config.json` / `chat_template.json` read (they may embed the added-tokens
+/// table, a few MiB for large vocabularies).
+const MAX_CONFIG_BYTES: u64 = 64 << 20;
 
 pub(super) fn load(model: &Path) -> Result<Option<ChatTemplate>> {
     if model.is_dir() {
@@ -33,7 +37,7 @@ fn read_json(path: &Path) -> Result<Option<Json>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::read_capped(path, MAX_CONFIG_BYTES)?;
     serde_json::from_str(&text)
         .map(Some)
         .map_err(|e| Error::Json {
@@ -54,7 +58,7 @@ fn load_hf(dir: &Path) -> Result<Option<ChatTemplate>> {
     let (bos, eos) = (special("bos_token"), special("eos_token"));
     let jinja = dir.join("chat_template.jinja");
     if jinja.exists() {
-        let source = std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?;
+        let source = crate::read_capped(&jinja, MAX_TEMPLATE_BYTES as u64)?;
         return ChatTemplate::with_origin(&source, bos, eos, jinja).map(Some);
     }
     let json_path = dir.join("chat_template.json");

@@ -25,6 +25,26 @@ const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
 /// ggml tensors have at most 4 dimensions.
 const MAX_DIMS: u32 = 4;
+/// Most tensor infos accepted: real checkpoints have a few thousand; each info costs ~100 bytes
+/// of memory for 24 bytes of file, so the cap keeps a hostile count from costing gigabytes.
+const MAX_TENSORS: usize = 1 << 20;
+
+/// The file's bytes: a read-only map of the file, or a buffer handed in by the caller.
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
 
 /// One tensor's header entry.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,7 +78,7 @@ impl GgufTensorInfo {
 /// An open GGUF file: parsed metadata and tensor infos over a read-only memory map.
 pub struct Gguf {
     path: PathBuf,
-    mmap: Mmap,
+    bytes: Bytes,
     version: u32,
     metadata: BTreeMap<String, GgufValue>,
     tensors: Vec<GgufTensorInfo>,
@@ -84,10 +104,25 @@ impl Gguf {
         // SAFETY: the map is read-only; like every mmap-based model loader we assume the file is
         // not truncated by another process while it is open.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let mut r = Reader::new(&mmap, path);
+        Self::parse(path.to_path_buf(), Bytes::Mapped(mmap))
+    }
+
+    /// Validates a GGUF held in memory; `origin` names it in errors (fuzzing and tests use this
+    /// to skip the file system).
+    pub fn from_bytes(origin: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Gguf> {
+        Self::parse(origin.into(), Bytes::Owned(bytes))
+    }
+
+    fn parse(path: PathBuf, bytes: Bytes) -> Result<Gguf> {
+        let mut r = Reader::new(&bytes, &path);
         let version = read_preamble(&mut r)?;
         // Each tensor info is at least name length (8) + n_dims (4) + type (4) + offset (8).
         let n_tensors = r.count(24, "tensor count")?;
+        if n_tensors > MAX_TENSORS {
+            return Err(r.err(format!(
+                "tensor count {n_tensors} is more than the {MAX_TENSORS} this reader accepts"
+            )));
+        }
         // Each key/value is at least key length (8) + value type (4) + a one-byte value.
         let n_kv = r.count(13, "metadata key/value count")?;
         let metadata = read_metadata(&mut r, n_kv)?;
@@ -96,11 +131,11 @@ impl Gguf {
             .collect::<Result<Vec<_>>>()?;
         let alignment = alignment(&r, &metadata)?;
         let data_start = align_up(r.pos() as u64, alignment);
-        check_tensor_ranges(&r, &tensors, data_start, alignment, mmap.len() as u64)?;
+        check_tensor_ranges(&r, &tensors, data_start, alignment, bytes.len() as u64)?;
         let by_name = index_names(&r, &tensors)?;
         Ok(Gguf {
-            path: path.to_path_buf(),
-            mmap,
+            path,
+            bytes,
             version,
             metadata,
             tensors,
@@ -165,7 +200,7 @@ impl Gguf {
     pub fn tensor_data(&self, name: &str) -> Result<&[u8]> {
         let info = self.tensor_info(name)?;
         let start = self.data_start + info.offset as usize;
-        Ok(&self.mmap[start..start + info.n_bytes()])
+        Ok(&self.bytes[start..start + info.n_bytes()])
     }
 
     /// The tensor dequantized to f32, with its PyTorch-order shape.

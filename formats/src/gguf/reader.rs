@@ -1,8 +1,9 @@
 //! Bounds-checked parsing of the GGUF header: metadata key/values and tensor infos.
 //!
 //! Every read is checked against the mapped file length before it happens, and every count read
-//! from the file is checked against the bytes left before anything is allocated from it, so a
-//! corrupt file gives an error, never a panic or a huge allocation.
+//! from the file is checked against the bytes left (and, for metadata values, a total cap) before
+//! anything is allocated from it, so a corrupt file gives an error, never a panic or a huge
+//! allocation.
 
 use std::path::Path;
 
@@ -12,16 +13,29 @@ use crate::error::{Error, Result};
 /// Deepest nesting of arrays inside arrays accepted (real files use 1).
 const MAX_ARRAY_DEPTH: usize = 4;
 
+/// Most metadata values (array elements included) one file may hold. A one-byte value in the
+/// file becomes a 32-byte [`GgufValue`] in memory, so the file size alone would allow a 32x
+/// blow-up; real files hold under a million (vocabulary, token types, merges), and this cap
+/// bounds metadata at about 256 MiB of values plus the strings' own bytes.
+pub(crate) const MAX_METADATA_VALUES: usize = 1 << 23;
+
 /// A cursor over the mapped file that only hands out in-bounds slices.
 pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Metadata values still allowed before [`MAX_METADATA_VALUES`] is reached.
+    values_left: usize,
 }
 
 impl<'a> Reader<'a> {
     pub(crate) fn new(buf: &'a [u8], path: &'a Path) -> Self {
-        Reader { buf, pos: 0, path }
+        Reader {
+            buf,
+            pos: 0,
+            path,
+            values_left: MAX_METADATA_VALUES,
+        }
     }
 
     pub(crate) fn pos(&self) -> usize {
@@ -97,8 +111,20 @@ impl<'a> Reader<'a> {
             .map_err(|_| self.err(format!("{what}: string at offset {at} is not valid UTF-8")))
     }
 
+    /// Takes `n` values from the metadata budget, failing once the file holds too many.
+    fn spend_values(&mut self, n: usize, key: &str) -> Result<()> {
+        if n > self.values_left {
+            return Err(self.err(format!(
+                "metadata '{key}': more than {MAX_METADATA_VALUES} metadata values in the file"
+            )));
+        }
+        self.values_left -= n;
+        Ok(())
+    }
+
     /// A metadata value of GGUF type id `ty`.
     pub(crate) fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<GgufValue> {
+        self.spend_values(1, key)?;
         Ok(match ty {
             0 => GgufValue::U8(self.array::<1>(key)?[0]),
             1 => GgufValue::I8(self.array::<1>(key)?[0] as i8),
@@ -126,6 +152,13 @@ impl<'a> Reader<'a> {
             min_value_bytes(elem_ty),
             &format!("metadata '{key}' array length"),
         )?;
+        // Checked before the allocation; each element spends its own value again when read.
+        if n > self.values_left {
+            return Err(self.err(format!(
+                "metadata '{key}' array length {n} is more than the {} metadata values left of {MAX_METADATA_VALUES}",
+                self.values_left
+            )));
+        }
         let mut items = Vec::with_capacity(n);
         for _ in 0..n {
             items.push(self.value(elem_ty, key, depth + 1)?);

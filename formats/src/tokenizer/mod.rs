@@ -21,11 +21,16 @@ const TYPE_UNKNOWN: i64 = 2;
 const TYPE_CONTROL: i64 = 3;
 const TYPE_USER_DEFINED: i64 = 4;
 
+/// Largest `tokenizer.json` read: real ones are at most a few tens of MiB, and parsing one costs
+/// several times its size in memory.
+pub const MAX_TOKENIZER_JSON_BYTES: u64 = 256 << 20;
+
 /// Loads the tokenizer of a model: a Hugging Face folder's `tokenizer.json` or a `.gguf` file's vocabulary.
 pub fn load_tokenizer(model: &Path) -> Result<Tokenizer> {
     if model.is_dir() {
         let file = model.join("tokenizer.json");
-        return Tokenizer::from_file(&file).map_err(|e| Error::Tokenizer {
+        let text = crate::read_capped(&file, MAX_TOKENIZER_JSON_BYTES)?;
+        return Tokenizer::from_str(&text).map_err(|e| Error::Tokenizer {
             path: file,
             msg: e.to_string(),
         });
@@ -131,11 +136,11 @@ fn spm_json(gguf: &Gguf, vocab: &Vocab) -> Result<Value> {
         .collect::<Option<Vec<_>>>()
         .filter(|s| s.len() == vocab.tokens.len())
         .ok_or_else(|| tok_err(gguf, "tokenizer.ggml.scores is not one float per token"))?;
-    let merges = spm::merges_from_scores(&vocab.tokens, &scores);
-    let unk = gguf.get_u64("tokenizer.ggml.unknown_token_id").unwrap_or(0) as usize;
-    let unk_token = vocab
-        .tokens
-        .get(unk)
+    let merges = spm::merges_from_scores(&vocab.tokens, &scores).map_err(|m| tok_err(gguf, m))?;
+    let unk = gguf.get_u64("tokenizer.ggml.unknown_token_id").unwrap_or(0);
+    let unk_token = usize::try_from(unk)
+        .ok()
+        .and_then(|i| vocab.tokens.get(i))
         .ok_or_else(|| tok_err(gguf, format!("unknown_token_id {unk} is out of range")))?;
     let add_space_prefix = gguf
         .get_bool("tokenizer.ggml.add_space_prefix")
@@ -222,9 +227,9 @@ fn post_processor(gguf: &Gguf, vocab: &Vocab, model: &str, default_add_bos: bool
         let Some(id) = gguf.get_u64(key) else {
             return Ok(None);
         };
-        let tok = vocab
-            .tokens
-            .get(id as usize)
+        let tok = usize::try_from(id)
+            .ok()
+            .and_then(|i| vocab.tokens.get(i))
             .ok_or_else(|| tok_err(gguf, format!("{key} {id} is out of range")))?;
         Ok(Some((tok.clone(), id)))
     };

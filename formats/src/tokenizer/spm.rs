@@ -6,9 +6,29 @@ use std::collections::HashMap;
 
 use serde_json::{json, Value};
 
+/// Most work [`merges_from_scores`] may do, in bytes hashed: trying every split of a piece costs
+/// its length in characters times its length in bytes, so one hostile megabyte-long piece would
+/// cost 10^12. Real vocabularies need under 10^8 (pieces are rarely past a few dozen bytes).
+const MAX_SPLIT_WORK: u64 = 1 << 31;
+
 /// Merges derived from piece scores: every split of a piece into two vocabulary pieces, ordered
 /// by the merged piece's score (highest first), ties by piece id, then by the halves' ids.
-pub(crate) fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
+/// `Err` names the piece that takes the work past [`MAX_SPLIT_WORK`].
+pub(crate) fn merges_from_scores(
+    tokens: &[String],
+    scores: &[f32],
+) -> Result<Vec<(String, String)>, String> {
+    let mut work = 0u64;
+    for (id, piece) in tokens.iter().enumerate() {
+        work =
+            work.saturating_add((piece.chars().count() as u64).saturating_mul(piece.len() as u64));
+        if work > MAX_SPLIT_WORK {
+            return Err(format!(
+                "vocabulary pieces are too long to derive merges from (piece {id} is {} bytes)",
+                piece.len()
+            ));
+        }
+    }
     // A duplicated piece maps to its last id, as in the converter's Python dict.
     let ids: HashMap<&str, usize> = tokens
         .iter()
@@ -30,10 +50,10 @@ pub(crate) fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(Stri
     }
     // Stable sort on score only keeps the (piece id, left id, right id) order within ties.
     merges.sort_by(|a, b| b.0.total_cmp(&a.0));
-    merges
+    Ok(merges
         .into_iter()
         .map(|(_, _, l, r)| (tokens[l].clone(), tokens[r].clone()))
-        .collect()
+        .collect())
 }
 
 /// The normalizer and decoder of Llama's (legacy) `tokenizer.json`: spaces become "▁", and a

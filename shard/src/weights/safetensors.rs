@@ -21,10 +21,34 @@ struct Entry {
     end: usize,
 }
 
+/// Largest JSON header accepted, as in the reference `safetensors` implementation: real headers
+/// are tens of KiB, and parsing costs several times the header's size in memory.
+pub const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// Largest `model.safetensors.index.json` read (real ones are well under 1 MiB).
+const MAX_INDEX_BYTES: u64 = 64 << 20;
+
+/// The file's bytes: a read-only map of the file, or a buffer handed in by the caller.
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 /// One memory-mapped `.safetensors` file.
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: Mmap,
+    bytes: Bytes,
     data_start: usize,
     entries: BTreeMap<String, Entry>,
 }
@@ -34,38 +58,21 @@ impl SafetensorsFile {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the file is opened read-only; the model files are not modified while served.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let bad = |msg: String| Error::model_file(path, format!("invalid safetensors: {msg}"));
-        if mmap.len() < 8 {
-            return Err(bad(format!(
-                "file is {} bytes, shorter than the 8-byte header length",
-                mmap.len()
-            )));
-        }
-        let header_len = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes"));
-        let data_start = 8u64
-            .checked_add(header_len)
-            .filter(|&end| end <= mmap.len() as u64)
-            .ok_or_else(|| {
-                bad(format!(
-                    "header length {header_len} runs past the end of the file ({} bytes)",
-                    mmap.len()
-                ))
-            })? as usize;
-        let header: Value = serde_json::from_slice(&mmap[8..data_start])
-            .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
-        let obj = header
-            .as_object()
-            .ok_or_else(|| bad("header is not a JSON object".into()))?;
-        let data_len = mmap.len() - data_start;
-        let mut entries = BTreeMap::new();
-        for (name, v) in obj.iter().filter(|(k, _)| *k != "__metadata__") {
-            let entry =
-                parse_entry(v, data_len).map_err(|msg| bad(format!("tensor '{name}': {msg}")))?;
-            entries.insert(name.clone(), entry);
-        }
+        Self::parse(path.to_path_buf(), Bytes::Mapped(mmap))
+    }
+
+    /// Validates a safetensors file held in memory; `origin` names it in errors (fuzzing and
+    /// tests use this to skip the file system).
+    pub fn from_bytes(origin: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self> {
+        Self::parse(origin.into(), Bytes::Owned(bytes))
+    }
+
+    fn parse(path: PathBuf, bytes: Bytes) -> Result<Self> {
+        let bad = |msg: String| Error::model_file(&path, format!("invalid safetensors: {msg}"));
+        let (data_start, entries) = parse_header(&bytes).map_err(bad)?;
         Ok(SafetensorsFile {
-            path: path.to_path_buf(),
-            mmap,
+            path,
+            bytes,
             data_start,
             entries,
         })
@@ -93,7 +100,7 @@ impl SafetensorsFile {
             .entries
             .get(name)
             .ok_or_else(|| Error::tensor(&self.path, name, "missing from the checkpoint"))?;
-        let bytes = &self.mmap[self.data_start + e.start..self.data_start + e.end];
+        let bytes = &self.bytes[self.data_start + e.start..self.data_start + e.end];
         let data = match e.dtype.as_str() {
             "F32" => TensorData::F32(
                 bytes
@@ -122,15 +129,51 @@ impl SafetensorsFile {
     /// file resident beside the packed weights (a lower peak RSS). Best effort.
     fn release(&self, offset: usize, len: usize) {
         #[cfg(unix)]
-        // SAFETY: the mapping is private, read-only and file-backed: dropped pages are re-read from
-        // the file on the next access, so no reference ever observes different bytes.
-        let _ = unsafe {
-            self.mmap
-                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
-        };
+        if let Bytes::Mapped(mmap) = &self.bytes {
+            // SAFETY: the mapping is private, read-only and file-backed: dropped pages are re-read
+            // from the file on the next access, so no reference ever observes different bytes.
+            let _ = unsafe {
+                mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+            };
+        }
         #[cfg(not(unix))]
         let _ = (offset, len);
     }
+}
+
+/// The data section's start and the tensor entries, every field checked against the file size.
+fn parse_header(bytes: &[u8]) -> std::result::Result<(usize, BTreeMap<String, Entry>), String> {
+    if bytes.len() < 8 {
+        return Err(format!(
+            "file is {} bytes, shorter than the 8-byte header length",
+            bytes.len()
+        ));
+    }
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    if header_len > MAX_HEADER_BYTES {
+        return Err(format!(
+            "header length {header_len} is more than the {MAX_HEADER_BYTES} bytes accepted"
+        ));
+    }
+    let data_start = 8u64
+        .checked_add(header_len)
+        .filter(|&end| end <= bytes.len() as u64)
+        .ok_or_else(|| {
+            format!(
+                "header length {header_len} runs past the end of the file ({} bytes)",
+                bytes.len()
+            )
+        })? as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..data_start])
+        .map_err(|e| format!("header is not valid JSON: {e}"))?;
+    let obj = header.as_object().ok_or("header is not a JSON object")?;
+    let data_len = bytes.len() - data_start;
+    let mut entries = BTreeMap::new();
+    for (name, v) in obj.iter().filter(|(k, _)| *k != "__metadata__") {
+        let entry = parse_entry(v, data_len).map_err(|msg| format!("tensor '{name}': {msg}"))?;
+        entries.insert(name.clone(), entry);
+    }
+    Ok((data_start, entries))
 }
 
 fn u16s(bytes: &[u8]) -> impl Iterator<Item = u16> + '_ {
@@ -163,7 +206,7 @@ fn parse_entry(v: &Value, data_len: usize) -> std::result::Result<Entry, String>
         .iter()
         .map(|d| {
             d.as_u64()
-                .map(|d| d as usize)
+                .and_then(|d| usize::try_from(d).ok())
                 .ok_or_else(|| format!("bad dimension {d}"))
         })
         .collect::<std::result::Result<Vec<_>, _>>()?;
@@ -174,9 +217,10 @@ fn parse_entry(v: &Value, data_len: usize) -> std::result::Result<Entry, String>
     let off = |i: usize| {
         offs.get(i)
             .and_then(Value::as_u64)
+            .and_then(|o| usize::try_from(o).ok())
             .ok_or("'data_offsets' must be two integers")
     };
-    let (start, end) = (off(0)? as usize, off(1)? as usize);
+    let (start, end) = (off(0)?, off(1)?);
     if offs.len() != 2 || start > end {
         return Err(format!("bad data_offsets [{start}, {end}]"));
     }
@@ -247,8 +291,16 @@ impl SafetensorsDir {
 
 /// The distinct shard file names of an index, in first-seen order.
 fn shard_files(index_path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
     let bad = |m: String| Error::model_file(index_path, m);
+    let len = std::fs::metadata(index_path)
+        .map_err(|e| Error::io(index_path, e))?
+        .len();
+    if len > MAX_INDEX_BYTES {
+        return Err(bad(format!(
+            "file is {len} bytes, more than the {MAX_INDEX_BYTES} accepted for an index"
+        )));
+    }
+    let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
     let json: Value = serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
     let map = json
         .get("weight_map")
