@@ -34,12 +34,18 @@ pub enum RouterError {
     NegativeMaxNewTokens,
     #[error("Input validation error: `stop` supports up to {0} stop sequences. Given: {1}")]
     StopSequence(usize, usize),
+    /// Not a TGI check (TGI's shard never matches an empty stop); this shard refuses one.
+    #[error("Input validation error: `stop` sequences cannot be empty strings")]
+    EmptyStopSequence,
     #[error("Input validation error: `seed` must not be set when `best_of` > 1")]
     BestOfSeed,
     #[error("Input validation error: `top_n_tokens` must be >= 0 and <= {0}. Given: {1}")]
     TopNTokens(u32, u32),
     #[error("Input validation error: `inputs` cannot be empty")]
     EmptyInput,
+    /// Non-empty text that tokenizes to nothing: the shard has no token to start from.
+    #[error("Input validation error: `inputs` must contain at least one token")]
+    NoInputTokens,
     #[error("Input validation error: `truncate` must be strictly positive and less than {0}. Given: {1}")]
     Truncate(u32, u32),
     #[error("Input validation error: `inputs` tokens + `max_new_tokens` must be <= {0}. Given: {1} `inputs` tokens and {2} `max_new_tokens`")]

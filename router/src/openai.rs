@@ -70,8 +70,9 @@ fn render(state: &AppState, request: &ChatRequest) -> Result<String> {
         .map_err(|e| RouterError::Template(e.to_string()))
 }
 
-/// Shared sampling mapping of both OpenAI routes.
-fn parameters(
+/// Shared sampling mapping of both OpenAI routes. Numbers pass through unchanged (no arithmetic):
+/// validation judges them.
+pub(crate) fn parameters(
     s: &Sampling,
     max_new_tokens: Option<u32>,
     top_n: Option<u32>,
@@ -106,13 +107,30 @@ fn parameters(
     })
 }
 
-fn choices_count(state: &AppState, n: Option<usize>) -> Result<usize> {
+/// `n` against `--max-client-batch-size`.
+pub(crate) fn choices_count(max: usize, n: Option<usize>) -> Result<usize> {
     let n = n.unwrap_or(1);
-    let max = state.info.max_client_batch_size;
     if n == 0 || n > max {
         return Err(RouterError::N(max, n));
     }
     Ok(n)
+}
+
+/// A chat request's parameters: `max_completion_tokens` (or the older `max_tokens`), and
+/// `top_logprobs` alternatives when `logprobs` is on.
+pub(crate) fn chat_parameters(request: &ChatRequest) -> Result<GenerateParameters> {
+    if request.top_logprobs.is_some() && !request.logprobs.unwrap_or(false) {
+        return Err(RouterError::TopLogprobsWithoutLogprobs);
+    }
+    let top_n = request
+        .logprobs
+        .unwrap_or(false)
+        .then_some(request.top_logprobs.unwrap_or(0));
+    parameters(
+        &request.sampling,
+        request.max_completion_tokens.or(request.max_tokens),
+        top_n,
+    )
 }
 
 /// OpenAI text: no trailing special token (EOS) and no stop sequence.
@@ -145,19 +163,8 @@ pub async fn chat_completions(
 pub async fn chat_inner(state: AppStateRef, request: ChatRequest) -> Result<Response> {
     let permit = admit(&state)?;
     let prepared = (|| {
-        let n = choices_count(&state, request.sampling.n)?;
-        if request.top_logprobs.is_some() && !request.logprobs.unwrap_or(false) {
-            return Err(RouterError::TopLogprobsWithoutLogprobs);
-        }
-        let top_n = request
-            .logprobs
-            .unwrap_or(false)
-            .then_some(request.top_logprobs.unwrap_or(0));
-        let params = parameters(
-            &request.sampling,
-            request.max_completion_tokens.or(request.max_tokens),
-            top_n,
-        )?;
+        let n = choices_count(state.info.max_client_batch_size, request.sampling.n)?;
+        let params = chat_parameters(&request)?;
         Ok((n, params, render(&state, &request)?))
     })();
     let (n, params, inputs) = prepared.inspect_err(record_failure)?;
@@ -202,7 +209,8 @@ pub async fn chat_inner(state: AppStateRef, request: ChatRequest) -> Result<Resp
         .collect();
     let usage = Usage::new(
         runs[0].input_length,
-        runs.iter().map(|r| r.end().generated_tokens).sum(),
+        runs.iter()
+            .fold(0u32, |sum, r| sum.saturating_add(r.end().generated_tokens)),
     );
     Ok(Json(ChatCompletion {
         id: new_id("chatcmpl"),
@@ -294,7 +302,7 @@ pub async fn completions_inner(state: AppStateRef, request: CompletionRequest) -
         if prompts.is_empty() {
             return Err(RouterError::EmptyInput);
         }
-        let n = choices_count(&state, request.sampling.n)?;
+        let n = choices_count(max, request.sampling.n)?;
         Ok((
             prompts,
             n,
@@ -336,12 +344,12 @@ pub async fn completions_inner(state: AppStateRef, request: CompletionRequest) -
     )
     .await?;
     let mut choices = Vec::new();
-    let mut prompt_tokens = 0;
-    let mut completion_tokens = 0;
+    let mut prompt_tokens: u32 = 0;
+    let mut completion_tokens: u32 = 0;
     for (p, prompt_runs) in runs.iter().enumerate() {
-        prompt_tokens += prompt_runs[0].input_length;
+        prompt_tokens = prompt_tokens.saturating_add(prompt_runs[0].input_length);
         for (j, run) in prompt_runs.iter().enumerate() {
-            completion_tokens += run.end().generated_tokens;
+            completion_tokens = completion_tokens.saturating_add(run.end().generated_tokens);
             let prefix = if echo { prompts[p].as_str() } else { "" };
             choices.push(CompletionChoice {
                 index: p * n + j,

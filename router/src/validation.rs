@@ -1,5 +1,14 @@
 //! Request validation (TGI's `validation.rs`, checks in TGI's order with its messages): parameter ranges,
 //! tokenization on blocking workers, truncation and the token limits. Produces a `ValidRequest`.
+//!
+//! This module is the single source of request validity. A request that passes it must pass every
+//! per-request check of the shard (tessera-shard's `SamplingParams::from_proto`,
+//! `StopParams::from_proto` and `Seq::new`), so a shard refusal only ever means a router bug or a
+//! foreign router; a new shard rule belongs here first. `validation/proptests.rs` throws extreme
+//! values at every parameter and holds whatever passes against the shard's own checks.
+//!
+//! Every user number is handled with checked or saturating arithmetic: a value past any limit is a
+//! validation error, never a wrap.
 
 use crate::api::GenerateParameters;
 use crate::error::{Result, RouterError};
@@ -9,7 +18,8 @@ use tessera_proto::v3;
 use tokenizers::{Encoding, Tokenizer};
 use tokio::sync::Semaphore;
 
-/// Per-request limits (from the arguments and the shards' Warmup).
+/// Per-request limits (from the arguments and the shards' Warmup). Invariant kept by startup:
+/// `max_total_tokens` is within the model's positions, so a request within it fits the shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub max_best_of: usize,
@@ -71,13 +81,7 @@ impl Validation {
 
     /// `best_of` for the non-streaming routes.
     pub fn validate_best_of(&self, best_of: usize) -> Result<usize> {
-        if self.limits.max_best_of == 1 && best_of != 1 {
-            return Err(RouterError::BestOfDisabled);
-        }
-        if best_of == 0 || best_of > self.limits.max_best_of {
-            return Err(RouterError::BestOf(self.limits.max_best_of, best_of));
-        }
-        Ok(best_of)
+        self.limits.check_best_of(best_of)
     }
 
     /// Every check of TGI's `Validation::validate`, in its order.
@@ -88,65 +92,49 @@ impl Validation {
         add_special_tokens: bool,
     ) -> Result<ValidRequest> {
         let arrived = Instant::now();
-        let (parameters, top_n_tokens) = self.check_parameters(p)?;
+        let limits = &self.limits;
+        let (parameters, top_n_tokens) = limits.check_parameters(p)?;
         if inputs.is_empty() {
             return Err(RouterError::EmptyInput);
         }
-        let max_input = self.limits.max_input_tokens;
-        if let Some(t) = p.truncate {
-            if t == 0 || t > max_input {
-                return Err(RouterError::Truncate(max_input, t));
-            }
-        }
+        limits.check_truncate(p)?;
         let encoding = self.tokenize(inputs.clone(), add_special_tokens).await?;
         let mut ids = encoding.get_ids().to_vec();
-        if let Some(t) = p.truncate {
-            // TGI keeps the last `truncate` tokens.
-            ids.drain(..ids.len().saturating_sub(t as usize));
-        }
-        let input_length = ids.len() as u32;
-        let max_total = self.limits.max_total_tokens;
-        let max_new_tokens = p
-            .max_new_tokens
-            .unwrap_or_else(|| max_total.saturating_sub(input_length));
-        // Checked: `max_new_tokens` is the user's number and may be near u32::MAX.
-        if input_length
-            .checked_add(max_new_tokens)
-            .is_none_or(|total| total > max_total)
-        {
-            return Err(RouterError::MaxTotalTokens(
-                max_total,
-                input_length,
-                max_new_tokens,
-            ));
-        }
-        if input_length > max_input {
-            return Err(RouterError::InputLength(max_input, input_length));
-        }
-        if p.grammar.is_some() {
-            return Err(RouterError::Grammar);
-        }
-        metrics::histogram!(crate::metrics::REQUEST_INPUT_LENGTH).record(input_length as f64);
-        metrics::histogram!(crate::metrics::REQUEST_MAX_NEW_TOKENS).record(max_new_tokens as f64);
+        let stopping = limits.check_tokens(p, &mut ids)?;
+        metrics::histogram!(crate::metrics::REQUEST_INPUT_LENGTH).record(ids.len() as f64);
+        metrics::histogram!(crate::metrics::REQUEST_MAX_NEW_TOKENS)
+            .record(stopping.max_new_tokens as f64);
         Ok(ValidRequest {
             inputs,
             input_ids: ids,
-            truncate: p.truncate.unwrap_or(max_input),
+            truncate: p.truncate.unwrap_or(limits.max_input_tokens),
             add_special_tokens,
             decoder_input_details: p.decoder_input_details,
             top_n_tokens,
             parameters,
-            stopping: v3::StoppingCriteriaParameters {
-                max_new_tokens,
-                stop_sequences: p.stop.clone(),
-                ignore_eos_token: false,
-            },
+            stopping,
             arrived,
         })
     }
+}
 
-    /// Checks 1–11 (no tokenizer needed); the shard's sampling parameters.
-    fn check_parameters(
+impl Limits {
+    /// `best_of` against `--max-best-of`.
+    pub fn check_best_of(&self, best_of: usize) -> Result<usize> {
+        if self.max_best_of == 1 && best_of != 1 {
+            return Err(RouterError::BestOfDisabled);
+        }
+        if best_of == 0 || best_of > self.max_best_of {
+            return Err(RouterError::BestOf(self.max_best_of, best_of));
+        }
+        Ok(best_of)
+    }
+
+    /// Checks 1–11 (no tokenizer needed); the shard's sampling parameters and `top_n_tokens`.
+    /// Covers the shard's `SamplingParams::from_proto` and the stop sequences of
+    /// `StopParams::from_proto` (the shard treats 0.0 as "unset", so nothing here sends 0.0 where
+    /// 0.0 would mean something else).
+    pub fn check_parameters(
         &self,
         p: &GenerateParameters,
     ) -> Result<(v3::NextTokenChooserParameters, u32)> {
@@ -167,6 +155,7 @@ impl Validation {
         if repetition_penalty <= 0.0 || !repetition_penalty.is_finite() {
             return Err(RouterError::RepetitionPenalty);
         }
+        // `contains` is false for NaN, and ±inf lie outside the range.
         let frequency_penalty = p.frequency_penalty.unwrap_or(0.0);
         if !(-2.0..=2.0).contains(&frequency_penalty) {
             return Err(RouterError::FrequencyPenalty);
@@ -177,36 +166,40 @@ impl Validation {
         }
         // 1.0 means "off" (OpenAI clients send it by default); TGI rejected it.
         let top_p = p.top_p.unwrap_or(1.0);
-        if top_p <= 0.0 || top_p > 1.0 || top_p.is_nan() {
+        if !(top_p > 0.0 && top_p <= 1.0) {
             return Err(RouterError::TopP);
         }
         let typical_p = p.typical_p.unwrap_or(1.0);
-        if p.typical_p.is_some() && (typical_p <= 0.0 || typical_p >= 1.0 || typical_p.is_nan()) {
+        if p.typical_p.is_some() && !(typical_p > 0.0 && typical_p < 1.0) {
             return Err(RouterError::TypicalP);
         }
+        // Any positive `top_k` is fine: the shard keeps every token when it exceeds the vocabulary.
         let top_k = match p.top_k {
-            Some(k) if k <= 0 => return Err(RouterError::TopK),
-            Some(k) => k as u32,
+            Some(k) => u32::try_from(k)
+                .ok()
+                .filter(|&k| k > 0)
+                .ok_or(RouterError::TopK)?,
             None => 0,
         };
         if p.max_new_tokens == Some(0) {
             return Err(RouterError::NegativeMaxNewTokens);
         }
-        if p.stop.len() > self.limits.max_stop_sequences {
+        if p.stop.len() > self.max_stop_sequences {
             return Err(RouterError::StopSequence(
-                self.limits.max_stop_sequences,
+                self.max_stop_sequences,
                 p.stop.len(),
             ));
+        }
+        // An empty stop sequence matches before any text: the shard refuses it.
+        if p.stop.iter().any(String::is_empty) {
+            return Err(RouterError::EmptyStopSequence);
         }
         if best_of > 1 && p.seed.is_some() {
             return Err(RouterError::BestOfSeed);
         }
         let top_n_tokens = p.top_n_tokens.unwrap_or(0);
-        if top_n_tokens > self.limits.max_top_n_tokens {
-            return Err(RouterError::TopNTokens(
-                self.limits.max_top_n_tokens,
-                top_n_tokens,
-            ));
+        if top_n_tokens > self.max_top_n_tokens {
+            return Err(RouterError::TopNTokens(self.max_top_n_tokens, top_n_tokens));
         }
         let warped = temperature != 1.0 || top_k != 0 || top_p < 1.0 || typical_p < 1.0;
         let parameters = v3::NextTokenChooserParameters {
@@ -226,7 +219,73 @@ impl Validation {
         };
         Ok((parameters, top_n_tokens))
     }
+
+    /// Check 13: `truncate` before tokenizing.
+    pub fn check_truncate(&self, p: &GenerateParameters) -> Result<()> {
+        match p.truncate {
+            Some(t) if t == 0 || t > self.max_input_tokens => {
+                Err(RouterError::Truncate(self.max_input_tokens, t))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks 14–16 on the prompt's ids: truncates them (keeping the last `truncate`, as TGI and
+    /// the shard do) and checks the token limits; returns the stopping parameters. Covers the
+    /// shard's `Seq::new` (a prompt of at least one token, prompt + `max_new_tokens` within the
+    /// model's positions) and `StopParams::from_proto` (`max_new_tokens` of at least 1).
+    pub fn check_tokens(
+        &self,
+        p: &GenerateParameters,
+        ids: &mut Vec<u32>,
+    ) -> Result<v3::StoppingCriteriaParameters> {
+        if let Some(t) = p.truncate {
+            let keep = usize::try_from(t).unwrap_or(usize::MAX);
+            ids.drain(..ids.len().saturating_sub(keep));
+        }
+        // Text made only of what the tokenizer drops (e.g. characters its normalizer removes).
+        if ids.is_empty() {
+            return Err(RouterError::NoInputTokens);
+        }
+        // Saturating: a length past u32 is past every limit anyway.
+        let input_length = u32::try_from(ids.len()).unwrap_or(u32::MAX);
+        let max_total = self.max_total_tokens;
+        // Defaults to what the context leaves. That is 0 only for a prompt of `max_total_tokens`
+        // or more, which the input-length check refuses (startup keeps `max_input_tokens` below
+        // `max_total_tokens`), so the shard never gets 0.
+        let max_new_tokens = p
+            .max_new_tokens
+            .unwrap_or_else(|| max_total.saturating_sub(input_length));
+        // Checked: `max_new_tokens` is the user's number and may be near u32::MAX.
+        if input_length
+            .checked_add(max_new_tokens)
+            .is_none_or(|total| total > max_total)
+        {
+            return Err(RouterError::MaxTotalTokens(
+                max_total,
+                input_length,
+                max_new_tokens,
+            ));
+        }
+        if input_length > self.max_input_tokens {
+            return Err(RouterError::InputLength(
+                self.max_input_tokens,
+                input_length,
+            ));
+        }
+        if p.grammar.is_some() {
+            return Err(RouterError::Grammar);
+        }
+        Ok(v3::StoppingCriteriaParameters {
+            max_new_tokens,
+            stop_sequences: p.stop.clone(),
+            ignore_eos_token: false,
+        })
+    }
 }
+
+#[cfg(test)]
+mod proptests;
 
 #[cfg(test)]
 mod tests {

@@ -125,7 +125,10 @@ fn prompt_text(r: &pb::Request) -> Result<String, Error> {
     Ok(text)
 }
 
-/// Converts one request; `adapter_id` is ignored (see [`ShardService::note_adapters`]).
+/// Converts one request; `adapter_id` is ignored (see [`ShardService::note_adapters`]). Numbers
+/// are carried unchanged (no arithmetic here); the router's `router/src/validation.rs` is the
+/// single source of request validity, and the checks in `SamplingParams::from_proto`,
+/// `StopParams::from_proto` and the engine's `Seq::new` only catch what a router let through.
 fn new_request(r: pb::Request) -> Result<NewRequest, Error> {
     Ok(NewRequest {
         id: r.id,
@@ -168,7 +171,7 @@ fn new_batch(batch: Option<pb::Batch>) -> Result<NewBatch, Error> {
 fn cached_batch(b: BatchInfo) -> pb::CachedBatch {
     pb::CachedBatch {
         id: b.id,
-        size: b.request_ids.len() as u32,
+        size: u32::try_from(b.request_ids.len()).unwrap_or(u32::MAX),
         request_ids: b.request_ids,
         max_tokens: b.max_tokens,
         current_tokens: b.current_tokens,

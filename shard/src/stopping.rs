@@ -16,6 +16,8 @@ pub struct StopParams {
 }
 
 impl StopParams {
+    /// Mirrors rules of `router/src/validation.rs` (the single source of request validity), which
+    /// refuses these first.
     pub fn from_proto(p: Option<&StoppingCriteriaParameters>) -> Result<Self, Error> {
         let invalid = |field: &str, reason: &str| Error::InvalidArgument {
             field: format!("stopping_parameters.{field}"),

@@ -105,6 +105,9 @@ pub struct BlockAllocator {
 impl BlockAllocator {
     pub fn new(num_blocks: u32, block_size: u32, prefix_caching: bool) -> Self {
         let block_size = block_size.max(1);
+        // Slots are u32 on the wire: only blocks whose every slot `block * block_size + offset`
+        // fits are handed out, so the slot arithmetic in `allocate` cannot overflow.
+        let num_blocks = num_blocks.min(u32::MAX / block_size);
         BlockAllocator {
             pool: BlockPool::new(num_blocks),
             cache: PrefixCache::new(block_size as usize),
@@ -154,7 +157,8 @@ impl BlockAllocator {
         let slots = (0..total_tokens as usize)
             .map(|t| blocks[t / bs] * self.block_size + (t % bs) as u32)
             .collect();
-        let prefix_len = (lease.len() * bs) as u32;
+        // Within the prompt, whose length validation bounds far below u32::MAX.
+        let prefix_len = u32::try_from(lease.len() * bs).unwrap_or(u32::MAX);
         Some(Allocation {
             lease,
             own,

@@ -279,7 +279,9 @@ impl Scheduler {
     /// Tokens the next forward may spend on prefill.
     fn prefill_budget(&self) -> u32 {
         let decoding: u32 = if self.config.support_chunking {
-            self.batches.iter().map(|b| b.current_tokens).sum()
+            self.batches
+                .iter()
+                .fold(0u32, |sum, b| sum.saturating_add(b.current_tokens))
         } else {
             0
         };
@@ -328,7 +330,8 @@ impl Scheduler {
                 self.queue.push_front(waiting);
                 break;
             };
-            let to_compute = request.input_length() - allocation.prefix_len;
+            // The prefix cache never leases a whole prompt, so this is at least 1.
+            let to_compute = request.input_length().saturating_sub(allocation.prefix_len);
             let chunk_len = if to_compute <= budget {
                 None
             } else if self.config.support_chunking {
@@ -352,8 +355,8 @@ impl Scheduler {
             shard_request.slots = allocation.slots.clone();
             shard_request.cache_len = allocation.prefix_len;
             shard_request.chunk_len = chunk_len;
-            max_tokens += total;
-            max_blocks = max_blocks.max(allocation.blocks.len() as u32);
+            max_tokens = total.saturating_add(max_tokens);
+            max_blocks = max_blocks.max(u32::try_from(allocation.blocks.len()).unwrap_or(u32::MAX));
             admitted.push((request.id, now.saturating_duration_since(enqueued_at)));
             requests.push(shard_request);
             self.running.insert(
@@ -376,7 +379,7 @@ impl Scheduler {
         self.next_batch_id += 1;
         let batch = Batch {
             id,
-            size: requests.len() as u32,
+            size: u32::try_from(requests.len()).unwrap_or(u32::MAX),
             requests,
             max_tokens,
             max_blocks,

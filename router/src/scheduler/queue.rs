@@ -21,14 +21,19 @@ pub struct NewRequest {
 }
 
 impl NewRequest {
+    /// Saturating: validation keeps prompts far below u32::MAX.
     pub fn input_length(&self) -> u32 {
-        self.input_ids.len() as u32
+        u32::try_from(self.input_ids.len()).unwrap_or(u32::MAX)
     }
 
     /// KV slots the whole sequence needs: every prompt token and every generated token but the
-    /// last (which is never fed back).
+    /// last (which is never fed back). Saturating, so an unvalidated `max_new_tokens` asks for
+    /// more blocks than exist instead of wrapping to a small request.
     pub fn total_tokens(&self, speculate: u32) -> u32 {
-        self.input_length() + self.max_new_tokens + speculate - 1
+        self.input_length()
+            .saturating_add(self.max_new_tokens)
+            .saturating_add(speculate)
+            .saturating_sub(1)
     }
 }
 

@@ -55,13 +55,16 @@ pub(super) struct Seq {
 }
 
 impl Seq {
-    /// Tokenizes and validates a new request against the cache and the model's limits.
+    /// Tokenizes and validates a new request against the cache and the model's limits. The
+    /// prompt and length rules mirror `router/src/validation.rs` (the single source of request
+    /// validity); block, slot and chunk rules check the router's own placement.
     pub fn new(req: NewRequest, ctx: &Ctx) -> Result<Seq, Error> {
         let tokens = tokenize(&req, &ctx.tokenizer)?;
         let prompt_len = tokens.len();
         let max_new = req.stop.max_new_tokens as usize;
         // The last generated token is never fed back, so it needs no position and no slot.
-        let positions = prompt_len + max_new - 1;
+        // Saturating: `max_new_tokens` comes off the wire.
+        let positions = prompt_len.saturating_add(max_new).saturating_sub(1);
         if positions > ctx.max_positions {
             return Err(invalid(
                 "stopping_parameters.max_new_tokens",

@@ -78,7 +78,9 @@ fn unset_or(
 }
 
 impl SamplingParams {
-    /// Validates the wire parameters; an absent message means greedy decoding.
+    /// Validates the wire parameters; an absent message means greedy decoding. The router's
+    /// `router/src/validation.rs` is the single source of request validity and refuses all of
+    /// this first; these checks guard against router bugs and foreign routers.
     pub fn from_proto(p: Option<&NextTokenChooserParameters>) -> Result<Self, Error> {
         let Some(p) = p else {
             return Ok(SamplingParams::default());
