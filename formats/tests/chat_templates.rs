@@ -236,3 +236,31 @@ fn hf_folder_variants() {
         "{msg}"
     );
 }
+
+/// A template that loops (almost) forever runs out of fuel with an error, in well under a second
+/// of work, instead of holding its worker.
+#[test]
+fn endless_template_runs_out_of_fuel() {
+    let t = tessera_formats::chat_template::ChatTemplate::new(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}",
+        None,
+        None,
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    let msg = t
+        .render(
+            &[serde_json::json!({"role": "user", "content": "hi"})],
+            true,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("fuel"), "{msg}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(10));
+    let big = "x".repeat(tessera_formats::chat_template::MAX_TEMPLATE_BYTES + 1);
+    let msg = tessera_formats::chat_template::ChatTemplate::new(&big, None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("more than the"), "{msg}");
+}

@@ -9,8 +9,13 @@ use std::path::{Path, PathBuf};
 use tessera_formats::gguf::{GgmlType, Gguf};
 use tessera_formats::Error;
 
+mod fuzz_support;
 mod gguf_writer;
+use fuzz_support::within_allocation_cap;
 use gguf_writer::{f32_bytes, Builder};
+
+#[global_allocator]
+static ALLOC: fuzz_support::CappedAlloc = fuzz_support::CappedAlloc;
 
 /// A valid file: one string key and a 2x3 f32 tensor.
 fn valid() -> Builder {
@@ -207,4 +212,89 @@ fn gguf_without_or_with_bad_vocab_is_a_tokenizer_error() {
         msg.contains("unsupported tokenizer.ggml.model 'rwkv'"),
         "{msg}"
     );
+}
+
+/// Declared counts and lengths far past the file: each is refused before anything is allocated
+/// from it (the allocation cap of `fuzz_support` fails the test otherwise).
+#[test]
+fn huge_declared_sizes_are_refused_before_allocating() {
+    let open = |b: Vec<u8>| {
+        within_allocation_cap(|| Gguf::from_bytes("huge.gguf", b))
+            .expect_err("must not open")
+            .to_string()
+    };
+    let array = |elem_ty: u32, n: u64| {
+        let mut raw = elem_ty.to_le_bytes().to_vec();
+        raw.extend(n.to_le_bytes());
+        Builder::default().kv_raw("arr", 9, &raw).bytes()
+    };
+    assert!(open(array(0, 1 << 62)).contains("array length"));
+    assert!(open(array(8, u64::MAX)).contains("array length"));
+    // An array of arrays, the inner one claiming 2^62 elements.
+    let mut raw = 9u32.to_le_bytes().to_vec();
+    raw.extend(1u64.to_le_bytes());
+    raw.extend(0u32.to_le_bytes());
+    raw.extend((1u64 << 62).to_le_bytes());
+    let msg = open(Builder::default().kv_raw("nest", 9, &raw).bytes());
+    assert!(msg.contains("array length"), "{msg}");
+    let mut raw = (1u64 << 60).to_le_bytes().to_vec();
+    raw.extend(b"abc");
+    assert!(open(Builder::default().kv_raw("s", 8, &raw).bytes()).contains("string length"));
+    let mut b = valid().bytes();
+    b[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(open(b).contains("tensor count"));
+    let msg = open(
+        Builder::default()
+            .tensor("w", &[1 << 32, 1 << 32], 0, 0)
+            .bytes(),
+    );
+    assert!(msg.contains("overflow"), "{msg}");
+}
+
+/// Counts the file could hold but no real model has: more metadata values than the reader's cap
+/// (each would cost 32 bytes of memory for one in the file) and more tensor infos than its cap.
+#[test]
+fn counts_past_the_sane_caps_are_refused() {
+    let n = (1u64 << 23) + 1;
+    let mut raw = 0u32.to_le_bytes().to_vec();
+    raw.extend(n.to_le_bytes());
+    raw.resize(raw.len() + n as usize, 0);
+    let b = Builder::default().kv_raw("bytes", 9, &raw).bytes();
+    let msg = within_allocation_cap(|| Gguf::from_bytes("many.gguf", b))
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("metadata values"), "{msg}");
+
+    let mut b = Builder::default().bytes();
+    b[8..16].copy_from_slice(&((1u64 << 20) + 1).to_le_bytes());
+    b.resize(26 << 20, 0);
+    let msg = within_allocation_cap(|| Gguf::from_bytes("tensors.gguf", b))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("tensor count") && msg.contains("accepts"),
+        "{msg}"
+    );
+}
+
+/// A SentencePiece vocabulary with one megabyte-long piece would make merge derivation (which
+/// tries every split of every piece) run for hours; it is refused instead.
+#[test]
+fn a_huge_vocabulary_piece_is_refused() {
+    use tessera_formats::tokenizer::tokenizer_from_gguf;
+    let long = "a".repeat(1 << 20);
+    let scores = vec![0f32.to_le_bytes().to_vec(); 2];
+    let b = Builder::default()
+        .kv_str("tokenizer.ggml.model", "llama")
+        .kv_strs("tokenizer.ggml.tokens", &["<unk>", &long])
+        .kv_array("tokenizer.ggml.scores", 6, &scores)
+        .bytes();
+    let g = Gguf::from_bytes("long.gguf", b).unwrap();
+    let start = std::time::Instant::now();
+    let msg = tokenizer_from_gguf(&g).unwrap_err().to_string();
+    assert!(
+        msg.contains("too long") && msg.contains("long.gguf"),
+        "{msg}"
+    );
+    assert!(start.elapsed() < std::time::Duration::from_secs(5));
 }
