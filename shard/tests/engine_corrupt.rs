@@ -224,3 +224,83 @@ fn invalid_batches_are_errors() {
         .unwrap();
     assert_mentions(&err.to_string(), &["KV cache has 1 layers"]);
 }
+
+/// A safetensors file in memory: `header` JSON, then `data`, with `header_len` overriding the
+/// length prefix when given.
+fn safetensors_bytes(header: &Value, header_len: Option<u64>, data: &[u8]) -> Vec<u8> {
+    let text = serde_json::to_vec(header).unwrap();
+    let mut out = header_len
+        .unwrap_or(text.len() as u64)
+        .to_le_bytes()
+        .to_vec();
+    out.extend(text);
+    out.extend(data);
+    out
+}
+
+/// Declared sizes far past the file (header length u64::MAX, offsets near 2^64, shapes whose
+/// product overflows) are errors found before anything is allocated from them; needs no model.
+#[test]
+fn huge_declared_safetensors_sizes_are_errors() {
+    use tessera_shard::weights::safetensors::SafetensorsFile;
+    let open = |bytes: Vec<u8>| match SafetensorsFile::from_bytes("huge.safetensors", bytes) {
+        Ok(_) => panic!("must not open"),
+        Err(e) => e.to_string(),
+    };
+    let ok = serde_json::json!({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}});
+    assert!(
+        SafetensorsFile::from_bytes("ok.safetensors", safetensors_bytes(&ok, None, &[0; 8]))
+            .is_ok()
+    );
+    for len in [u64::MAX, u64::MAX - 7, 1 << 62, 200 << 20] {
+        let msg = open(safetensors_bytes(&ok, Some(len), &[0; 8]));
+        assert_mentions(&msg, &["huge.safetensors", "header length"]);
+    }
+    let entry = |shape: Value, offsets: Value| serde_json::json!({"w": {"dtype": "BF16", "shape": shape, "data_offsets": offsets}});
+    let cases = [
+        (
+            entry(
+                serde_json::json!([1u64 << 32, 1u64 << 32]),
+                serde_json::json!([0, 8]),
+            ),
+            "overflows",
+        ),
+        (
+            entry(serde_json::json!([u64::MAX]), serde_json::json!([0, 8])),
+            "overflows",
+        ),
+        (
+            entry(serde_json::json!([4]), serde_json::json!([0, u64::MAX])),
+            "run past the end",
+        ),
+        (
+            entry(serde_json::json!([4]), serde_json::json!([u64::MAX, 8])),
+            "data_offsets",
+        ),
+        (
+            entry(serde_json::json!([-1]), serde_json::json!([0, 8])),
+            "bad dimension",
+        ),
+        (
+            entry(serde_json::json!([3]), serde_json::json!([0, 8])),
+            "needs 6 bytes",
+        ),
+    ];
+    for (header, needle) in cases {
+        assert_mentions(&open(safetensors_bytes(&header, None, &[0; 8])), &[needle]);
+    }
+}
+
+/// An index larger than any real one is refused before it is read.
+#[test]
+fn oversized_safetensors_index_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("model.safetensors.index.json");
+    let f = std::fs::File::create(&index).unwrap();
+    f.set_len(65 << 20).unwrap();
+    let msg = match tessera_shard::weights::safetensors::SafetensorsDir::open(dir.path()) {
+        Ok(_) => panic!("must not open"),
+        Err(e) => e.to_string(),
+    };
+    assert_mentions(&msg, &["model.safetensors.index.json", "more than the"]);
+}
