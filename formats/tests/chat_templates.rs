@@ -241,7 +241,7 @@ fn hf_folder_variants() {
 /// of work, instead of holding its worker.
 #[test]
 fn endless_template_runs_out_of_fuel() {
-    let t = tessera_formats::chat_template::ChatTemplate::new(
+    let t = ChatTemplate::new(
         "{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}",
         None,
         None,
@@ -259,8 +259,6 @@ fn endless_template_runs_out_of_fuel() {
     assert!(msg.contains("fuel"), "{msg}");
     assert!(start.elapsed() < std::time::Duration::from_secs(10));
     let big = "x".repeat(tessera_formats::chat_template::MAX_TEMPLATE_BYTES + 1);
-    let msg = tessera_formats::chat_template::ChatTemplate::new(&big, None, None)
-        .unwrap_err()
-        .to_string();
+    let msg = ChatTemplate::new(&big, None, None).unwrap_err().to_string();
     assert!(msg.contains("more than the"), "{msg}");
 }
