@@ -15,8 +15,9 @@ pub trait Comm: Send + Sync + std::panic::RefUnwindSafe {
     fn world_size(&self) -> usize;
     /// Element-wise sum of `buf` over all ranks, result in every rank's `buf`.
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
-    /// Every rank holds `rows × c_r` values (its column block, widths may differ by rank);
-    /// returns `rows × Σ c_r` with the blocks in rank order, identical on every rank.
+    /// Every rank holds `rows × c_r` values (its column block, widths may differ by rank, and
+    /// may be 0); returns `rows × Σ c_r` with the blocks in rank order, identical on every rank.
+    /// `rows` may be 0 (a forward that wants no logits): every block is then empty.
     fn all_gather_columns(&self, local: &[f32], rows: usize) -> Result<Vec<f32>>;
 }
 
@@ -38,7 +39,12 @@ impl Comm for Local {
     }
 
     fn all_gather_columns(&self, local: &[f32], rows: usize) -> Result<Vec<f32>> {
-        if rows > 0 && !local.len().is_multiple_of(rows) {
+        let whole = if rows == 0 {
+            local.is_empty()
+        } else {
+            local.len().is_multiple_of(rows)
+        };
+        if !whole {
             return Err(Error::InvalidBatch(format!(
                 "all_gather: {} values do not form {rows} rows",
                 local.len()
