@@ -32,7 +32,8 @@ fn hf_name(gguf_name: &str) -> (String, bool) {
     (format!("model.layers.{layer}.{hf}"), permuted)
 }
 
-/// Inverse of llama.cpp's rope permutation of q/k rows (as the shard's GGUF loader and `tessera-shard convert` apply).
+/// Inverse of llama.cpp's rope permutation of q/k rows (as the shard's GGUF loader and
+/// `tessera-shard convert` apply).
 fn unpermute(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
     let half = rows / n_head / 2;
     let mut out = vec![0f32; w.len()];
