@@ -150,13 +150,19 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let header_read_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!("connection closed: {e}");
+            // hyper's header timeout starts after the HTTP version is known; a client that sends
+            // nothing (or a partial HTTP/2 preface) would hold its slot forever without this bound.
+            let known = tokio::time::timeout(header_read_timeout, version_known(&stream)).await;
+            if matches!(known, Ok(true)) {
+                let connection =
+                    builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                if let Err(e) = watcher.watch(connection.into_owned()).await {
+                    tracing::debug!("connection closed: {e}");
+                }
             }
             drop(permit);
         });
@@ -164,4 +170,93 @@ pub async fn serve(
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// Waits (without consuming anything) until the first bytes tell HTTP/1 from the HTTP/2 preface, as
+/// hyper's version detection needs; false when the client closes first.
+async fn version_known(stream: &tokio::net::TcpStream) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut seen = [0u8; 24];
+    loop {
+        match stream.peek(&mut seen).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) if n >= PREFACE.len() || !PREFACE.starts_with(&seen[..n]) => return true,
+            // A prefix of the preface: wait for more bytes without spinning on the same ones.
+            Ok(_) => {
+                if stream.readable().await.is_err() {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// A server answering `/ping` with the given limits, on a free port.
+    async fn ping_server(limits: ConnectionLimits) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let app = Router::new().route("/ping", get(|| async { "pong" }));
+        tokio::spawn(serve(listener, app, limits, std::future::pending()));
+        port
+    }
+
+    async fn ping(port: u16) -> String {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        stream
+            .write_all(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+
+    const LIMITS: ConnectionLimits = ConnectionLimits {
+        header_read_timeout: Duration::from_millis(300),
+        max_connections: 2,
+    };
+
+    #[tokio::test]
+    async fn a_half_sent_head_or_a_silent_client_is_cut_off_after_the_header_timeout() {
+        let port = ping_server(LIMITS).await;
+        for partial in [&b"GET /ping HTTP/1.1\r\nHost: x\r\n"[..], b"", b"PRI * HT"] {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            stream.write_all(partial).await.unwrap();
+            let start = std::time::Instant::now();
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest));
+            assert!(read.await.is_ok(), "{partial:?}: still open after 5 s");
+            let waited = start.elapsed();
+            assert!(
+                waited >= Duration::from_millis(250) && waited < Duration::from_secs(2),
+                "{partial:?}: closed after {waited:?}"
+            );
+        }
+        assert!(ping(port).await.ends_with("pong"));
+    }
+
+    #[tokio::test]
+    async fn clients_past_the_connection_cap_wait_for_a_free_slot() {
+        let port = ping_server(LIMITS).await;
+        let _silent: Vec<TcpStream> = vec![
+            TcpStream::connect(("127.0.0.1", port)).await.unwrap(),
+            TcpStream::connect(("127.0.0.1", port)).await.unwrap(),
+        ];
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let start = std::time::Instant::now();
+        assert!(ping(port).await.ends_with("pong"));
+        // Served only once the header timeout freed a slot held by a silent client.
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(200),
+            "served after {waited:?}"
+        );
+    }
 }
