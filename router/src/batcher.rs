@@ -800,7 +800,7 @@ mod tests {
             let max = kv.max_request_tokens();
             // The scheduler reserves ceil((total + speculate - 1) / block_size) of num_blocks - 1.
             let blocks = |total: u32| (total + speculate - 1).div_ceil(block_size);
-            assert!(blocks(max) <= num_blocks - 1, "{kv:?}");
+            assert!(blocks(max) < num_blocks, "{kv:?}");
             assert!(blocks(max + 1) > num_blocks - 1, "{kv:?}");
         }
         let none = KvCapacity {
