@@ -11,6 +11,8 @@ struct FakeShard {
     batches: BTreeMap<u64, Vec<Seq>>,
     /// Prompt tokens the shard computes per forward when continuing a chunked prefill.
     chunk: u32,
+    /// Requests the shard refuses: left out of their Prefill, as the real shard does.
+    refuse: HashSet<u64>,
 }
 
 #[derive(Clone)]
@@ -32,6 +34,7 @@ impl FakeShard {
                 let fresh: Vec<Seq> = batch
                     .requests
                     .iter()
+                    .filter(|r| !self.refuse.contains(&r.id))
                     .map(|r| Seq {
                         id: r.id,
                         to_prefill: r.inputs.len() as u32 - r.cache_len,
@@ -45,7 +48,11 @@ impl FakeShard {
                     .filter_map(|r| r.chunk_len.map(|c| (r.id, c)))
                     .collect();
                 seqs.extend(fresh);
-                self.forward(batch.id, seqs, &chunks)
+                let id = cached.as_ref().map_or(batch.id, |c| c.id);
+                if seqs.is_empty() {
+                    return Outcome::Failed(RouterError::Generation("refused".into()));
+                }
+                self.forward(id, seqs, &chunks)
             }
             Step::Decode { batches } => {
                 let seqs = batches
@@ -467,4 +474,46 @@ fn max_batch_size_caps_admission() {
         panic!()
     };
     assert_eq!(batch.requests.len(), 2);
+}
+
+#[test]
+fn a_request_the_shard_refuses_fails_alone_and_frees_its_blocks() {
+    let mut cfg = config(true);
+    cfg.prefix_caching = false;
+    let mut s = Scheduler::new(cfg);
+    let mut shard = FakeShard {
+        refuse: HashSet::from([1, 3]),
+        ..Default::default()
+    };
+    // 1 is refused in the long request's own Prefill, 3 while joining it with 2.
+    s.enqueue(request(0, &prompt(0, 4), 12), Instant::now());
+    s.enqueue(request(1, &prompt(20, 4), 3), Instant::now());
+    let step = s.schedule(Instant::now()).unwrap();
+    let mut events = s.update(shard.run(&step));
+    s.enqueue(request(2, &prompt(40, 4), 3), Instant::now());
+    s.enqueue(request(3, &prompt(60, 4), 3), Instant::now());
+    events.extend(drive(&mut s, &mut shard).1);
+
+    let failed: Vec<(u64, String)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Failed { id, error } => Some((id.0, error.to_string())),
+            _ => None,
+        })
+        .collect();
+    let dropped = "Request failed during generation: the shard dropped the request".to_string();
+    assert_eq!(failed, vec![(1, dropped.clone()), (3, dropped)]);
+    let mut done = finished(&events);
+    done.sort();
+    assert_eq!(done, vec![0, 2]);
+    let tokens_of_0 = events
+        .iter()
+        .filter(|e| matches!(e, Event::Generation(g) if g.request_id == 0))
+        .count();
+    assert_eq!(tokens_of_0, 12, "the long request runs to its end");
+    assert_eq!(
+        s.stats().blocks_used,
+        0,
+        "refused requests' blocks are back"
+    );
 }
