@@ -1,7 +1,8 @@
 //! Isolation over gRPC: every kind of request the router's validation (router/src/validation.rs,
 //! the single source of request validity) refuses is also refused by the shard when a router lets
 //! it through, and a long greedy and a long seeded-sampling generation that such requests join at
-//! every step finish exactly as when run undisturbed.
+//! every step finish exactly as when run undisturbed. A warmup whose `max_total_tokens` exceeds the
+//! model's positions is refused, so the router cannot accept what `Seq::new` would refuse.
 
 mod common;
 
@@ -158,4 +159,26 @@ async fn refused_requests_joining_a_long_generation_leave_it_unchanged() {
         "no refused request generated"
     );
     assert_eq!(printed(&out), printed(&reference));
+}
+
+#[tokio::test]
+async fn a_warmup_past_the_models_positions_is_refused() {
+    let mut shard = Shard::start(smollm2(), &["--kv-cache-memory", "50000000"]).await;
+    let warmup = |max_total_tokens| pb::WarmupRequest {
+        batch: Some(batch(
+            1,
+            vec![request(1, "Once upon a time", 1, &mut Blocks::new())],
+        )),
+        max_input_tokens: Some(100),
+        max_prefill_tokens: 256,
+        max_total_tokens: Some(max_total_tokens),
+    };
+    // SmolLM2 has 8192 positions.
+    assert_status(
+        shard.client.warmup(warmup(8193)).await,
+        Code::InvalidArgument,
+        "`max_total_tokens`: 8193 exceeds the model's 8192 positions",
+    );
+    let w = shard.client.warmup(warmup(8192)).await.expect("warmup");
+    assert_eq!(w.into_inner().max_total_tokens, 8192);
 }

@@ -27,6 +27,15 @@ fn parse_mem_available(meminfo: &str) -> Option<u64> {
 
 impl Engine {
     pub(super) fn warmup(&mut self, w: WarmupIn) -> Result<WarmupOut, Error> {
+        // The router's validation (router/src/validation.rs) keeps every request within
+        // `max_total_tokens`; past the model's positions `Seq::new` would refuse what it accepted.
+        let positions = self.config.max_position_embeddings;
+        if let Some(total) = w.max_total_tokens.filter(|&t| t as usize > positions) {
+            return Err(Error::InvalidArgument {
+                field: "max_total_tokens".into(),
+                reason: format!("{total} exceeds the model's {positions} positions"),
+            });
+        }
         // Warmup replaces the cache: batches held in the old one would read garbage.
         self.batches.clear();
         let (batch, warmup_blocks) = self.place_warmup(w.batch)?;
