@@ -13,7 +13,7 @@ mod supervise;
 mod tgi_compat;
 
 use args::LauncherArgs;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use std::ffi::OsString;
 use std::net::TcpListener;
 use std::process::ExitCode;
@@ -34,7 +34,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let args = LauncherArgs::parse_from(translated.argv);
+    let command = LauncherArgs::command().after_long_help(tgi_compat::help());
+    let matches = command.get_matches_from(translated.argv);
+    let args = LauncherArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_logging(args.server.json_output);
     for warning in translated.warnings {
         tracing::warn!("{warning}");
@@ -69,21 +71,18 @@ fn run_role(
     role_main(std::iter::once(program).chain(own).collect())
 }
 
-/// Logs go to stderr so stdout stays free; `LOG_LEVEL` (or `RUST_LOG`) filters, default `info`.
+/// Logs go to stderr so stdout stays free; `LOG_LEVEL` (or `RUST_LOG`) filters, default `info` (the same
+/// setup as the children's, without span export: the launcher runs no requests).
 fn init_logging(json: bool) {
-    let filter = std::env::var("LOG_LEVEL")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".into());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into());
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_ansi(ansi)
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
+    let config = tessera_telemetry::LogConfig {
+        json,
+        writer: tessera_telemetry::Writer::Stderr,
+        otlp: None,
+    };
+    match tessera_telemetry::init(config) {
+        // Nothing to flush without an exporter.
+        Ok(telemetry) => drop(telemetry),
+        Err(e) => eprintln!("warning: {e}"),
     }
 }
 

@@ -7,7 +7,7 @@ use crate::api::{ChatTokenizeResponse, FinishReason, GenerateParameters, Token};
 use crate::batcher::Generated;
 use crate::common::{
     admit, counted_body, generate_all, record_failure, simple_tokens, sse_response, validate,
-    AppState, AppStateRef,
+    AppStateRef,
 };
 use crate::error::{OpenAiError, Result, RouterError};
 use crate::metrics as m;
@@ -51,23 +51,28 @@ fn normalize_messages(messages: &[Value]) -> Vec<Value> {
         .collect()
 }
 
-fn render(state: &AppState, request: &ChatRequest) -> Result<String> {
-    let template = state
-        .template
-        .as_ref()
-        .ok_or_else(|| RouterError::Template("template not found".into()))?;
+/// Renders on a blocking worker: a template (from the model files) is CPU work bounded only by
+/// its fuel (`tessera_formats::chat_template::RENDER_FUEL`), which must not stall the async threads.
+async fn render(state: &AppStateRef, request: &ChatRequest) -> Result<String> {
     if request.messages.is_empty() {
         return Err(RouterError::InvalidRequest(
             "`messages` cannot be empty".into(),
         ));
     }
-    template
-        .render(
-            &normalize_messages(&request.messages),
-            true,
-            request.tools.as_ref(),
-        )
-        .map_err(|e| RouterError::Template(e.to_string()))
+    let (state, messages, tools) = (
+        state.clone(),
+        normalize_messages(&request.messages),
+        request.tools.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let template = state.template.as_ref();
+        template
+            .ok_or_else(|| RouterError::Template("template not found".into()))?
+            .render(&messages, true, tools.as_ref())
+            .map_err(|e| RouterError::Template(e.to_string()))
+    })
+    .await
+    .map_err(|e| RouterError::Template(format!("template rendering failed: {e}")))?
 }
 
 /// Shared sampling mapping of both OpenAI routes. Numbers pass through unchanged (no arithmetic):
@@ -165,9 +170,10 @@ pub async fn chat_inner(state: AppStateRef, request: ChatRequest) -> Result<Resp
     let prepared = (|| {
         let n = choices_count(state.info.max_client_batch_size, request.sampling.n)?;
         let params = chat_parameters(&request)?;
-        Ok((n, params, render(&state, &request)?))
+        Ok((n, params))
     })();
-    let (n, params, inputs) = prepared.inspect_err(record_failure)?;
+    let (n, params) = prepared.inspect_err(record_failure)?;
+    let inputs = render(&state, &request).await.inspect_err(record_failure)?;
     let valid = validate(&state, inputs, &params, false).await?;
     let stops = params.stop.clone();
     let model = state.info.model_id.clone();
@@ -413,7 +419,7 @@ pub async fn chat_tokenize(
 ) -> Result<Json<ChatTokenizeResponse>> {
     let Json(request) = payload?;
     metrics::counter!(m::REQUEST_COUNT).increment(1);
-    let templated_text = render(&state, &request).inspect_err(record_failure)?;
+    let templated_text = render(&state, &request).await.inspect_err(record_failure)?;
     let tokenize_response = simple_tokens(&state, templated_text.clone(), false).await?;
     Ok(Json(ChatTokenizeResponse {
         tokenize_response,
