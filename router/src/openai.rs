@@ -77,7 +77,7 @@ async fn render(state: &AppStateRef, request: &ChatRequest) -> Result<String> {
 
 /// Shared sampling mapping of both OpenAI routes. Numbers pass through unchanged (no arithmetic):
 /// validation judges them.
-pub(crate) fn parameters(
+pub fn parameters(
     s: &Sampling,
     max_new_tokens: Option<u32>,
     top_n: Option<u32>,
@@ -113,7 +113,7 @@ pub(crate) fn parameters(
 }
 
 /// `n` against `--max-client-batch-size`.
-pub(crate) fn choices_count(max: usize, n: Option<usize>) -> Result<usize> {
+pub fn choices_count(max: usize, n: Option<usize>) -> Result<usize> {
     let n = n.unwrap_or(1);
     if n == 0 || n > max {
         return Err(RouterError::N(max, n));
@@ -123,7 +123,7 @@ pub(crate) fn choices_count(max: usize, n: Option<usize>) -> Result<usize> {
 
 /// A chat request's parameters: `max_completion_tokens` (or the older `max_tokens`), and
 /// `top_logprobs` alternatives when `logprobs` is on.
-pub(crate) fn chat_parameters(request: &ChatRequest) -> Result<GenerateParameters> {
+pub fn chat_parameters(request: &ChatRequest) -> Result<GenerateParameters> {
     if request.top_logprobs.is_some() && !request.logprobs.unwrap_or(false) {
         return Err(RouterError::TopLogprobsWithoutLogprobs);
     }
