@@ -290,7 +290,8 @@ impl Infer {
         match problem {
             None => Ok(()),
             Some(why) => {
-                tracing::warn!("/health: unhealthy: {why}");
+                // The batcher logs each change of state; probes repeat every few seconds.
+                tracing::debug!("/health: unhealthy: {why}");
                 Err(RouterError::Unhealthy)
             }
         }
