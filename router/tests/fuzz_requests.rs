@@ -203,7 +203,7 @@ fn body(case: &Case) -> Vec<u8> {
             set(&mut p, &TGI_FIELDS);
             let mut b = json!({"inputs": "Once upon a time", "parameters": p});
             if matches!(case.route, Route::Compat) {
-                b["stream"] = json!(case.prompt_len % 2 == 0);
+                b["stream"] = json!(case.prompt_len.is_multiple_of(2));
             }
             b
         }

@@ -1,6 +1,14 @@
 //! `tessera-bench`: a closed-loop load generator for a running router. At each concurrency level, that
 //! many clients stream `/generate_stream` requests back to back; it reports requests/s, output tokens/s,
 //! and time-to-first-token and inter-token latency percentiles as a Markdown table.
+//!
+//! `--soak N` instead sends N mixed requests (valid, invalid, cancelled, streaming, `n > 1`, stop
+//! sequences, long prompts) at the first concurrency level and checks the router afterwards
+//! (`tessera_bench/soak.rs`); it exits non-zero when a request was lost, a 5xx came back or the KV
+//! blocks did not return.
+
+#[path = "tessera_bench/soak.rs"]
+mod soak;
 
 use clap::Parser;
 use futures::StreamExt;
@@ -26,6 +34,16 @@ struct Args {
     /// Bearer token, when the router has `--api-key`.
     #[arg(long, env)]
     api_key: Option<String>,
+    /// Soak test: send this many mixed requests at the first `--concurrency` level, then check
+    /// that none was lost, none got a 5xx and the KV blocks returned.
+    #[arg(long)]
+    soak: Option<usize>,
+    /// Router process(es) whose RSS the soak reports (default: processes named tessera-router).
+    #[arg(long, value_delimiter = ',')]
+    router_pid: Vec<u32>,
+    /// Shard process(es) whose RSS the soak reports (default: processes named tessera-shard).
+    #[arg(long, value_delimiter = ',')]
+    shard_pid: Vec<u32>,
 }
 
 const PROMPTS: [&str; 8] = [
@@ -142,6 +160,25 @@ async fn main() {
         .pool_max_idle_per_host(256)
         .build()
         .expect("HTTP client");
+    if let Some(requests) = args.soak {
+        let pids = |given: &[u32], name: &str| {
+            if given.is_empty() {
+                soak::pids_named(name)
+            } else {
+                given.to_vec()
+            }
+        };
+        let soak_args = soak::SoakArgs {
+            url: &args.url,
+            api_key: args.api_key.as_deref(),
+            requests,
+            concurrency: args.concurrency.first().copied().unwrap_or(1),
+            router_pids: pids(&args.router_pid, "tessera-router"),
+            shard_pids: pids(&args.shard_pid, "tessera-shard"),
+        };
+        let passed = soak::run(&client, &soak_args).await;
+        std::process::exit(if passed { 0 } else { 1 });
+    }
     println!("| concurrency | requests | failed | requests/s | output tokens/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | ITL p99 (ms) |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for &concurrency in &args.concurrency {
