@@ -280,11 +280,8 @@ fn total_rss(pids: &[u32]) -> String {
 
 /// Runs the soak; returns whether it passed.
 pub async fn run(client: &reqwest::Client, args: &SoakArgs<'_>) -> bool {
-    // One of each shape first, so the prefix cache holds every prompt before "idle" is measured.
-    for i in 0..KINDS.len() {
-        if matches!(KINDS[i], Kind::Cancelled) {
-            continue;
-        }
+    // Each shape with each prompt first, so the prefix cache holds every prompt before "idle" is measured.
+    for i in 0..KINDS.len() * PROMPTS.len() {
         one(client, args, i).await;
     }
     let idle = drained_blocks(client, args.url).await;
