@@ -156,7 +156,12 @@ fn clean_text(generated: &Generated, stops: &[String]) -> String {
 }
 
 #[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatRequest,
-    responses((status = 200, body = ChatCompletion), (status = 422, body = crate::error::ErrorResponse)))]
+    responses((status = 200, description = "JSON, or SSE of chunks with `stream`",
+               content((ChatCompletion = "application/json"), (Object = "text/event-stream"))),
+              (status = 413, body = Object, description = "OpenAI error body"),
+              (status = 422, body = Object, description = "OpenAI error body"),
+              (status = 424, body = Object, description = "OpenAI error body"),
+              (status = 429, body = Object, description = "OpenAI error body")))]
 pub async fn chat_completions(
     State(state): State<AppStateRef>,
     payload: std::result::Result<Json<ChatRequest>, JsonRejection>,
@@ -285,7 +290,12 @@ fn chat_logprob(token: &Token, top: &[Token]) -> ChatTokenLogprob {
 }
 
 #[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
-    responses((status = 200, body = Completion), (status = 422, body = crate::error::ErrorResponse)))]
+    responses((status = 200, description = "JSON, or SSE of chunks with `stream`",
+               content((Completion = "application/json"), (Object = "text/event-stream"))),
+              (status = 413, body = Object, description = "OpenAI error body"),
+              (status = 422, body = Object, description = "OpenAI error body"),
+              (status = 424, body = Object, description = "OpenAI error body"),
+              (status = 429, body = Object, description = "OpenAI error body")))]
 pub async fn completions(
     State(state): State<AppStateRef>,
     payload: std::result::Result<Json<CompletionRequest>, JsonRejection>,
@@ -412,7 +422,7 @@ pub async fn models(State(state): State<AppStateRef>) -> Json<ModelList> {
     })
 }
 
-#[utoipa::path(post, path = "/chat_tokenize", request_body = ChatRequest, responses((status = 200, body = ChatTokenizeResponse)))]
+#[utoipa::path(post, path = "/chat_tokenize", request_body = ChatRequest, responses((status = 200, body = ChatTokenizeResponse), (status = 413, body = crate::error::ErrorResponse), (status = 422, body = crate::error::ErrorResponse)))]
 pub async fn chat_tokenize(
     State(state): State<AppStateRef>,
     payload: std::result::Result<Json<ChatRequest>, JsonRejection>,

@@ -10,7 +10,9 @@ use axum::response::Response;
 use axum::Json;
 use serde_json::Value;
 
-#[utoipa::path(post, path = "/invocations", request_body = Object, responses((status = 200)))]
+#[utoipa::path(post, path = "/invocations", request_body = Object,
+    responses((status = 200), (status = 413, body = Object), (status = 422, body = Object),
+              (status = 424, body = Object), (status = 429, body = Object)))]
 pub async fn invocations(
     State(state): State<AppStateRef>,
     payload: std::result::Result<Json<Value>, JsonRejection>,

@@ -21,7 +21,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::OwnedSemaphorePermit;
 
 #[utoipa::path(post, path = "/generate", request_body = GenerateRequest,
-    responses((status = 200, body = GenerateResponse), (status = 422, body = crate::error::ErrorResponse),
+    responses((status = 200, body = GenerateResponse), (status = 413, body = crate::error::ErrorResponse), (status = 422, body = crate::error::ErrorResponse),
               (status = 424, body = crate::error::ErrorResponse), (status = 429, body = crate::error::ErrorResponse)))]
 pub async fn generate(
     State(state): State<AppStateRef>,
@@ -128,8 +128,9 @@ fn timing_headers(
 }
 
 #[utoipa::path(post, path = "/generate_stream", request_body = GenerateRequest,
-    responses((status = 200, description = "SSE of StreamResponse", body = StreamResponse),
-              (status = 422, body = crate::error::ErrorResponse), (status = 429, body = crate::error::ErrorResponse)))]
+    responses((status = 200, description = "SSE of StreamResponse", content((StreamResponse = "text/event-stream"))),
+              (status = 413, body = crate::error::ErrorResponse), (status = 422, body = crate::error::ErrorResponse),
+              (status = 424, body = crate::error::ErrorResponse), (status = 429, body = crate::error::ErrorResponse)))]
 pub async fn generate_stream(
     State(state): State<AppStateRef>,
     payload: std::result::Result<Json<GenerateRequest>, JsonRejection>,
@@ -248,7 +249,10 @@ fn stream_event(
 
 /// `POST /`: `/generate` answered as a one-element array, or `/generate_stream` when `stream`.
 #[utoipa::path(post, path = "/", request_body = CompatGenerateRequest,
-    responses((status = 200, body = [GenerateResponse]), (status = 422, body = crate::error::ErrorResponse)))]
+    responses((status = 200, description = "JSON, or SSE of StreamResponse with `stream`",
+               content((Vec<GenerateResponse> = "application/json"), (StreamResponse = "text/event-stream"))),
+              (status = 413, body = crate::error::ErrorResponse), (status = 422, body = crate::error::ErrorResponse),
+              (status = 424, body = crate::error::ErrorResponse), (status = 429, body = crate::error::ErrorResponse)))]
 pub async fn compat_generate(
     State(state): State<AppStateRef>,
     payload: std::result::Result<Json<CompatGenerateRequest>, JsonRejection>,
@@ -271,7 +275,7 @@ pub async fn compat_inner(state: AppStateRef, request: CompatGenerateRequest) ->
     }
 }
 
-#[utoipa::path(post, path = "/tokenize", request_body = GenerateRequest, responses((status = 200, body = [SimpleToken])))]
+#[utoipa::path(post, path = "/tokenize", request_body = GenerateRequest, responses((status = 200, body = [SimpleToken]), (status = 413, body = crate::error::ErrorResponse), (status = 422, body = crate::error::ErrorResponse)))]
 pub async fn tokenize(
     State(state): State<AppStateRef>,
     payload: std::result::Result<Json<GenerateRequest>, JsonRejection>,
