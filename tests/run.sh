@@ -9,10 +9,14 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
 cargo test --workspace
-# Client compatibility (official `openai` SDK, `huggingface_hub`) against the real router, installed
-# into the venv fetch-models.sh made (.cache/venv).
-.cache/venv/bin/pip install -q openai huggingface_hub pytest
+# Client compatibility (official `openai` SDK, `huggingface_hub`) and schemathesis-style HTTP fuzzing from
+# the router's own OpenAPI document, against the real router, installed into the venv fetch-models.sh
+# made (.cache/venv).
+.cache/venv/bin/pip install -q openai huggingface_hub pytest schemathesis
 .cache/venv/bin/pytest -q tests/python
+# Soak: a mix of valid, invalid, cancelled, streaming, n > 1, stop and long requests; no request lost,
+# no 5xx, KV blocks back to idle after the drain.
+bash tests/soak.sh 300 16
 # Deployment: every metric the dashboard, rules and autoscaler read is in a live router's /metrics.
 bash deploy/tools/scrape-router.sh .cache/router-metrics.txt
 bash .ci/deploy-checks.sh --scrape .cache/router-metrics.txt

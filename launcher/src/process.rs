@@ -86,7 +86,9 @@ impl Child {
     pub fn is_stopped(&self) -> bool {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pgid)).unwrap_or_default();
         // The state follows the parenthesised command name, which may itself hold spaces or parens.
-        let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
         matches!(state, Some("T" | "t"))
     }
 
