@@ -1,6 +1,8 @@
 //! Shared harness for the end-to-end tests: locating the workspace, its models and its built binaries.
 
-use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 /// The workspace root (the folder holding the top-level Cargo.toml).
 pub fn workspace_root() -> PathBuf {
@@ -33,4 +35,33 @@ pub fn fetched_model(relative: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Spawns `command` with stdout and stderr into the file `log`. The child gets PR_SET_PDEATHSIG, so it
+/// dies with the test process even when nothing drops its handle (statics, panics).
+pub fn spawn_logged(command: &mut Command, log: &Path) -> Child {
+    let out = std::fs::File::create(log).unwrap();
+    let err = out.try_clone().unwrap();
+    // SAFETY: prctl is async-signal-safe; the closure touches nothing else between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    command
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("spawn a workspace binary")
 }

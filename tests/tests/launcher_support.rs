@@ -3,12 +3,13 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tessera_tests::binary;
+pub use tessera_tests::free_port;
 
 /// A running `tessera-launcher` with everything it writes kept in a temporary folder.
 pub struct Launcher {
@@ -16,15 +17,6 @@ pub struct Launcher {
     pub port: u16,
     pub dir: tempfile::TempDir,
     output: Arc<Mutex<String>>,
-}
-
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Launcher {

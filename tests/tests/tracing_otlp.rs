@@ -9,12 +9,11 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tessera_tests::{binary, fetched_model};
+use tessera_tests::{binary, fetched_model, free_port, spawn_logged as spawn};
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
@@ -82,32 +81,6 @@ impl Drop for Children {
             let _ = child.wait();
         }
     }
-}
-
-fn spawn(command: &mut Command, log: &Path) -> Child {
-    let out = std::fs::File::create(log).unwrap();
-    let err = out.try_clone().unwrap();
-    // SAFETY: prctl is async-signal-safe; the closure touches nothing else between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    command
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .expect("spawn a workspace binary")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// SIGTERM, then wait for a clean exit: the exporters flush on the way out.

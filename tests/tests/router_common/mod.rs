@@ -4,12 +4,11 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use tessera_tests::{binary, fetched_model};
+use tessera_tests::{binary, fetched_model, free_port, spawn_logged as spawn};
 
 pub const MODEL: &str = "smollm2-hf-float32";
 
@@ -68,31 +67,6 @@ pub fn start(name: &str, router_args: &[&str]) -> Server {
         base: format!("http://127.0.0.1:{port}"),
         logs,
     }
-}
-
-fn spawn(command: &mut Command, log: &PathBuf) -> Child {
-    let out = std::fs::File::create(log).unwrap();
-    let err = out.try_clone().unwrap();
-    unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    command
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .expect("spawn a workspace binary")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Raw HTTP status of `GET path` (no client library needed before tokio starts).
