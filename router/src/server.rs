@@ -31,6 +31,7 @@ pub fn router(state: AppStateRef, payload_limit: usize, cors_origins: &[String])
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/tokenize", post(tgi::tokenize))
+        .route("/chat_tokenize", post(openai::chat_tokenize))
         .route("/invocations", post(sagemaker::invocations))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -43,7 +44,6 @@ pub fn router(state: AppStateRef, payload_limit: usize, cors_origins: &[String])
         .route("/info", get(tgi::info))
         .route("/metrics", get(tgi::metrics))
         .route("/v1/models", get(openai::models))
-        .route("/chat_tokenize", post(openai::chat_tokenize))
         .route("/api-doc/openapi.json", get(openapi_json))
         .merge(crate::swagger::routes());
     protected

@@ -60,13 +60,27 @@ async fn api_key_payload_limit_and_overload() {
             .status(),
         200
     );
-    assert_eq!(
-        reqwest::get(format!("{}/health", server().base))
+    // The tokenizers sit behind the key like generation; health, info and metrics stay open.
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}]});
+    for (route, body) in [("/tokenize", small.clone()), ("/chat_tokenize", chat)] {
+        assert_eq!(
+            post(route, None, body.clone()).await.status(),
+            401,
+            "{route}"
+        );
+        assert_eq!(
+            post(route, Some("s3cret"), body).await.status(),
+            200,
+            "{route}"
+        );
+    }
+    for route in ["/health", "/ping", "/info", "/metrics"] {
+        let status = reqwest::get(format!("{}{route}", server().base))
             .await
             .unwrap()
-            .status(),
-        200
-    );
+            .status();
+        assert_eq!(status, 200, "{route}");
+    }
 
     let big = json!({"inputs": "x".repeat(5000)});
     let response = post("/generate", Some("s3cret"), big).await;
