@@ -2,7 +2,7 @@
 //! delivers each request's events on its own channel (tokens, then exactly one end). `Infer` is the
 //! handle the HTTP side uses: admission (429), submission, health.
 //!
-//! Health is the batcher's own record (`Health`), read by `/health` without touching the shards: the
+//! Health is the batcher's own record (`health.rs`), read by `/health` without touching the shards: the
 //! last forward or Health RPC succeeded, no step has run past its deadline, the loop is alive, and the
 //! server is not draining. The real check (the Health RPC, a tiny forward) runs here, between steps, when
 //! the loop is idle — so it never waits behind a forward and never reorders the ranks' collectives.
@@ -10,12 +10,12 @@
 use crate::api::{FinishReason, PrefillToken, Token};
 use crate::client::{ForwardResult, ShardedClient};
 use crate::error::{Result, RouterError};
+use crate::health::{Health, IDLE_HEALTH_INTERVAL, UNHEALTHY_RETRY};
 use crate::metrics as m;
 use crate::scheduler::{Event, NewRequest, Outcome, Scheduler, Step};
 use crate::validation::ValidRequest;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tessera_proto::v3::{self, Generation, Tokens};
 use tessera_proto::RequestId;
@@ -105,84 +105,6 @@ struct Tracked {
     last_token: Option<Instant>,
     input_length: u32,
     span: tracing::Span,
-}
-
-/// How often an idle, healthy batcher re-checks the shards with the Health RPC.
-const IDLE_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
-/// How often it re-checks while the last check failed (so a transient failure clears quickly).
-const UNHEALTHY_RETRY: Duration = Duration::from_secs(1);
-
-/// The batcher's health record, shared with `/health` (which only reads it).
-#[derive(Debug)]
-pub struct Health {
-    /// The last forward or Health RPC succeeded.
-    ok: AtomicBool,
-    /// Why the last one failed (for the log of `/health`'s 503).
-    failure: Mutex<Option<String>>,
-    /// The step in flight and when it started.
-    step: Mutex<Option<(&'static str, Instant)>>,
-    /// A step running longer than this is stuck (the RPC deadline, plus slack for delivering events).
-    step_deadline: Duration,
-    draining: AtomicBool,
-}
-
-impl Health {
-    fn new(step_deadline: Duration) -> Self {
-        Health {
-            ok: AtomicBool::new(true),
-            failure: Mutex::new(None),
-            step: Mutex::new(None),
-            step_deadline,
-            draining: AtomicBool::new(false),
-        }
-    }
-
-    fn record(&self, outcome: std::result::Result<(), String>) {
-        let ok = outcome.is_ok();
-        if ok != self.ok.swap(ok, Ordering::SeqCst) {
-            match &outcome {
-                Ok(()) => tracing::info!("shards healthy again"),
-                Err(why) => tracing::error!("shards unhealthy: {why}"),
-            }
-        }
-        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = outcome.err();
-    }
-
-    fn step_started(&self, method: &'static str) {
-        *self.step.lock().unwrap_or_else(|e| e.into_inner()) = Some((method, Instant::now()));
-    }
-
-    fn step_finished(&self) {
-        *self.step.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    }
-
-    fn is_ok(&self) -> bool {
-        self.ok.load(Ordering::SeqCst)
-    }
-
-    /// Why the server is not healthy now, if it is not.
-    fn problem(&self) -> Option<String> {
-        if self.draining.load(Ordering::SeqCst) {
-            return Some("draining after a shutdown signal".into());
-        }
-        if let Some((method, since)) = *self.step.lock().unwrap_or_else(|e| e.into_inner()) {
-            if since.elapsed() > self.step_deadline {
-                return Some(format!(
-                    "{method} has run for {:.0} s, past its {:.0} s deadline",
-                    since.elapsed().as_secs_f64(),
-                    self.step_deadline.as_secs_f64()
-                ));
-            }
-        }
-        if !self.is_ok() {
-            let why = self.failure.lock().unwrap_or_else(|e| e.into_inner());
-            return Some(
-                why.clone()
-                    .unwrap_or_else(|| "the last shard call failed".into()),
-            );
-        }
-        None
-    }
 }
 
 /// The HTTP side's handle on the batcher.
@@ -299,7 +221,7 @@ impl Infer {
 
     /// From now on `/health` answers 503 (the server is shutting down).
     pub fn start_draining(&self) {
-        self.health.draining.store(true, Ordering::SeqCst);
+        self.health.start_draining();
     }
 }
 
@@ -766,27 +688,6 @@ fn to_prefill(tokens: Option<&Tokens>) -> Vec<PrefillToken> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn health_reports_failures_stuck_steps_and_draining_and_recovers() {
-        let health = Health::new(Duration::from_millis(50));
-        assert_eq!(health.problem(), None);
-        health.record(Err("Decode: shard error: no answer within 3 s".into()));
-        assert!(health.problem().unwrap().contains("no answer within 3 s"));
-        health.record(Ok(()));
-        assert_eq!(health.problem(), None);
-
-        health.step_started("Prefill");
-        assert_eq!(health.problem(), None, "a step within its deadline is fine");
-        std::thread::sleep(Duration::from_millis(80));
-        let stuck = health.problem().unwrap();
-        assert!(stuck.contains("Prefill has run for"), "{stuck}");
-        health.step_finished();
-        assert_eq!(health.problem(), None);
-
-        health.draining.store(true, Ordering::SeqCst);
-        assert!(health.problem().unwrap().contains("draining"));
-    }
 
     #[test]
     fn the_largest_request_fills_exactly_the_usable_blocks() {

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod client;
 pub mod common;
 pub mod error;
+pub mod health;
 pub mod metrics;
 pub mod openai;
 pub mod openai_stream;
