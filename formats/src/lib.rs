@@ -5,9 +5,6 @@
 //! - [`chat_template`]: Hugging Face chat templates rendered as transformers does.
 //! - [`model_files`]: what a model path is (HF folder or GGUF file).
 
-// The workspace's MSRV (1.85) predates `is_multiple_of` (1.87), so `%` checks stay.
-#![allow(clippy::manual_is_multiple_of)]
-
 pub mod chat_template;
 pub mod error;
 pub mod gguf;
@@ -15,6 +12,24 @@ pub mod model_files;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
+
+/// A model file's bytes: a read-only map of the file, or a buffer handed in by the caller (tests and
+/// fuzzing). The GGUF and safetensors readers parse either the same way.
+pub enum FileBytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Mapped(m) => m,
+            FileBytes::Owned(v) => v,
+        }
+    }
+}
 
 /// Reads a UTF-8 text file, refusing one larger than `cap` bytes before reading it (model folders
 /// are untrusted input; a huge JSON file would cost several times its size once parsed).

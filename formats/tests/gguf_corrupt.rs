@@ -1,9 +1,6 @@
 //! Corrupt GGUF files, written by code into a temp dir: each must give an Error naming the file
 //! and the problem, never a panic.
 
-// MSRV 1.85 predates `is_multiple_of`.
-#![allow(clippy::manual_is_multiple_of)]
-
 use std::path::{Path, PathBuf};
 
 use tessera_formats::gguf::{GgmlType, Gguf};

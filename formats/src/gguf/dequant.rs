@@ -16,7 +16,7 @@ type BlockFn = fn(&[u8], &mut [f32]);
 pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, String> {
     let f = block_fn(ty).ok_or_else(|| format!("dequantizing ggml type {ty} is not supported"))?;
     let l = ty.layout();
-    if n % l.block_elems != 0 || data.len() != n / l.block_elems * l.block_bytes {
+    if !n.is_multiple_of(l.block_elems) || data.len() != n / l.block_elems * l.block_bytes {
         return Err(format!(
             "{} bytes of {ty} do not hold {n} elements",
             data.len()

@@ -19,6 +19,7 @@ pub use types::{block_layout, BlockLayout, GgmlType};
 pub use value::GgufValue;
 
 use crate::error::{Error, Result};
+use crate::FileBytes as Bytes;
 use reader::Reader;
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -28,23 +29,6 @@ const MAX_DIMS: u32 = 4;
 /// Most tensor infos accepted: real checkpoints have a few thousand; each info costs ~100 bytes
 /// of memory for 24 bytes of file, so the cap keeps a hostile count from costing gigabytes.
 const MAX_TENSORS: usize = 1 << 20;
-
-/// The file's bytes: a read-only map of the file, or a buffer handed in by the caller.
-enum Bytes {
-    Mapped(Mmap),
-    Owned(Vec<u8>),
-}
-
-impl std::ops::Deref for Bytes {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        match self {
-            Bytes::Mapped(m) => m,
-            Bytes::Owned(v) => v,
-        }
-    }
-}
 
 /// One tensor's header entry.
 #[derive(Debug, Clone, PartialEq)]
@@ -325,7 +309,7 @@ fn tensor_bytes(t: &GgufTensorInfo) -> std::result::Result<u64, String> {
         .try_fold(1u64, |acc, &d| acc.checked_mul(d))
         .filter(|&n| n <= isize::MAX as u64)
         .ok_or_else(|| format!("dims {:?} overflow", t.dims))?;
-    if t.dims[0] % l.block_elems as u64 != 0 {
+    if !t.dims[0].is_multiple_of(l.block_elems as u64) {
         return Err(format!(
             "dims[0] = {} is not a multiple of the {} block size {}",
             t.dims[0], t.ggml_type, l.block_elems

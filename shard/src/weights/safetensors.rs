@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use super::{DType, HostTensor, TensorData, WeightSource};
 use crate::{Error, Result};
+use tessera_formats::FileBytes as Bytes;
 
 /// Header entry of one tensor: dtype name as written, shape, byte range within the data section.
 #[derive(Debug, Clone)]
@@ -27,23 +28,6 @@ pub const MAX_HEADER_BYTES: u64 = 100 << 20;
 
 /// Largest `model.safetensors.index.json` read (real ones are well under 1 MiB).
 const MAX_INDEX_BYTES: u64 = 64 << 20;
-
-/// The file's bytes: a read-only map of the file, or a buffer handed in by the caller.
-enum Bytes {
-    Mapped(Mmap),
-    Owned(Vec<u8>),
-}
-
-impl std::ops::Deref for Bytes {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        match self {
-            Bytes::Mapped(m) => m,
-            Bytes::Owned(v) => v,
-        }
-    }
-}
 
 /// One memory-mapped `.safetensors` file.
 pub struct SafetensorsFile {
