@@ -80,7 +80,7 @@ fn gguf_dequantized_to_f32_matches_reference() {
 #[test]
 fn hf_float32_matches_reference() {
     check_model(
-        &fetched("smollm2-hf-float32"),
+        &fetched_model("smollm2-hf-float32"),
         WeightDtype::Auto,
         1e-3,
         None,
@@ -94,7 +94,7 @@ fn hf_bfloat16_weights_follow_reference() {
     // accumulation): only the first tokens agree, and top-5 logits within 0.3 (observed: ≤ 0.21
     // with rounded activations, ≤ 0.04 without).
     check_model(
-        &fetched("smollm2-hf-bfloat16"),
+        &fetched_model("smollm2-hf-bfloat16"),
         WeightDtype::Auto,
         0.3,
         Some(4),

@@ -229,7 +229,7 @@ fn stories_on_two_and_three_ranks_survive_every_batch_shape() {
 
 #[test]
 fn smollm2_on_two_ranks_survives_every_batch_shape() {
-    check_shapes(&fetched("smollm2-hf-float32"), 2);
+    check_shapes(&fetched_model("smollm2-hf-float32"), 2);
 }
 
 #[test]
@@ -243,7 +243,7 @@ fn stories_on_two_and_three_ranks_match_one() {
 #[test]
 fn smollm2_on_two_ranks_matches_one() {
     let prompts = vec![vec![1, 9, 1524, 2377, 253, 655], vec![504, 3458, 282]];
-    check(&fetched("smollm2-hf-float32"), 2, &prompts, 4);
+    check(&fetched_model("smollm2-hf-float32"), 2, &prompts, 4);
 }
 
 #[test]

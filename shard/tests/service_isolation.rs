@@ -95,7 +95,7 @@ fn printed(out: &Outputs) -> String {
 
 #[tokio::test]
 async fn refused_requests_joining_a_long_generation_leave_it_unchanged() {
-    let mut shard = Shard::start(smollm2(), &[]).await;
+    let mut shard = Shard::start(smollm2_hf(), &[]).await;
     let c = &mut shard.client;
     let refused = refused_requests();
 
@@ -163,7 +163,7 @@ async fn refused_requests_joining_a_long_generation_leave_it_unchanged() {
 
 #[tokio::test]
 async fn a_warmup_past_the_models_positions_is_refused() {
-    let mut shard = Shard::start(smollm2(), &["--kv-cache-memory", "50000000"]).await;
+    let mut shard = Shard::start(smollm2_hf(), &["--kv-cache-memory", "50000000"]).await;
     let warmup = |max_total_tokens| pb::WarmupRequest {
         batch: Some(batch(
             1,

@@ -108,7 +108,7 @@ fn check(case: &Case, gens: &[pb::Generation]) {
 
 #[tokio::test]
 async fn reference_cases_alone_and_batched() {
-    let mut shard = Shard::start(smollm2(), &[]).await;
+    let mut shard = Shard::start(smollm2_hf(), &[]).await;
     let cases = cases();
     for (i, case) in cases.iter().enumerate() {
         let b = batch(

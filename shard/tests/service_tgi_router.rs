@@ -55,7 +55,7 @@ fn log_lines(needles: &[&str]) -> Vec<String> {
 /// captures.
 async fn shard(extra: &[&str]) -> Shard {
     logs();
-    Shard::start(smollm2(), extra).await
+    Shard::start(smollm2_hf(), extra).await
 }
 
 /// Stands in for TGI's `WARMUP_IMAGE_BASE64` (a tiny JPEG): to a text-only shard it is prompt text.

@@ -13,6 +13,7 @@ use tessera_shard::service::ShardService;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
+#[path = "../../../tests/support/paths.rs"]
 mod paths;
 pub use paths::*;
 

@@ -1,8 +1,8 @@
-//! Helpers shared by the engine tests: locating models and reference data (`paths.rs`), comparing
+//! Helpers shared by the engine tests: locating models and reference data (`tests/support/paths.rs`), comparing
 //! logits.
 #![allow(dead_code)]
 
-#[path = "../common/paths.rs"]
+#[path = "../../../tests/support/paths.rs"]
 mod paths;
 pub use paths::*;
 

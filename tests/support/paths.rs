@@ -1,10 +1,11 @@
-//! Where the shard tests find their data: the repository's fixtures, models fetched by
-//! `tests/fetch-models.sh`, and third-party corpora in `../shared` that tests skip without.
+//! Where the formats and shard tests find their data: the repository's fixtures, models fetched by
+//! `tests/fetch-models.sh`, and third-party corpora in `../shared` that tests skip without. Each test
+//! crate includes this one file with `#[path]` (both crates sit one level below the repository root).
 #![allow(dead_code)]
 
 use std::path::PathBuf;
 
-/// The repository root (the shard crate's parent).
+/// The repository root (the including crate's parent).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -42,7 +43,7 @@ pub fn stories() -> Option<PathBuf> {
 }
 
 /// A model fetched by the project's setup step; fails with the command to run when absent.
-pub fn fetched(rel: &str) -> PathBuf {
+pub fn fetched_model(rel: &str) -> PathBuf {
     let p = repo_root().join(".cache/models").join(rel);
     assert!(
         p.exists(),
@@ -53,12 +54,12 @@ pub fn fetched(rel: &str) -> PathBuf {
 }
 
 pub fn smollm2_gguf() -> PathBuf {
-    fetched("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    fetched_model("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 /// SmolLM2 in the HF layout (float32), converted from the GGUF by the setup step.
-pub fn smollm2() -> PathBuf {
-    fetched("smollm2-hf-float32")
+pub fn smollm2_hf() -> PathBuf {
+    fetched_model("smollm2-hf-float32")
 }
 
 /// transformers' greedy reference outputs of SmolLM2 (tests/fixtures/smollm2/SOURCE.md).
