@@ -190,21 +190,6 @@ async fn prefill(client: &mut Client, request: pb::PrefillRequest) -> pb::Prefil
     client.prefill(request).await.expect("prefill").into_inner()
 }
 
-/// Decodes `cached` until every request is done, adding to `out`.
-async fn decode_all(client: &mut Client, mut cached: Option<pb::CachedBatch>, out: &mut Outputs) {
-    while let Some(batch) = cached {
-        let r = client
-            .decode(pb::DecodeRequest {
-                batches: vec![batch],
-            })
-            .await
-            .expect("decode")
-            .into_inner();
-        collect(out, r.generations);
-        cached = r.batch;
-    }
-}
-
 #[tokio::test]
 async fn warmup_without_blocks_and_with_repeated_ids_is_accepted() {
     let mut shard = shard(&["--kv-cache-memory", "100000000"]).await;

@@ -144,7 +144,16 @@ pub async fn generate(client: &mut Client, b: pb::Batch) -> Outputs {
         .expect("prefill")
         .into_inner();
     collect(&mut out, r.generations);
-    let mut cached = r.batch;
+    decode_all(client, r.batch, &mut out).await;
+    out
+}
+
+/// Decodes `cached` until every request is done, adding to `out`.
+pub async fn decode_all(
+    client: &mut Client,
+    mut cached: Option<pb::CachedBatch>,
+    out: &mut Outputs,
+) {
     while let Some(batch) = cached {
         let r = client
             .decode(pb::DecodeRequest {
@@ -153,10 +162,9 @@ pub async fn generate(client: &mut Client, b: pb::Batch) -> Outputs {
             .await
             .expect("decode")
             .into_inner();
-        collect(&mut out, r.generations);
+        collect(out, r.generations);
         cached = r.batch;
     }
-    out
 }
 
 /// Generated ids of one request.
