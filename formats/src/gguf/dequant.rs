@@ -1,9 +1,13 @@
 //! Dequantization of ggml blocks to f32, following ggml-quants.c `dequantize_row_*` exactly
 //! (same operation order, so results are bit-identical to ggml and gguf-py).
 
-use half::{bf16, f16};
+use half::bf16;
 use rayon::prelude::*;
 
+use super::blocks::{
+    half_at, iq4_xs_scale, nibbles32, q2_k_quants, q3_k_quants, q3_k_scales, q4_k_quants, q5_32,
+    q5_k_quants, q6_k_quants, scale_min_k4, KVALUES_IQ4NL,
+};
 use super::types::GgmlType;
 
 /// Blocks handed to one rayon task: big enough to amortize scheduling, small enough to balance.
@@ -49,15 +53,17 @@ fn block_fn(ty: GgmlType) -> Option<BlockFn> {
         GgmlType::Q8_0 => q8_0,
         GgmlType::Q4_0 => q4_0,
         GgmlType::Q4_1 => q4_1,
+        GgmlType::Q5_0 => q5_0,
+        GgmlType::Q5_1 => q5_1,
+        GgmlType::Q2_K => q2_k,
+        GgmlType::Q3_K => q3_k,
         GgmlType::Q4_K => q4_k,
+        GgmlType::Q5_K => q5_k,
         GgmlType::Q6_K => q6_k,
+        GgmlType::IQ4_NL => iq4_nl,
+        GgmlType::IQ4_XS => iq4_xs,
         _ => return None,
     })
-}
-
-/// The f16 stored little-endian at `b[at..at + 2]`, widened.
-fn half_at(b: &[u8], at: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
 /// block_q8_0 { f16 d; i8 qs[32]; }
@@ -68,73 +74,125 @@ fn q8_0(b: &[u8], o: &mut [f32]) {
     }
 }
 
-/// block_q4_0 { f16 d; u8 qs[16]; }: low nibbles are elements 0..16, high nibbles 16..32.
+/// block_q4_0 { f16 d; u8 qs[16]; }
 fn q4_0(b: &[u8], o: &mut [f32]) {
     let d = half_at(b, 0);
-    for (j, &q) in b[2..18].iter().enumerate() {
-        o[j] = ((q & 0x0F) as i32 - 8) as f32 * d;
-        o[j + 16] = ((q >> 4) as i32 - 8) as f32 * d;
+    for (y, q) in o.iter_mut().zip(nibbles32(&b[2..18])) {
+        *y = (q as i32 - 8) as f32 * d;
     }
 }
 
 /// block_q4_1 { f16 d; f16 m; u8 qs[16]; }
 fn q4_1(b: &[u8], o: &mut [f32]) {
-    let d = half_at(b, 0);
-    let m = half_at(b, 2);
-    for (j, &q) in b[4..20].iter().enumerate() {
-        o[j] = (q & 0x0F) as f32 * d + m;
-        o[j + 16] = (q >> 4) as f32 * d + m;
+    let (d, m) = (half_at(b, 0), half_at(b, 2));
+    for (y, q) in o.iter_mut().zip(nibbles32(&b[4..20])) {
+        *y = q as f32 * d + m;
     }
 }
 
-/// The 6-bit scale and min of sub-block `j` packed in Q4_K/Q5_K's 12 scale bytes.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
+/// block_q5_0 { f16 d; u8 qh[4]; u8 qs[16]; }
+fn q5_0(b: &[u8], o: &mut [f32]) {
+    let d = half_at(b, 0);
+    for (y, q) in o.iter_mut().zip(q5_32(&b[2..6], &b[6..22])) {
+        *y = (q as i32 - 16) as f32 * d;
     }
 }
 
-/// block_q4_K { f16 d; f16 dmin; u8 scales[12]; u8 qs[128]; } — 8 sub-blocks of 32.
-fn q4_k(b: &[u8], o: &mut [f32]) {
-    let d = half_at(b, 0);
-    let min = half_at(b, 2);
-    let scales = &b[4..16];
-    let qs = &b[16..144];
-    for (chunk, (q, y)) in qs.chunks_exact(32).zip(o.chunks_exact_mut(64)).enumerate() {
-        let (sc1, m1) = scale_min_k4(2 * chunk, scales);
-        let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
-        let (d1, m1) = (d * sc1 as f32, min * m1 as f32);
-        let (d2, m2) = (d * sc2 as f32, min * m2 as f32);
-        for l in 0..32 {
-            y[l] = d1 * (q[l] & 0x0F) as f32 - m1;
-            y[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
+/// block_q5_1 { f16 d; f16 m; u8 qh[4]; u8 qs[16]; }
+fn q5_1(b: &[u8], o: &mut [f32]) {
+    let (d, m) = (half_at(b, 0), half_at(b, 2));
+    for (y, q) in o.iter_mut().zip(q5_32(&b[4..8], &b[8..24])) {
+        *y = q as f32 * d + m;
+    }
+}
+
+/// block_q2_K { u8 scales[16]; u8 qs[64]; f16 d; f16 dmin; }: per 16 elements a 4-bit scale
+/// (low nibble) and 4-bit min (high nibble).
+fn q2_k(b: &[u8], o: &mut [f32]) {
+    let (d, min) = (half_at(b, 80), half_at(b, 82));
+    let q = q2_k_quants(&b[16..80]);
+    for ((y, q), &sc) in o.chunks_exact_mut(16).zip(q.chunks_exact(16)).zip(&b[..16]) {
+        let dl = d * (sc & 0x0F) as f32;
+        let ml = min * (sc >> 4) as f32;
+        for (y, &q) in y.iter_mut().zip(q) {
+            *y = dl * q as f32 - ml;
         }
     }
 }
 
-/// block_q6_K { u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d; } — two halves of 128.
+/// block_q3_K { u8 hmask[32]; u8 qs[64]; u8 scales[12]; f16 d; }: per 16 elements a 6-bit scale.
+fn q3_k(b: &[u8], o: &mut [f32]) {
+    let d = half_at(b, 108);
+    let q = q3_k_quants(&b[..32], &b[32..96]);
+    let scales = q3_k_scales(&b[96..108]);
+    for ((y, q), &sc) in o.chunks_exact_mut(16).zip(q.chunks_exact(16)).zip(&scales) {
+        let dl = d * (sc as i32 - 32) as f32;
+        for (y, &q) in y.iter_mut().zip(q) {
+            *y = dl * (q as i32 - 4) as f32;
+        }
+    }
+}
+
+/// The shared tail of Q4_K and Q5_K: per 32 elements a 6-bit scale and min.
+fn k4_groups(d: f32, min: f32, scales: &[u8], q: &[u8; 256], o: &mut [f32]) {
+    for (j, (y, q)) in o.chunks_exact_mut(32).zip(q.chunks_exact(32)).enumerate() {
+        let (sc, m) = scale_min_k4(j, scales);
+        let (dl, ml) = (d * sc as f32, min * m as f32);
+        for (y, &q) in y.iter_mut().zip(q) {
+            *y = dl * q as f32 - ml;
+        }
+    }
+}
+
+/// block_q4_K { f16 d; f16 dmin; u8 scales[12]; u8 qs[128]; }
+fn q4_k(b: &[u8], o: &mut [f32]) {
+    let q = q4_k_quants(&b[16..144]);
+    k4_groups(half_at(b, 0), half_at(b, 2), &b[4..16], &q, o);
+}
+
+/// block_q5_K { f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]; }
+fn q5_k(b: &[u8], o: &mut [f32]) {
+    let q = q5_k_quants(&b[16..48], &b[48..176]);
+    k4_groups(half_at(b, 0), half_at(b, 2), &b[4..16], &q, o);
+}
+
+/// block_q6_K { u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d; }: per 16 elements an 8-bit scale.
 fn q6_k(b: &[u8], o: &mut [f32]) {
     let d = half_at(b, 208);
-    for half in 0..2 {
-        let ql = &b[64 * half..64 * half + 64];
-        let qh = &b[128 + 32 * half..128 + 32 * half + 32];
-        let sc = &b[192 + 8 * half..192 + 8 * half + 8];
-        let y = &mut o[128 * half..128 * half + 128];
-        for l in 0..32 {
-            let is = l / 16;
-            let q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i32 - 32;
-            let q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-            y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
-            y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-            y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-            y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+    let q = q6_k_quants(&b[..128], &b[128..192]);
+    for ((y, q), &sc) in o
+        .chunks_exact_mut(16)
+        .zip(q.chunks_exact(16))
+        .zip(&b[192..208])
+    {
+        let dl = d * (sc as i8) as f32;
+        for (y, &q) in y.iter_mut().zip(q) {
+            *y = dl * (q as i32 - 32) as f32;
+        }
+    }
+}
+
+/// block_iq4_nl { f16 d; u8 qs[16]; }: nibbles index the non-uniform codebook.
+fn iq4_nl(b: &[u8], o: &mut [f32]) {
+    let d = half_at(b, 0);
+    for (y, q) in o.iter_mut().zip(nibbles32(&b[2..18])) {
+        *y = d * KVALUES_IQ4NL[q as usize] as f32;
+    }
+}
+
+/// block_iq4_xs { f16 d; u16 scales_h; u8 scales_l[4]; u8 qs[128]; }: per 32 elements a 6-bit
+/// scale and IQ4_NL's codebook.
+fn iq4_xs(b: &[u8], o: &mut [f32]) {
+    let d = half_at(b, 0);
+    let scales_h = u16::from_le_bytes([b[2], b[3]]);
+    for (ib, (y, qs)) in o
+        .chunks_exact_mut(32)
+        .zip(b[8..136].chunks_exact(16))
+        .enumerate()
+    {
+        let dl = d * (iq4_xs_scale(scales_h, &b[4..8], ib) as i32 - 32) as f32;
+        for (y, q) in y.iter_mut().zip(nibbles32(qs)) {
+            *y = dl * KVALUES_IQ4NL[q as usize] as f32;
         }
     }
 }
@@ -142,6 +200,7 @@ fn q6_k(b: &[u8], o: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
 
     #[test]
     fn q8_0_block() {
@@ -256,9 +315,9 @@ mod tests {
 
     #[test]
     fn unsupported_and_mismatched_sizes_are_errors() {
-        assert!(dequantize(GgmlType::Q5_K, &[0u8; 176], 256)
+        assert!(dequantize(GgmlType::IQ2_XXS, &[0u8; 66], 256)
             .unwrap_err()
-            .contains("Q5_K"));
+            .contains("IQ2_XXS"));
         assert!(dequantize(GgmlType::Q8_0, &[0u8; 33], 32).is_err());
         assert!(!can_dequantize(GgmlType::IQ2_XXS));
     }

@@ -3,6 +3,8 @@
 //! `open` validates the whole header up front — magic, version, counts, string lengths, tensor
 //! types, shapes, offsets, sizes and alignment — so later accessors only index checked ranges.
 
+pub mod affine;
+mod blocks;
 mod dequant;
 mod reader;
 mod types;
@@ -14,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
+pub use affine::Affine;
 pub use dequant::{can_dequantize, dequantize};
 pub use types::{block_layout, BlockLayout, GgmlType};
 pub use value::GgufValue;
@@ -197,6 +200,21 @@ impl Gguf {
                 tensor: name.to_string(),
                 msg,
             })?;
+        Ok((info.shape(), values))
+    }
+
+    /// The tensor as unsigned quants with a scale and offset per group (see [`affine`]), with its
+    /// PyTorch-order shape; groups run along the last (contiguous) dimension.
+    pub fn tensor_affine(&self, name: &str) -> Result<(Vec<usize>, Affine)> {
+        let info = self.tensor_info(name)?;
+        let data = self.tensor_data(name)?;
+        let values = affine::to_affine(info.ggml_type, data, info.n_elements()).map_err(|msg| {
+            Error::Tensor {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                msg,
+            }
+        })?;
         Ok((info.shape(), values))
     }
 }
