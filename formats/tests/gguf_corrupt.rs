@@ -147,17 +147,17 @@ fn unknown_types() {
 #[test]
 fn unsupported_dequantization_names_tensor_and_type() {
     let dir = tempfile::tempdir().unwrap();
-    // One Q5_K block (id 13, 256 elements in 176 bytes): readable raw, not dequantizable here.
+    // One IQ2_XXS block (id 16, 256 elements in 66 bytes): readable raw, not dequantizable here.
     let b = Builder::default()
-        .tensor("q5", &[256], 13, 0)
-        .data(&[0; 176])
+        .tensor("iq2", &[256], 16, 0)
+        .data(&[0; 66])
         .bytes();
-    let p = write(dir.path(), "q5k.gguf", &b);
+    let p = write(dir.path(), "iq2.gguf", &b);
     let g = Gguf::open(&p).unwrap();
-    assert_eq!(g.tensor_data("q5").unwrap().len(), 176);
-    let msg = g.tensor_f32("q5").unwrap_err().to_string();
+    assert_eq!(g.tensor_data("iq2").unwrap().len(), 66);
+    let msg = g.tensor_f32("iq2").unwrap_err().to_string();
     assert!(
-        msg.contains("q5k.gguf") && msg.contains("'q5'") && msg.contains("Q5_K"),
+        msg.contains("iq2.gguf") && msg.contains("'iq2'") && msg.contains("IQ2_XXS"),
         "{msg}"
     );
 }
