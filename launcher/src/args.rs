@@ -4,6 +4,7 @@
 use clap::{Args, Parser};
 use std::path::PathBuf;
 use tessera_router::args::{BatchingArgs, LimitArgs, ServerArgs};
+pub use tessera_shard::kv_cache::{KvCacheDtype, KvCacheDtypeParser};
 pub use tessera_shard::loader::{Device, WeightDtype};
 
 /// Tessera launcher: resolves the model, starts the shards and the router, supervises them.
@@ -54,6 +55,10 @@ pub struct ModelArgs {
     /// (default: the shard's).
     #[arg(long, env)]
     pub kv_cache_fraction: Option<f64>,
+    /// What the shards' KV cache stores: bf16, f16 or f32 (default: the shard's, bf16; math is
+    /// f32). TGI's fp8_e4m3fn and fp8_e5m2 are refused by name.
+    #[arg(long, env, value_parser = KvCacheDtypeParser)]
+    pub kv_cache_dtype: Option<KvCacheDtype>,
 }
 
 /// How many shards, and how they find each other.

@@ -191,6 +191,7 @@ pub fn serve_args(
         device: m.device,
         dtype: m.dtype,
         kv_cache_memory: m.kv_cache_memory,
+        kv_cache_dtype: m.kv_cache_dtype.unwrap_or(defaults.serve.kv_cache_dtype),
         kv_cache_fraction: m
             .kv_cache_fraction
             .unwrap_or(defaults.serve.kv_cache_fraction),
@@ -225,6 +226,7 @@ pub fn shard_argv(serve: &ServeArgs) -> Result<Vec<String>, String> {
         ("device", value_name(serve.device)),
         ("dtype", value_name(serve.dtype)),
         ("kv_cache_fraction", serve.kv_cache_fraction.to_string()),
+        ("kv_cache_dtype", value_name(serve.kv_cache_dtype)),
         ("initial_kv_blocks", serve.initial_kv_blocks.to_string()),
         (
             "max_batch_prefill_tokens",
@@ -409,6 +411,7 @@ mod tests {
             "--dtype=bfloat16",
             "--kv-cache-memory=1000000",
             "--kv-cache-fraction=0.25",
+            "--kv-cache-dtype=f16",
             "--max-batch-prefill-tokens=256",
             "--otlp-endpoint=http://collector:4317",
             "--otlp-service-name=tessera",
@@ -430,6 +433,10 @@ mod tests {
         );
         assert_eq!(parsed.kv_cache_memory, Some(1_000_000));
         assert_eq!(parsed.kv_cache_fraction, 0.25);
+        assert_eq!(
+            parsed.kv_cache_dtype,
+            tessera_shard::kv_cache::KvCacheDtype::F16
+        );
         assert_eq!(parsed.max_batch_prefill_tokens, 256);
         assert_eq!(
             parsed.otlp_endpoint.as_deref(),
@@ -446,6 +453,7 @@ mod tests {
             .serve;
         assert_eq!(serve.kv_cache_fraction, own.kv_cache_fraction);
         assert_eq!(serve.initial_kv_blocks, own.initial_kv_blocks);
+        assert_eq!(serve.kv_cache_dtype, own.kv_cache_dtype);
     }
 
     #[test]

@@ -136,12 +136,6 @@ pub const TGI_FLAGS: &[TgiFlag] = &[
         Action::OnlyValue("2.0", "Tessera's watermark uses TGI's default delta, 2.0"),
     ),
     flag(
-        "kv-cache-dtype",
-        true,
-        Some("KV_CACHE_DTYPE"),
-        Action::Refuse("the KV cache keeps the model's float dtype; an fp8 cache would change the outputs"),
-    ),
-    flag(
         "rope-scaling",
         true,
         Some("ROPE_SCALING"),
@@ -207,6 +201,7 @@ const SUPPORTED: &[&str] = &[
     "prometheus-port",
     "otlp-endpoint",
     "otlp-service-name",
+    "kv-cache-dtype",
 ];
 
 /// The table as text for `--help`, so the generated configuration reference lists every TGI flag too.
@@ -486,12 +481,31 @@ mod tests {
             "{err}"
         );
         assert!(run(&["--rope-scaling=dynamic"], &[]).is_err());
-        assert!(run(&["--kv-cache-dtype", "fp8_e5m2"], &[]).is_err());
         assert!(run(&["--watermark-delta", "3"], &[]).is_err());
         assert!(run(&["--ngrok"], &[]).is_err());
         assert!(run(&["--speculate"], &[])
             .unwrap_err()
             .contains("needs a value"));
+    }
+
+    /// `--kv-cache-dtype` is the launcher's own (bf16, f16, f32); TGI's fp8 values reach its
+    /// parser, which refuses them by name.
+    #[test]
+    fn fp8_kv_cache_is_refused_by_name() {
+        let t = run(&["--kv-cache-dtype", "fp8_e5m2"], &[]).unwrap();
+        let err = LauncherArgs::try_parse_from(&t.argv)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--kv-cache-dtype fp8_e5m2 is not supported") && err.contains("bf16"),
+            "{err}"
+        );
+        let t = run(&["--kv-cache-dtype=f16"], &[]).unwrap();
+        let args = LauncherArgs::try_parse_from(&t.argv).unwrap();
+        assert_eq!(
+            args.model.kv_cache_dtype,
+            Some(crate::args::KvCacheDtype::F16)
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tokenizers::Tokenizer;
 
 use crate::comm::{Comm, Local};
 use crate::config::ModelConfig;
+use crate::kv_cache::KvCacheDtype;
 use crate::models::Model;
 use crate::weights::gguf::GgufSource;
 use crate::weights::safetensors::SafetensorsDir;
@@ -45,6 +46,8 @@ pub enum Device {
 pub struct LoadOptions {
     pub dtype: WeightDtype,
     pub device: Device,
+    /// What the model's KV caches store (`Model::cache_shape`).
+    pub kv_cache_dtype: KvCacheDtype,
     /// The tensor-parallel group this process belongs to.
     pub comm: Arc<dyn Comm>,
 }
@@ -54,6 +57,7 @@ impl Default for LoadOptions {
         LoadOptions {
             dtype: WeightDtype::Auto,
             device: Device::Auto,
+            kv_cache_dtype: KvCacheDtype::default(),
             comm: Arc::new(Local),
         }
     }
@@ -91,14 +95,14 @@ pub fn load_model(model: &Path, opts: &LoadOptions) -> Result<(Model, ModelConfi
         let src = SafetensorsDir::open(model)?;
         let dtype = resolve_dtype(opts.dtype, &src);
         let m = Model::load(&src, &config, dtype, opts.comm.clone())?;
-        Ok((m, config, dtype))
+        Ok((m.with_kv_cache_dtype(opts.kv_cache_dtype), config, dtype))
     } else if model.extension().is_some_and(|e| e == "gguf") {
         let gguf = Gguf::open(model)?;
         let config = ModelConfig::from_gguf(&gguf)?;
         let src = GgufSource::new(&gguf, config.num_heads, config.num_kv_heads);
         let dtype = resolve_dtype(opts.dtype, &src);
         let m = Model::load(&src, &config, dtype, opts.comm.clone())?;
-        Ok((m, config, dtype))
+        Ok((m.with_kv_cache_dtype(opts.kv_cache_dtype), config, dtype))
     } else if !model.exists() {
         Err(Error::io(
             model,

@@ -12,6 +12,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::comm::{Comm, CpuComm, Local, Rendezvous, SECRET_ENV};
 use crate::engine::{EngineHandle, EngineOptions};
+use crate::kv_cache::{KvCacheDtype, KvCacheDtypeParser};
 use crate::loader::{Device, LoadOptions, WeightDtype};
 use crate::service::ShardService;
 use crate::Error;
@@ -47,6 +48,10 @@ pub struct ServeArgs {
     /// Storage dtype of the weights (math is f32).
     #[arg(long, env, value_enum, default_value_t = WeightDtype::Auto)]
     pub dtype: WeightDtype,
+    /// What the KV cache stores: bf16 (half the memory of f32), f16, or f32; attention math is
+    /// f32 either way. TGI's fp8 values are refused.
+    #[arg(long, env, value_parser = KvCacheDtypeParser, default_value_t = KvCacheDtype::default())]
+    pub kv_cache_dtype: KvCacheDtype,
     /// KV cache size in bytes after warmup; default: `--kv-cache-fraction` of available memory.
     #[arg(long, env)]
     pub kv_cache_memory: Option<u64>,
@@ -83,6 +88,7 @@ impl ServeArgs {
             load: LoadOptions {
                 dtype: self.dtype,
                 device: self.device,
+                kv_cache_dtype: self.kv_cache_dtype,
                 comm: self.join_group()?,
             },
             max_prefill_tokens: self.max_batch_prefill_tokens.max(1),

@@ -6,7 +6,7 @@ mod engine_common;
 
 use engine_common::*;
 use tessera_shard::forward::{ForwardBatch, LogitsWanted, SeqInput};
-use tessera_shard::kv_cache::KvCache;
+use tessera_shard::kv_cache::{KvCache, KvCacheDtype};
 use tessera_shard::loader::{load, LoadOptions};
 use tessera_shard::models::Model;
 use tessera_shard::tools::generate::argmax;
@@ -124,18 +124,21 @@ fn run(model: &Model, prompts: &[Vec<u32>], steps: usize, s: Schedule) -> Vec<Se
     }
 }
 
-fn assert_same(a: &[SeqRun], b: &[SeqRun], what: &str) {
+fn assert_same(a: &[SeqRun], b: &[SeqRun], what: &str, tol: f32) {
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
         assert_eq!(x.generated, y.generated, "{what}: sequence {i} greedy ids");
         assert_eq!(x.rows.len(), y.rows.len(), "{what}: sequence {i} row count");
         for (j, (rx, ry)) in x.rows.iter().zip(&y.rows).enumerate() {
             let d = max_abs_diff(rx, ry);
-            assert!(d < 1e-4, "{what}: sequence {i} row {j} differs by {d}");
+            assert!(d < tol, "{what}: sequence {i} row {j} differs by {d}");
         }
     }
 }
 
-fn check_invariance(model: &Model, prompts: &[Vec<u32>], steps: usize) {
+/// Logits must agree within `tol`: 1e-4 with an f32 KV cache; a 16-bit cache rounds K and V, so
+/// kernel-order differences of 1e-7 can move a value by one bf16 step, and only the greedy ids
+/// are exact.
+fn check_invariance(model: &Model, prompts: &[Vec<u32>], steps: usize, tol: f32) {
     let base = run(
         model,
         prompts,
@@ -182,7 +185,7 @@ fn check_invariance(model: &Model, prompts: &[Vec<u32>], steps: usize) {
         ),
     ];
     for (what, s) in schedules {
-        assert_same(&base, &run(model, prompts, steps, s), what);
+        assert_same(&base, &run(model, prompts, steps, s), what, tol);
     }
 }
 
@@ -202,7 +205,7 @@ fn encode(loaded: &tessera_shard::loader::Loaded, texts: &[&str]) -> Vec<Vec<u32
 
 #[test]
 fn stories260k_is_batch_invariant() {
-    let loaded = load(&or_skip!(stories()), &LoadOptions::default()).unwrap();
+    let loaded = load(&or_skip!(stories()), &f32_cache()).unwrap();
     let prompts = encode(
         &loaded,
         &[
@@ -211,19 +214,36 @@ fn stories260k_is_batch_invariant() {
             "The",
         ],
     );
-    check_invariance(&loaded.model, &prompts, 12);
+    check_invariance(&loaded.model, &prompts, 12, 1e-4);
 }
 
-#[test]
-fn smollm2_is_batch_invariant() {
-    let loaded = load(&smollm2_gguf(), &LoadOptions::default()).unwrap();
-    let prompts = encode(
-        &loaded,
+fn f32_cache() -> LoadOptions {
+    LoadOptions {
+        kv_cache_dtype: KvCacheDtype::F32,
+        ..LoadOptions::default()
+    }
+}
+
+fn smollm2_prompts(loaded: &tessera_shard::loader::Loaded) -> Vec<Vec<u32>> {
+    encode(
+        loaded,
         &[
             "def fibonacci(n):",
             "The capital of France is a city where",
             "Hi",
         ],
-    );
-    check_invariance(&loaded.model, &prompts, 5);
+    )
+}
+
+#[test]
+fn smollm2_is_batch_invariant() {
+    let loaded = load(&smollm2_gguf(), &f32_cache()).unwrap();
+    check_invariance(&loaded.model, &smollm2_prompts(&loaded), 5, 1e-4);
+}
+
+#[test]
+fn smollm2_with_the_default_bf16_kv_cache_keeps_ids_across_schedules() {
+    // Observed: logits within 5.1e-3.
+    let loaded = load(&smollm2_gguf(), &LoadOptions::default()).unwrap();
+    check_invariance(&loaded.model, &smollm2_prompts(&loaded), 5, 2e-2);
 }

@@ -1,5 +1,6 @@
 //! SmolLM2-135M-Instruct against transformers' float32 reference (`reference.json`): from the GGUF
-//! (Q4_1 dequantized exactly to f32), from the f32 safetensors conversion, and from bf16 weights.
+//! (Q4_1 dequantized exactly to f32), from the f32 safetensors conversion, and from bf16 weights,
+//! all with an f32 KV cache; and the f32 model with the default bf16 KV cache.
 
 mod engine_common;
 
@@ -7,6 +8,7 @@ use std::path::Path;
 
 use engine_common::*;
 use serde_json::Value;
+use tessera_shard::kv_cache::KvCacheDtype;
 use tessera_shard::loader::{load, LoadOptions, WeightDtype};
 use tessera_shard::tools::generate::{greedy, top_k};
 
@@ -18,17 +20,19 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-/// Runs every reference case; `exact` demands all greedy ids and top-5 logits within `tol`,
-/// otherwise only the first `prefix` greedy ids are compared.
-fn check_model(model: &Path, dtype: WeightDtype, tol: f32, prefix: Option<usize>) {
-    let loaded = load(
-        model,
-        &LoadOptions {
-            dtype,
-            ..LoadOptions::default()
-        },
-    )
-    .unwrap();
+/// Loads with the reference's own precision where the model allows: an f32 KV cache.
+fn exact(dtype: WeightDtype) -> LoadOptions {
+    LoadOptions {
+        dtype,
+        kv_cache_dtype: KvCacheDtype::F32,
+        ..LoadOptions::default()
+    }
+}
+
+/// Runs every reference case; with no `prefix` it demands all greedy ids, the top-5 ranking and
+/// top-5 logits within `tol`, otherwise only the first `prefix` greedy ids and the logits.
+fn check_model(model: &Path, opts: &LoadOptions, tol: f32, prefix: Option<usize>) {
+    let loaded = load(model, opts).unwrap();
     for case in smollm2_reference()["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let (text, special) = match case["templated_text"].as_str() {
@@ -74,15 +78,28 @@ fn check_model(model: &Path, dtype: WeightDtype, tol: f32, prefix: Option<usize>
 
 #[test]
 fn gguf_dequantized_to_f32_matches_reference() {
-    check_model(&smollm2_gguf(), WeightDtype::Auto, 1e-3, None);
+    check_model(&smollm2_gguf(), &exact(WeightDtype::Auto), 1e-3, None);
 }
 
 #[test]
 fn hf_float32_matches_reference() {
     check_model(
         &fetched_model("smollm2-hf-float32"),
-        WeightDtype::Auto,
+        &exact(WeightDtype::Auto),
         1e-3,
+        None,
+    );
+}
+
+#[test]
+fn hf_float32_with_the_default_bf16_kv_cache_keeps_greedy_ids() {
+    // The cache rounds K and V to bf16 (8 significant bits); every greedy id and the top-5 ranking
+    // still match transformers' f32 run, and top-5 logits stay within 0.05 (observed: ≤ 0.031).
+    assert_eq!(LoadOptions::default().kv_cache_dtype, KvCacheDtype::Bf16);
+    check_model(
+        &fetched_model("smollm2-hf-float32"),
+        &LoadOptions::default(),
+        0.05,
         None,
     );
 }
@@ -95,7 +112,7 @@ fn hf_bfloat16_weights_follow_reference() {
     // with rounded activations, ≤ 0.04 without).
     check_model(
         &fetched_model("smollm2-hf-bfloat16"),
-        WeightDtype::Auto,
+        &exact(WeightDtype::Auto),
         0.3,
         Some(4),
     );

@@ -4,8 +4,17 @@
 mod engine_common;
 
 use engine_common::*;
+use tessera_shard::kv_cache::KvCacheDtype;
 use tessera_shard::loader::{load, LoadOptions};
 use tessera_shard::tools::generate::{greedy, top_k};
+
+/// Both references ran in f32 throughout, the KV cache included.
+fn f32_cache() -> LoadOptions {
+    LoadOptions {
+        kv_cache_dtype: KvCacheDtype::F32,
+        ..LoadOptions::default()
+    }
+}
 
 /// Parses `key: [a, b, ...]` from reference.txt (first occurrence).
 fn list(text: &str, key: &str) -> Vec<f64> {
@@ -30,7 +39,7 @@ fn list(text: &str, key: &str) -> Vec<f64> {
 fn once_upon_a_time_matches_transformers() {
     let dir = or_skip!(stories());
     let reference = std::fs::read_to_string(dir.join("reference.txt")).unwrap();
-    let loaded = load(&dir, &LoadOptions::default()).unwrap();
+    let loaded = load(&dir, &f32_cache()).unwrap();
     let ids = loaded
         .tokenizer
         .encode("Once upon a time", true)
@@ -69,7 +78,7 @@ fn two_hundred_tokens_from_bos_match_llama2c_byte_for_byte() {
         .split("\n---\n")
         .nth(1)
         .expect("text between '---' lines");
-    let loaded = load(&dir, &LoadOptions::default()).unwrap();
+    let loaded = load(&dir, &f32_cache()).unwrap();
     let bos = loaded
         .config
         .bos_token_id

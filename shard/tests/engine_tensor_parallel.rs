@@ -15,7 +15,7 @@ use std::time::Duration;
 use engine_common::*;
 use tessera_shard::comm::{Comm, CpuComm, Local, Rendezvous};
 use tessera_shard::forward::{ForwardBatch, LogitsWanted, SeqInput};
-use tessera_shard::kv_cache::KvCache;
+use tessera_shard::kv_cache::{KvCache, KvCacheDtype};
 use tessera_shard::loader::{load_model, Device, LoadOptions, WeightDtype};
 use tessera_shard::models::Model;
 use tessera_shard::tools::generate::argmax;
@@ -69,7 +69,11 @@ fn load(path: &Path, comm: Arc<dyn Comm>) -> Model {
     let opts = LoadOptions {
         dtype: WeightDtype::Auto,
         device: Device::Cpu,
+        // Ranks sum in another order; a 16-bit cache could round those 1e-7 differences a whole
+        // step apart, so the ranks are compared on an f32 cache.
+        kv_cache_dtype: KvCacheDtype::F32,
         comm,
+        ..LoadOptions::default()
     };
     load_model(path, &opts).expect("load").0
 }

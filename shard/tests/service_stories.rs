@@ -302,8 +302,9 @@ async fn warmup_sizes_the_cache() {
         max_total_tokens: None,
     };
     let w = shard.client.warmup(w).await.unwrap().into_inner();
-    // stories260K: 5 layers × K,V × 16 slots × 4 KV heads × 8 dims × 4 bytes = 20480 bytes a block.
-    let supported = 10_000_000 / 20480 * 16;
+    // stories260K: 5 layers × K,V × 16 slots × 4 KV heads × 8 dims × 2 bytes (the default bf16
+    // cache) = 10240 bytes a block: twice the tokens an f32 cache holds in the same memory.
+    let supported = 10_000_000 / 10240 * 16;
     assert_eq!(w.max_supported_total_tokens, Some(supported));
     assert_eq!(w.max_total_tokens, 512, "capped by max_position_embeddings");
     assert_eq!(w.max_input_tokens, 511);

@@ -200,8 +200,8 @@ async fn warmup_without_blocks_and_with_repeated_ids_is_accepted() {
     assert_eq!(requests.len(), 3);
     assert!(requests.iter().all(|r| r.id == 0 && r.blocks.is_empty()));
     let w = c.warmup(warmup).await.expect("warmup").into_inner();
-    // SmolLM2-135M: 30 layers × K,V × 16 slots × 3 KV heads × 64 dims × 4 bytes a block.
-    let supported = 100_000_000 / (30 * 2 * 16 * 3 * 64 * 4) * 16;
+    // SmolLM2-135M: 30 layers × K,V × 16 slots × 3 KV heads × 64 dims × 2 bytes (bf16) a block.
+    let supported = 100_000_000 / (30 * 2 * 16 * 3 * 64 * 2) * 16;
     assert_eq!(w.max_supported_total_tokens, Some(supported));
     assert_eq!((w.max_input_tokens, w.max_total_tokens), (100, 200));
     // The warmup batch is gone, and the cache it sized serves a request in its last blocks.

@@ -117,7 +117,7 @@ fn result_changing_tgi_flags_are_refused_before_anything_starts() {
         (
             vec![],
             vec![("KV_CACHE_DTYPE", "fp8_e4m3fn")],
-            "TGI's KV_CACHE_DTYPE fp8_e4m3fn is not supported",
+            "--kv-cache-dtype fp8_e4m3fn is not supported: an fp8 KV cache",
         ),
     ] {
         let mut launcher = Launcher::start(&args, &env);

@@ -12,7 +12,7 @@ use crate::backend::cpu::{exp_in_place, PackedMatrix};
 use crate::comm::{Comm, Shard};
 use crate::config::ModelConfig;
 use crate::forward::{BatchPlan, ForwardBatch};
-use crate::kv_cache::{CacheShape, KvCache, LayerCache};
+use crate::kv_cache::{CacheShape, KvCache, KvCacheDtype, LayerCache};
 use crate::layers::attention::{paged_attention, write_kv, Heads};
 use crate::layers::embedding::Embedding;
 use crate::layers::linear::{Linear, Part, RowPart};
@@ -119,15 +119,18 @@ impl Llama {
         self.logits(&x, &plan)
     }
 
-    pub fn cache_shape(&self) -> CacheShape {
+    /// What this rank's KV cache holds per token, stored as `dtype`.
+    pub fn cache_shape(&self, dtype: KvCacheDtype) -> CacheShape {
         CacheShape {
             layers: self.layers.len(),
             kv_dim: self.heads.num_kv_heads * self.heads.head_dim,
+            dtype,
         }
     }
 
+    /// Any cache dtype will do: attention widens what it reads.
     fn check_cache(&self, cache: &KvCache) -> Result<()> {
-        let kv_dim = self.cache_shape().kv_dim;
+        let kv_dim = self.cache_shape(cache.dtype()).kv_dim;
         if cache.num_layers() != self.layers.len() || cache.kv_dim() != kv_dim {
             return Err(Error::InvalidBatch(format!(
                 "KV cache has {} layers of width {}, the model needs {} of width {kv_dim}",

@@ -8,13 +8,14 @@ use std::sync::Arc;
 use crate::comm::Comm;
 use crate::config::ModelConfig;
 use crate::forward::ForwardBatch;
-use crate::kv_cache::{CacheShape, KvCache};
+use crate::kv_cache::{CacheShape, KvCache, KvCacheDtype};
 use crate::weights::{DType, WeightSource};
 use crate::Result;
 
 /// A loaded model, ready to run forwards on the CPU backend.
 pub struct Model {
     inner: llama::Llama,
+    kv_cache_dtype: KvCacheDtype,
 }
 
 impl Model {
@@ -27,7 +28,16 @@ impl Model {
     ) -> Result<Self> {
         Ok(Model {
             inner: llama::Llama::load(src, config, dtype, comm)?,
+            kv_cache_dtype: KvCacheDtype::default(),
         })
+    }
+
+    /// The same model, with KV caches made from [`Model::cache_shape`] storing `dtype`.
+    pub fn with_kv_cache_dtype(self, dtype: KvCacheDtype) -> Self {
+        Model {
+            kv_cache_dtype: dtype,
+            ..self
+        }
     }
 
     /// Runs one ragged forward. Returns, per sequence, its requested logits rows concatenated
@@ -42,9 +52,10 @@ impl Model {
         self.inner.config()
     }
 
-    /// What this rank's KV cache holds per token.
+    /// What this rank's KV cache holds per token (in the dtype chosen at load; any cache dtype
+    /// is accepted by `forward`).
     pub fn cache_shape(&self) -> CacheShape {
-        self.inner.cache_shape()
+        self.inner.cache_shape(self.kv_cache_dtype)
     }
 
     /// Bytes of weights a decode step streams (for bandwidth figures).

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::forward::{ForwardBatch, LogitsWanted, SeqInput};
-use crate::kv_cache::{KvCache, DEFAULT_BLOCK_SIZE};
+use crate::kv_cache::{KvCache, KvCacheDtype, KvCacheDtypeParser, DEFAULT_BLOCK_SIZE};
 use crate::loader::{self, Device, LoadOptions, WeightDtype};
 use crate::models::Model;
 use crate::tools::generate::argmax;
@@ -22,6 +22,10 @@ pub struct BenchArgs {
     pub dtype: WeightDtype,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
+    /// What the KV cache stores: bf16 (half the memory of f32), f16, or f32; attention math is
+    /// f32 either way. TGI's fp8 values are refused.
+    #[arg(long, value_parser = KvCacheDtypeParser, default_value_t = KvCacheDtype::default())]
+    pub kv_cache_dtype: KvCacheDtype,
     /// Prompt length of the prefill measurement.
     #[arg(long, default_value_t = 512)]
     pub prefill_tokens: usize,
@@ -159,18 +163,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let opts = LoadOptions {
         dtype: args.dtype,
         device: args.device,
+        kv_cache_dtype: args.kv_cache_dtype,
         ..LoadOptions::default()
     };
     let t = Instant::now();
     let (model, config, dtype) = loader::load_model(&args.model_id, &opts)?;
     println!(
-        "model {} ({}, {} layers, hidden {}), weights {} ({:.0} MiB streamed per decode step), {} threads, loaded in {:.1}s",
+        "model {} ({}, {} layers, hidden {}), weights {} ({:.0} MiB streamed per decode step), KV cache {}, {} threads, loaded in {:.1}s",
         args.model_id.display(),
         config.architecture,
         config.num_layers,
         config.hidden_size,
         loader::dtype_name(dtype),
         model.weight_bytes() as f64 / (1 << 20) as f64,
+        args.kv_cache_dtype,
         rayon::current_num_threads(),
         t.elapsed().as_secs_f64()
     );

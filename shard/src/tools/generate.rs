@@ -8,7 +8,7 @@ use tessera_formats::chat_template::ChatTemplate;
 use tokenizers::Tokenizer;
 
 use crate::forward::{ForwardBatch, LogitsWanted, SeqInput};
-use crate::kv_cache::{KvCache, DEFAULT_BLOCK_SIZE};
+use crate::kv_cache::{KvCache, KvCacheDtype, KvCacheDtypeParser, DEFAULT_BLOCK_SIZE};
 use crate::loader::{self, Device, LoadOptions, WeightDtype};
 use crate::models::Model;
 use crate::{Error, Result};
@@ -32,6 +32,10 @@ pub struct GenerateArgs {
     pub system: Option<String>,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
+    /// What the KV cache stores: bf16 (half the memory of f32), f16, or f32; attention math is
+    /// f32 either way. TGI's fp8 values are refused.
+    #[arg(long, value_parser = KvCacheDtypeParser, default_value_t = KvCacheDtype::default())]
+    pub kv_cache_dtype: KvCacheDtype,
     #[arg(long, value_enum, default_value_t = WeightDtype::Auto)]
     pub dtype: WeightDtype,
     /// Print one JSON line with ids, text and the first token's top-5 logits.
@@ -132,6 +136,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let opts = LoadOptions {
         dtype: args.dtype,
         device: args.device,
+        kv_cache_dtype: args.kv_cache_dtype,
         ..LoadOptions::default()
     };
     let loaded = loader::load(&args.model_id, &opts)?;
