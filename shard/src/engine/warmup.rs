@@ -1,16 +1,24 @@
-//! Warmup (run the router's max-size prefill, placing it in the cache itself when the router sent
-//! no blocks, then size the KV cache from the memory left) and
-//! Health (a real one-token forward into block 0, which the router reserves for it).
+//! Warmup (check the router's max-size batch, prove the model runs with a few of its tokens, and
+//! size the KV cache from the memory left after what a max-size prefill needs in activations,
+//! counted from the model's shape) and Health (a real one-token forward into block 0, which the
+//! router reserves for it).
 
 use std::time::Instant;
 
-use super::request::prompt_len;
+use super::request::{prompt_len, Seq};
 use super::step::in_request;
 use super::types::{NewBatch, WarmupIn, WarmupOut};
 use super::Engine;
+use crate::config::ModelConfig;
 use crate::forward::{ForwardBatch, LogitsWanted, SeqInput};
 use crate::kv_cache::KvCache;
 use crate::Error;
+
+/// Tokens of the warmup's probe forward: enough to run every kernel shape a prefill chunk uses
+/// (several rows, causal attention over earlier positions), a few milliseconds on any model.
+const PROBE_TOKENS: usize = 8;
+
+const MIB: f64 = 1024.0 * 1024.0;
 
 /// Bytes the kernel reports as available for new allocations (`MemAvailable` in /proc/meminfo).
 pub fn mem_available() -> Result<u64, Error> {
@@ -23,6 +31,44 @@ fn parse_mem_available(meminfo: &str) -> Option<u64> {
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// The largest forward the engine will be asked to run after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MaxForward {
+    /// Tokens in one forward (prefill chunks and decode tokens together).
+    pub tokens: usize,
+    /// Logits rows it returns: every token when a request asks for prompt logprobs.
+    pub logit_rows: usize,
+    /// Positions one sequence attends over.
+    pub span: usize,
+    /// Threads running attention at once, each with its own scratch.
+    pub threads: usize,
+}
+
+/// Peak bytes of one rank's activations during `f`, beyond weights and KV cache, counted from
+/// what `models/llama.rs` keeps alive at once: a layer's buffers are freed before the next
+/// layer, so the per-token cost is one layer's (residual, norm output, fused qkv and its split,
+/// attention output, o, gate|up, swiglu, down, one input-sized scratch for packing or quantizing
+/// a matmul's activations, RoPE tables and the flattened plan), and the logits stage holds the
+/// picked rows, their norm, this rank's logits, the gathered logits, the per-sequence copies and
+/// the sampler's working row. Math is f32 whatever the weights' dtype.
+pub(crate) fn activation_bytes(c: &ModelConfig, world_size: usize, f: MaxForward) -> u64 {
+    let ranks = world_size.max(1);
+    let (h, hd) = (c.hidden_size, c.head_dim);
+    let (q, kv) = (c.q_dim() / ranks, c.kv_dim() / ranks);
+    let ff = c.intermediate_size / ranks;
+    let (vocab, local_vocab) = (c.vocab_size, c.vocab_size.div_ceil(ranks));
+    let heads = (c.num_heads / ranks).max(1);
+    // Four index arrays of the flattened plan (tokens, positions, sequence, slot), 8 bytes each.
+    let plan = 4 * 8 / 4;
+    let per_token = 6 * h + 2 * (q + 2 * kv) + q + 3 * ff + h.max(ff).max(q) + hd + plan;
+    let per_logit_row = 2 * h + local_vocab + 3 * vocab;
+    let attention_scratch = f.threads.max(1) * (heads + 2 * hd) * f.span;
+    let floats = f.tokens as u64 * per_token as u64
+        + f.logit_rows as u64 * per_logit_row as u64
+        + attention_scratch as u64;
+    floats * 4
 }
 
 impl Engine {
@@ -43,18 +89,27 @@ impl Engine {
             self.resize_cache(warmup_blocks)?;
         }
         self.opts.max_prefill_tokens = (w.max_prefill_tokens as usize).max(1);
-        let id = batch.id;
-        let result = self.run_warmup(batch);
-        self.batches.remove(&id);
-        result.map_err(|e| match e {
-            Error::InvalidArgument { .. } | Error::BatchNotFound(_) => e,
-            e => Error::Device(format!(
-                "warmup prefill of {} tokens failed ({e}): decrease --max-batch-prefill-tokens",
-                w.max_prefill_tokens
-            )),
-        })?;
+        // Every request of the batch must build, exactly as a Prefill would build it.
+        let (seqs, refused) = self.admit(batch, None)?;
+        if let Some(first) = refused.into_iter().next() {
+            return Err(first.error);
+        }
+        let max = self.max_forward(&seqs, w.max_total_tokens);
+        let need = activation_bytes(&self.config, self.opts.world_size, max);
+        let start = Instant::now();
+        self.probe(&seqs)
+            .map_err(|e| Error::Device(format!("warmup forward failed: {e}")))?;
+        drop(seqs);
+        tracing::info!(
+            prefill_tokens = max.tokens,
+            activations_mib = format!("{:.0}", need as f64 / MIB),
+            probe_ms = start.elapsed().as_millis() as u64,
+            "warmup forward ran"
+        );
 
-        let num_blocks = self.kv_blocks_for_memory()?.max(warmup_blocks);
+        let num_blocks = self
+            .kv_blocks_for_memory(need, max.tokens)?
+            .max(warmup_blocks);
         self.resize_cache(num_blocks)?;
         let bs = self.ctx.block_size;
         let supported = (num_blocks * bs).min(u32::MAX as usize) as u32;
@@ -75,12 +130,28 @@ impl Engine {
         })
     }
 
+    /// The largest forward serving may run: the warmup batch's first forward or a full prefill
+    /// budget, whichever is larger, with prompt logprobs on every row (any request may ask).
+    fn max_forward(&self, seqs: &[Seq], max_total_tokens: Option<u32>) -> MaxForward {
+        let mut budget = self.opts.max_prefill_tokens;
+        let batch: usize = seqs.iter().map(|s| s.next_len(&mut budget)).sum();
+        let tokens = batch.max(self.opts.max_prefill_tokens);
+        let positions = self.config.max_position_embeddings;
+        MaxForward {
+            tokens,
+            logit_rows: tokens,
+            span: max_total_tokens
+                .map_or(positions, |t| t as usize)
+                .min(positions),
+            threads: rayon::current_num_threads(),
+        }
+    }
+
     /// Prepares the warmup batch as TGI's own shard does with what TGI's router sends: requests
     /// without `blocks`/`slots` get blocks of their own (after every block the router named, and
     /// after block 0, which health checks use), and the requests, which that router numbers all
-    /// 0, are numbered privately. Warmup runs a single forward whose tokens are dropped with the
-    /// batch, so each request needs slots for its prompt only. Returns the batch and the blocks
-    /// the cache needs for it.
+    /// 0, are numbered privately. Each request needs slots for its prompt only: nothing of it is
+    /// kept past warmup. Returns the batch and the blocks the cache needs for it.
     fn place_warmup(&self, batch: NewBatch) -> Result<(NewBatch, usize), Error> {
         let bs = self.ctx.block_size;
         let mut requests = batch
@@ -124,28 +195,49 @@ impl Engine {
         ))
     }
 
-    /// The warmup forward must cover the whole batch: a request it cannot build fails warmup.
-    fn run_warmup(&mut self, batch: NewBatch) -> Result<(), Error> {
-        let start = Instant::now();
-        let id = batch.id;
-        let (seqs, refused) = self.admit(batch, None)?;
-        if let Some(first) = refused.into_iter().next() {
-            return Err(first.error);
+    /// A forward of the first request's first few tokens, in its own slots: proves the weights,
+    /// kernels and cache work together without paying for a max-size prefill, whose memory
+    /// `activation_bytes` counts instead. Its logits must be finite.
+    fn probe(&mut self, seqs: &[Seq]) -> Result<(), Error> {
+        let Some(first) = seqs.first() else {
+            return self.health();
+        };
+        let n = first.next_len(&mut usize::MAX.clone()).min(PROBE_TOKENS);
+        if n == 0 {
+            return self.health();
         }
-        self.step(id, seqs, None, start).map(drop)
+        let input = SeqInput {
+            logits: LogitsWanted::Last,
+            ..first.input(n)
+        };
+        let rows = self
+            .model
+            .forward(&ForwardBatch { seqs: vec![input] }, &mut self.cache)?;
+        self.check_logits(&rows, "warmup probe")
     }
 
     /// Blocks that fit in `--kv-cache-memory`, or in this rank's share of the available memory
-    /// (measured after dropping the current cache, so its own pages count as free).
-    fn kv_blocks_for_memory(&mut self) -> Result<usize, Error> {
+    /// (measured after dropping the current cache, so its own pages count as free) less what the
+    /// ranks' largest prefills need: the cache never takes memory a prefill will ask for.
+    fn kv_blocks_for_memory(&mut self, need: u64, tokens: usize) -> Result<usize, Error> {
         let per_block =
             KvCache::bytes_per_block(self.model.cache_shape(), self.ctx.block_size) as u64;
+        self.resize_cache(1)?;
+        let ranks = self.opts.world_size.max(1) as u64;
+        let available = mem_available()?;
+        let left = available.checked_sub(need * ranks).ok_or_else(|| {
+            Error::Device(format!(
+                "a prefill of {tokens} tokens needs {:.0} MiB of activations on each of {ranks} \
+                 rank(s), {:.0} MiB is available: decrease --max-batch-prefill-tokens",
+                need as f64 / MIB,
+                available as f64 / MIB
+            ))
+        })? / ranks;
         let bytes = match self.opts.kv_cache_memory {
             Some(bytes) => bytes,
             None => {
-                self.resize_cache(1)?;
-                let share = self.opts.kv_memory_fraction / self.opts.world_size.max(1) as f64;
-                (mem_available()? as f64 * share) as u64
+                let share = (available as f64 * self.opts.kv_memory_fraction) as u64 / ranks;
+                share.min(left)
             }
         };
         Ok((bytes / per_block.max(1)) as usize)
@@ -172,15 +264,19 @@ impl Engine {
             }],
         };
         let rows = self.model.forward(&batch, &mut self.cache)?;
+        self.check_logits(&rows, "health")
+    }
+
+    fn check_logits(&self, rows: &[Vec<f32>], what: &str) -> Result<(), Error> {
         let ok = rows
             .first()
             .is_some_and(|r| r.len() == self.ctx.vocab_size && r.iter().all(|v| v.is_finite()));
         if ok {
             Ok(())
         } else {
-            Err(Error::Device(
-                "health forward produced no finite logits".into(),
-            ))
+            Err(Error::Device(format!(
+                "{what} forward produced no finite logits"
+            )))
         }
     }
 }
@@ -195,5 +291,56 @@ mod tests {
         assert_eq!(parse_mem_available(text), Some(65536 * 1024));
         assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
         assert!(mem_available().unwrap() > 0);
+    }
+
+    fn smollm2() -> ModelConfig {
+        let json = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "head_dim": 64, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+            "rope_theta": 100000.0, "tie_word_embeddings": true,
+            "bos_token_id": 1, "eos_token_id": 2
+        });
+        ModelConfig::from_hf_json(&json).unwrap()
+    }
+
+    fn forward(tokens: usize) -> MaxForward {
+        MaxForward {
+            tokens,
+            logit_rows: tokens,
+            span: 8192,
+            threads: 2,
+        }
+    }
+
+    #[test]
+    fn activations_of_a_max_prefill_are_counted_from_the_shape() {
+        let c = smollm2();
+        // Per token: 6·576 + 2·(576 + 2·192) + 576 + 3·1536 + 1536 + 64 + 8 = 12168 floats;
+        // per logits row 2·576 + 49152 + 3·49152 = 197760; attention 2 threads · (9 + 128) · 8192.
+        let floats = 4096 * 12168 + 4096 * 197760 + 2 * 137 * 8192;
+        assert_eq!(activation_bytes(&c, 1, forward(4096)), floats * 4);
+        // The gathered logits and their per-sequence copies alone are live at once.
+        let logits = 2 * 4096 * 49152 * 4;
+        assert!(activation_bytes(&c, 1, forward(4096)) > logits);
+        // The default SmolLM2 warmup: about 3.3 GiB, almost all of it logits rows.
+        let mib = activation_bytes(&c, 1, forward(4096)) / (1 << 20);
+        assert!((3200..3400).contains(&mib), "{mib} MiB");
+    }
+
+    #[test]
+    fn activations_grow_with_the_forward_and_split_across_ranks() {
+        let c = smollm2();
+        let one = activation_bytes(&c, 1, forward(512));
+        assert!(activation_bytes(&c, 1, forward(1024)) > one);
+        let no_logprobs = MaxForward {
+            logit_rows: 1,
+            ..forward(512)
+        };
+        assert!(activation_bytes(&c, 1, no_logprobs) < one / 10);
+        // Tensor parallelism splits every per-rank buffer but the gathered logits.
+        let two = activation_bytes(&c, 2, forward(512));
+        assert!(two < one && two > one / 2, "{two} vs {one}");
     }
 }
