@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use tessera_router::args::{BatchingArgs, LimitArgs, ServerArgs};
 pub use tessera_shard::kv_cache::{KvCacheDtype, KvCacheDtypeParser};
 pub use tessera_shard::loader::{Device, WeightDtype};
+use tessera_shard::weights::quant::Scheme;
 
 /// Tessera launcher: resolves the model, starts the shards and the router, supervises them.
 #[derive(Parser, Debug, Clone, PartialEq)]
@@ -44,8 +45,9 @@ pub struct ModelArgs {
     /// Storage dtype of the weights (the shard's own values; math is f32).
     #[arg(long, env, value_enum, default_value_t = WeightDtype::Auto)]
     pub dtype: WeightDtype,
-    /// Weight quantization. Tessera reads quantized GGUF files as they are (`gguf`); TGI's GPU
-    /// quantizers (awq, gptq, marlin, eetq, exl2, fp8, bitsandbytes...) are rejected with an error.
+    /// Weight quantization: `q8_0` or `q4_k` quantize a float checkpoint's matrices at load for
+    /// the integer CPU kernels; quantized GGUF files are served as stored (`gguf`, or no flag).
+    /// TGI's GPU quantizers (awq, gptq, marlin, eetq, exl2, fp8, bitsandbytes...) are refused.
     #[arg(long, env)]
     pub quantize: Option<String>,
     /// Bytes of KV cache per shard (default: `--kv-cache-fraction` of available memory).
@@ -108,16 +110,21 @@ const TGI_QUANTIZERS: [&str; 10] = [
 ];
 
 impl ModelArgs {
-    /// Checks `--quantize`: only `gguf` (weights quantized in a .gguf file) is supported.
-    pub fn check_quantize(&self, is_gguf: bool) -> Result<(), String> {
+    /// Checks `--quantize` against the model; returns what the shards quantize at load.
+    pub fn check_quantize(&self, is_gguf: bool) -> Result<Option<Scheme>, String> {
         match self.quantize.as_deref() {
-            None => Ok(()),
-            Some("gguf") if is_gguf => Ok(()),
+            None => Ok(None),
+            Some("gguf") if is_gguf => Ok(None),
             Some("gguf") => Err("--quantize gguf needs a .gguf model file".into()),
+            Some("q8_0") => Ok(Some(Scheme::Q8_0)),
+            Some("q4_k") => Ok(Some(Scheme::Q4K)),
             Some(q) if TGI_QUANTIZERS.contains(&q) => Err(format!(
-                "--quantize {q} is not supported by tessera; use a quantized .gguf file (--quantize gguf)"
+                "--quantize {q} is not supported by tessera; use q8_0 or q4_k (integer CPU \
+                 kernels) or a quantized .gguf file"
             )),
-            Some(q) => Err(format!("unknown --quantize `{q}` (supported: gguf)")),
+            Some(q) => Err(format!(
+                "unknown --quantize `{q}` (supported: q8_0, q4_k, gguf)"
+            )),
         }
     }
 }
@@ -206,12 +213,16 @@ mod tests {
     }
 
     #[test]
-    fn quantize_accepts_only_gguf() {
+    fn quantize_accepts_gguf_and_the_integer_schemes() {
         let mut model = parse(&[]).unwrap().model;
-        assert!(model.check_quantize(false).is_ok());
+        assert_eq!(model.check_quantize(false), Ok(None));
         model.quantize = Some("gguf".into());
-        assert!(model.check_quantize(true).is_ok());
+        assert_eq!(model.check_quantize(true), Ok(None));
         assert!(model.check_quantize(false).is_err());
+        model.quantize = Some("q4_k".into());
+        assert_eq!(model.check_quantize(false), Ok(Some(Scheme::Q4K)));
+        model.quantize = Some("q8_0".into());
+        assert_eq!(model.check_quantize(true), Ok(Some(Scheme::Q8_0)));
         model.quantize = Some("awq".into());
         assert!(model
             .check_quantize(true)

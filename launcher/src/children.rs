@@ -182,6 +182,10 @@ pub fn serve_args(
         .to_str()
         .ok_or("--shard-uds-path is not UTF-8")?;
     let m = &args.model;
+    let is_gguf = model
+        .path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     Ok(ServeArgs {
         uds_path: uds_path.to_string(),
         rank,
@@ -190,6 +194,7 @@ pub fn serve_args(
         master_port: args.sharding.master_port,
         device: m.device,
         dtype: m.dtype,
+        quantize: m.check_quantize(is_gguf)?,
         kv_cache_memory: m.kv_cache_memory,
         kv_cache_dtype: m.kv_cache_dtype.unwrap_or(defaults.serve.kv_cache_dtype),
         kv_cache_fraction: m
@@ -233,6 +238,9 @@ pub fn shard_argv(serve: &ServeArgs) -> Result<Vec<String>, String> {
             serve.max_batch_prefill_tokens.to_string(),
         ),
     ];
+    if let Some(scheme) = serve.quantize {
+        pairs.push(("quantize", value_name(scheme)));
+    }
     if let Some(bytes) = serve.kv_cache_memory {
         pairs.push(("kv_cache_memory", bytes.to_string()));
     }

@@ -13,6 +13,7 @@ use crate::config::ModelConfig;
 use crate::kv_cache::KvCacheDtype;
 use crate::models::Model;
 use crate::weights::gguf::GgufSource;
+use crate::weights::quant::Scheme;
 use crate::weights::safetensors::SafetensorsDir;
 use crate::weights::{DType, WeightSource};
 use crate::{Error, Result};
@@ -20,7 +21,7 @@ use crate::{Error, Result};
 /// Storage dtype of the weights; math is f32 whatever is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum WeightDtype {
-    /// The checkpoint's own dtype (GGUF: f32, its exact dequantization).
+    /// The checkpoint's own dtype (GGUF: quantized tensors stay quantized, float ones f32).
     #[default]
     Auto,
     #[value(name = "float32", alias = "f32")]
@@ -45,6 +46,8 @@ pub enum Device {
 #[derive(Clone)]
 pub struct LoadOptions {
     pub dtype: WeightDtype,
+    /// Quantize dense matrices at load (`--quantize q8_0|q4_k`); quantized GGUF tensors stay.
+    pub quantize: Option<Scheme>,
     pub device: Device,
     /// What the model's KV caches store (`Model::cache_shape`).
     pub kv_cache_dtype: KvCacheDtype,
@@ -56,6 +59,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             dtype: WeightDtype::Auto,
+            quantize: None,
             device: Device::Auto,
             kv_cache_dtype: KvCacheDtype::default(),
             comm: Arc::new(Local),
@@ -69,7 +73,8 @@ pub struct Loaded {
     pub config: ModelConfig,
     pub tokenizer: Tokenizer,
     pub chat_template: Option<ChatTemplate>,
-    /// Name of the weight dtype, as `Info` reports it ("float32", "bfloat16", "float16").
+    /// Name of the weight dtype, as `Info` reports it ("float32", "bfloat16", "float16",
+    /// "quantized", "q8_0", "q4_k").
     pub dtype_name: String,
 }
 
@@ -93,14 +98,15 @@ pub fn load_model(model: &Path, opts: &LoadOptions) -> Result<(Model, ModelConfi
     if model.is_dir() {
         let config = ModelConfig::from_hf_dir(model)?;
         let src = SafetensorsDir::open(model)?;
-        let dtype = resolve_dtype(opts.dtype, &src);
+        let dtype = resolve_dtype(opts, &src);
         let m = Model::load(&src, &config, dtype, opts.comm.clone())?;
         Ok((m.with_kv_cache_dtype(opts.kv_cache_dtype), config, dtype))
     } else if model.extension().is_some_and(|e| e == "gguf") {
         let gguf = Gguf::open(model)?;
         let config = ModelConfig::from_gguf(&gguf)?;
         let src = GgufSource::new(&gguf, config.num_heads, config.num_kv_heads);
-        let dtype = resolve_dtype(opts.dtype, &src);
+        let dtype = resolve_dtype(opts, &src);
+        let src = src.keep_quantized(matches!(dtype, DType::Quantized { .. }));
         let m = Model::load(&src, &config, dtype, opts.comm.clone())?;
         Ok((m.with_kv_cache_dtype(opts.kv_cache_dtype), config, dtype))
     } else if !model.exists() {
@@ -144,8 +150,12 @@ fn check_device(device: Device) -> Result<()> {
     }
 }
 
-fn resolve_dtype(want: WeightDtype, src: &dyn WeightSource) -> DType {
-    match want {
+/// `--quantize` wins over `--dtype`: the matrices it leaves dense (rows not whole groups) are f32.
+fn resolve_dtype(opts: &LoadOptions, src: &dyn WeightSource) -> DType {
+    if let Some(s) = opts.quantize {
+        return DType::Quantized { at_load: Some(s) };
+    }
+    match opts.dtype {
         WeightDtype::Auto => src.native_dtype(),
         WeightDtype::F32 => DType::F32,
         WeightDtype::Bf16 => DType::Bf16,
@@ -158,5 +168,12 @@ pub fn dtype_name(d: DType) -> &'static str {
         DType::F32 => "float32",
         DType::Bf16 => "bfloat16",
         DType::F16 => "float16",
+        DType::Quantized { at_load: None } => "quantized",
+        DType::Quantized {
+            at_load: Some(Scheme::Q8_0),
+        } => "q8_0",
+        DType::Quantized {
+            at_load: Some(Scheme::Q4K),
+        } => "q4_k",
     }
 }

@@ -15,6 +15,7 @@ use crate::engine::{EngineHandle, EngineOptions};
 use crate::kv_cache::{KvCacheDtype, KvCacheDtypeParser};
 use crate::loader::{Device, LoadOptions, WeightDtype};
 use crate::service::ShardService;
+use crate::weights::quant::Scheme;
 use crate::Error;
 
 /// Arguments of `serve` (the launcher builds a shard's argv from this struct).
@@ -48,6 +49,10 @@ pub struct ServeArgs {
     /// Storage dtype of the weights (math is f32).
     #[arg(long, env, value_enum, default_value_t = WeightDtype::Auto)]
     pub dtype: WeightDtype,
+    /// Quantize dense weight matrices at load (8-bit `q8_0` or 4-bit `q4_k`, groups of 32) so
+    /// safetensors checkpoints run on the integer kernels; quantized GGUF tensors stay as stored.
+    #[arg(long, env, value_enum)]
+    pub quantize: Option<Scheme>,
     /// What the KV cache stores: bf16 (half the memory of f32), f16, or f32; attention math is
     /// f32 either way. TGI's fp8 values are refused.
     #[arg(long, env, value_parser = KvCacheDtypeParser, default_value_t = KvCacheDtype::default())]
@@ -87,6 +92,7 @@ impl ServeArgs {
             model: self.model_id.clone(),
             load: LoadOptions {
                 dtype: self.dtype,
+                quantize: self.quantize,
                 device: self.device,
                 kv_cache_dtype: self.kv_cache_dtype,
                 comm: self.join_group()?,

@@ -65,11 +65,10 @@ impl Linear {
                 biases.extend_from_slice(&b[rows]);
             }
         }
-        let data = stack_rows(weights, dtype);
-        Ok(Linear::new(
-            PackedMatrix::pack(total, cols, &data),
-            bias.then_some(biases),
-        ))
+        let data = stack_rows(weights, dtype).quantize_at_load(cols, dtype);
+        let packed = PackedMatrix::pack(total, cols, &data)
+            .map_err(|m| Error::tensor(src.file_of(parts[0].prefix), parts[0].prefix, m))?;
+        Ok(Linear::new(packed, bias.then_some(biases)))
     }
 
     /// Row-parallel: this rank keeps its slice of the input columns, split in whole `unit`s as
@@ -84,10 +83,10 @@ impl Linear {
         } else {
             t.data.slice_cols(local, cols)
         };
-        Ok(Linear::new(
-            PackedMatrix::pack(rows, width, &data.convert(dtype)),
-            None,
-        ))
+        let data = data.convert(dtype).quantize_at_load(width, dtype);
+        let packed = PackedMatrix::pack(rows, width, &data)
+            .map_err(|m| Error::tensor(src.file_of(part.prefix), part.prefix, m))?;
+        Ok(Linear::new(packed, None))
     }
 
     pub fn in_features(&self) -> usize {

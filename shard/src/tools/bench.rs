@@ -10,6 +10,7 @@ use crate::kv_cache::{KvCache, KvCacheDtype, KvCacheDtypeParser, DEFAULT_BLOCK_S
 use crate::loader::{self, Device, LoadOptions, WeightDtype};
 use crate::models::Model;
 use crate::tools::generate::argmax;
+use crate::weights::quant::Scheme;
 use crate::Result;
 
 /// Arguments of `tessera-shard bench`.
@@ -20,6 +21,9 @@ pub struct BenchArgs {
     pub model_id: PathBuf,
     #[arg(long, value_enum, default_value_t = WeightDtype::Auto)]
     pub dtype: WeightDtype,
+    /// Quantize dense matrices at load (`q8_0`, `q4_k`).
+    #[arg(long, value_enum)]
+    pub quantize: Option<Scheme>,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
     /// What the KV cache stores: bf16 (half the memory of f32), f16, or f32; attention math is
@@ -162,6 +166,7 @@ pub fn peak_rss_mib() -> Option<f64> {
 pub fn run(args: &BenchArgs) -> Result<()> {
     let opts = LoadOptions {
         dtype: args.dtype,
+        quantize: args.quantize,
         device: args.device,
         kv_cache_dtype: args.kv_cache_dtype,
         ..LoadOptions::default()

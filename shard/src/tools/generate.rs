@@ -11,6 +11,7 @@ use crate::forward::{ForwardBatch, LogitsWanted, SeqInput};
 use crate::kv_cache::{KvCache, KvCacheDtype, KvCacheDtypeParser, DEFAULT_BLOCK_SIZE};
 use crate::loader::{self, Device, LoadOptions, WeightDtype};
 use crate::models::Model;
+use crate::weights::quant::Scheme;
 use crate::{Error, Result};
 
 /// Arguments of `tessera-shard generate`.
@@ -38,6 +39,9 @@ pub struct GenerateArgs {
     pub kv_cache_dtype: KvCacheDtype,
     #[arg(long, value_enum, default_value_t = WeightDtype::Auto)]
     pub dtype: WeightDtype,
+    /// Quantize dense matrices at load (`q8_0`, `q4_k`).
+    #[arg(long, value_enum)]
+    pub quantize: Option<Scheme>,
     /// Print one JSON line with ids, text and the first token's top-5 logits.
     #[arg(long)]
     pub json: bool,
@@ -135,6 +139,7 @@ pub fn encode_prompt(tokenizer: &Tokenizer, text: &str, templated: bool) -> Resu
 pub fn run(args: &GenerateArgs) -> Result<()> {
     let opts = LoadOptions {
         dtype: args.dtype,
+        quantize: args.quantize,
         device: args.device,
         kv_cache_dtype: args.kv_cache_dtype,
         ..LoadOptions::default()

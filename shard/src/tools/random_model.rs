@@ -235,6 +235,7 @@ fn fill_chunk(out: &mut [u8], dtype: DType, seed: u64, tensor: usize, chunk: usi
             DType::F32 => el.copy_from_slice(&v.to_le_bytes()),
             DType::F16 => el.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
             DType::Bf16 => el.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+            DType::Quantized { .. } => unreachable!("random models are written dense"),
         }
     }
 }
@@ -247,6 +248,7 @@ fn write_safetensors(dir: &Path, specs: &[TensorSpec], dtype: DType, seed: u64) 
         DType::F32 => "F32",
         DType::F16 => "F16",
         DType::Bf16 => "BF16",
+        DType::Quantized { .. } => unreachable!("random models are written dense"),
     };
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));

@@ -1,8 +1,10 @@
-//! GGUF weights under Hugging Face names: tensors are dequantized to f32 at load (kept quantized in
-//! a later version), and llama.cpp's q/k row permutation is undone so HF's rotate-half RoPE applies.
+//! GGUF weights under Hugging Face names: quantized tensors are handed out quantized (`Affine`)
+//! when the model keeps them so, else dequantized exactly to f32 as ggml does; llama.cpp's q/k row
+//! permutation is undone so HF's rotate-half RoPE applies.
 
 use std::path::PathBuf;
 
+use tessera_formats::gguf::affine::affine_layout;
 use tessera_formats::gguf::Gguf;
 
 use super::{DType, HostTensor, TensorData, WeightSource};
@@ -15,6 +17,8 @@ pub struct GgufSource<'a> {
     unpermute: bool,
     num_heads: usize,
     num_kv_heads: usize,
+    /// Hand quantized tensors out as they are stored instead of dequantized.
+    keep_quantized: bool,
 }
 
 impl<'a> GgufSource<'a> {
@@ -25,6 +29,15 @@ impl<'a> GgufSource<'a> {
             unpermute,
             num_heads,
             num_kv_heads,
+            keep_quantized: false,
+        }
+    }
+
+    /// Whether quantized tensors come out quantized (the model serves them so) or as f32.
+    pub fn keep_quantized(self, keep: bool) -> Self {
+        GgufSource {
+            keep_quantized: keep,
+            ..self
         }
     }
 }
@@ -58,30 +71,24 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     Some(format!("blk.{layer}.{g}.{suffix}"))
 }
 
-/// Undoes llama.cpp's `permute`: within each head, GGUF row `2j + t` is HF row `t * hd/2 + j`.
-fn unpermute_rows(
-    data: &[f32],
-    rows: usize,
-    cols: usize,
-    heads: usize,
-) -> Result<Vec<f32>, String> {
+/// The row order that undoes llama.cpp's `permute`: within each head, HF row `t * hd/2 + j` is
+/// GGUF row `2j + t`, so `order[hf_row]` is the GGUF row to take.
+fn unpermute_order(rows: usize, heads: usize) -> Result<Vec<usize>, String> {
     if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(format!(
             "{rows} rows cannot be split into {heads} heads of even size"
         ));
     }
     let hd = rows / heads;
-    let mut out = vec![0.0; data.len()];
+    let mut order = vec![0; rows];
     for h in 0..heads {
         for j in 0..hd / 2 {
             for t in 0..2 {
-                let src = (h * hd + 2 * j + t) * cols;
-                let dst = (h * hd + t * hd / 2 + j) * cols;
-                out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
+                order[h * hd + t * hd / 2 + j] = h * hd + 2 * j + t;
             }
         }
     }
-    Ok(out)
+    Ok(order)
 }
 
 impl WeightSource for GgufSource<'_> {
@@ -89,7 +96,14 @@ impl WeightSource for GgufSource<'_> {
         let path = self.gguf.path();
         let g =
             gguf_name(name).ok_or_else(|| Error::tensor(path, name, "has no GGUF counterpart"))?;
-        let (shape, mut data) = self.gguf.tensor_f32(&g)?;
+        let ty = self.gguf.tensor_info(&g)?.ggml_type;
+        let (shape, mut data) = if self.keep_quantized && affine_layout(ty).is_some() {
+            let (shape, a) = self.gguf.tensor_affine(&g)?;
+            (shape, TensorData::Quant(a))
+        } else {
+            let (shape, v) = self.gguf.tensor_f32(&g)?;
+            (shape, TensorData::F32(v))
+        };
         let heads = if g.ends_with("attn_q.weight") || g.ends_with("attn_q.bias") {
             Some(self.num_heads)
         } else if g.ends_with("attn_k.weight") || g.ends_with("attn_k.bias") {
@@ -109,13 +123,10 @@ impl WeightSource for GgufSource<'_> {
                     ))
                 }
             };
-            data =
-                unpermute_rows(&data, rows, cols, heads).map_err(|m| Error::tensor(path, &g, m))?;
+            let order = unpermute_order(rows, heads).map_err(|m| Error::tensor(path, &g, m))?;
+            data = data.gather_rows(&order, cols);
         }
-        Ok(HostTensor {
-            shape,
-            data: TensorData::F32(data),
-        })
+        Ok(HostTensor { shape, data })
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -126,9 +137,19 @@ impl WeightSource for GgufSource<'_> {
         self.gguf.path().to_path_buf()
     }
 
-    /// Quantized tensors are dequantized exactly to f32, so f32 is the lossless choice.
+    /// Quantized when any tensor is stored in a quantized type (they are then served as stored);
+    /// f32 for float files (exact for F16 and BF16 ones too).
     fn native_dtype(&self) -> DType {
-        DType::F32
+        let quantized = self
+            .gguf
+            .tensors()
+            .iter()
+            .any(|t| affine_layout(t.ggml_type).is_some());
+        if quantized {
+            DType::Quantized { at_load: None }
+        } else {
+            DType::F32
+        }
     }
 }
 
@@ -153,11 +174,12 @@ mod tests {
     #[test]
     fn unpermute_inverts_llama_cpp_permute() {
         // One head of 4 rows: HF rows [a, b, c, d] are stored by llama.cpp as [a, c, b, d].
-        let gguf = [0.0, 2.0, 1.0, 3.0];
+        let gguf = TensorData::F32(vec![0.0, 2.0, 1.0, 3.0]);
+        let order = unpermute_order(4, 1).unwrap();
         assert_eq!(
-            unpermute_rows(&gguf, 4, 1, 1).unwrap(),
+            gguf.gather_rows(&order, 1).to_f32(),
             vec![0.0, 1.0, 2.0, 3.0]
         );
-        assert!(unpermute_rows(&gguf, 4, 1, 3).is_err());
+        assert!(unpermute_order(4, 3).is_err());
     }
 }

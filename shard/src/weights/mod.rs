@@ -1,28 +1,38 @@
 //! Checkpoint readers. A `WeightSource` hands out tensors by their Hugging Face name, as host
-//! tensors in the checkpoint's dtype; layers convert and pack them for the backend.
+//! tensors in the checkpoint's dtype (quantized GGUF tensors stay quantized); layers convert and
+//! pack them for the backend.
 
 pub mod gguf;
+pub mod quant;
 pub mod safetensors;
 
 use std::path::PathBuf;
 
 use half::{bf16, f16};
+use tessera_formats::gguf::affine::Affine;
 
 use crate::Result;
 
-/// Element types a checkpoint tensor may have once read.
+/// Element types a checkpoint tensor may have once read, or what the model's matrices become.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
     F32,
     F16,
     Bf16,
+    /// Integer-quantized (see `quant`): quantized tensors stay as the checkpoint stores them,
+    /// dense matrices stay dense, or are quantized at load with `at_load`.
+    Quantized {
+        at_load: Option<quant::Scheme>,
+    },
 }
 
 impl DType {
+    /// Bytes per element (quantized: at most one).
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::Bf16 => 2,
+            DType::Quantized { .. } => 1,
         }
     }
 }
@@ -33,6 +43,8 @@ pub enum TensorData {
     F32(Vec<f32>),
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
+    /// Unsigned integers with a scale and offset per group of a row's elements.
+    Quant(Affine),
 }
 
 impl TensorData {
@@ -41,6 +53,7 @@ impl TensorData {
             TensorData::F32(v) => v.len(),
             TensorData::F16(v) => v.len(),
             TensorData::Bf16(v) => v.len(),
+            TensorData::Quant(a) => a.q.len(),
         }
     }
 
@@ -53,6 +66,7 @@ impl TensorData {
             TensorData::F32(_) => DType::F32,
             TensorData::F16(_) => DType::F16,
             TensorData::Bf16(_) => DType::Bf16,
+            TensorData::Quant(_) => DType::Quantized { at_load: None },
         }
     }
 
@@ -62,23 +76,42 @@ impl TensorData {
             TensorData::F32(v) => v[start..end].to_vec(),
             TensorData::F16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
             TensorData::Bf16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
+            TensorData::Quant(a) => (start..end)
+                .map(|i| a.scale[i / a.group] * a.q[i] as f32 + a.offset[i / a.group])
+                .collect(),
         }
     }
 
     pub fn to_f32(&self) -> Vec<f32> {
-        self.f32_range(0, self.len())
+        match self {
+            TensorData::Quant(a) => quant::dequantize(a),
+            _ => self.f32_range(0, self.len()),
+        }
     }
 
-    /// Converts to `dtype` (round to nearest even when narrowing).
+    /// Converts to `dtype` (round to nearest even when narrowing; dequantized exactly to f32
+    /// first). A quantized target keeps every tensor as it is: see `quantize_at_load`.
     pub fn convert(self, dtype: DType) -> TensorData {
-        if self.dtype() == dtype {
+        if self.dtype() == dtype || matches!(dtype, DType::Quantized { .. }) {
             return self;
         }
         let v = self.to_f32();
         match dtype {
-            DType::F32 => TensorData::F32(v),
             DType::F16 => TensorData::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
             DType::Bf16 => TensorData::Bf16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
+            _ => TensorData::F32(v),
+        }
+    }
+
+    /// A dense `[_, cols]` matrix quantized when `dtype` asks for it at load and its rows are
+    /// whole groups; anything else unchanged.
+    pub fn quantize_at_load(self, cols: usize, dtype: DType) -> TensorData {
+        match (dtype, &self) {
+            (DType::Quantized { at_load: Some(s) }, TensorData::F32(_) | TensorData::F16(_))
+            | (DType::Quantized { at_load: Some(s) }, TensorData::Bf16(_)) => {
+                quant::quantize(&self.to_f32(), cols, s).map_or(self, TensorData::Quant)
+            }
+            _ => self,
         }
     }
 
@@ -89,6 +122,23 @@ impl TensorData {
             TensorData::F32(v) => TensorData::F32(v[a..b].to_vec()),
             TensorData::F16(v) => TensorData::F16(v[a..b].to_vec()),
             TensorData::Bf16(v) => TensorData::Bf16(v[a..b].to_vec()),
+            TensorData::Quant(q) => TensorData::Quant(quant::slice_rows(q, rows, cols)),
+        }
+    }
+
+    /// Rows in the order `order` names them (row `i` of the result is row `order[i]`).
+    pub fn gather_rows(&self, order: &[usize], cols: usize) -> TensorData {
+        fn pick<T: Copy>(v: &[T], order: &[usize], cols: usize) -> Vec<T> {
+            order
+                .iter()
+                .flat_map(|&r| v[r * cols..(r + 1) * cols].iter().copied())
+                .collect()
+        }
+        match self {
+            TensorData::F32(v) => TensorData::F32(pick(v, order, cols)),
+            TensorData::F16(v) => TensorData::F16(pick(v, order, cols)),
+            TensorData::Bf16(v) => TensorData::Bf16(pick(v, order, cols)),
+            TensorData::Quant(q) => TensorData::Quant(quant::gather_rows(q, order, cols)),
         }
     }
 }
@@ -105,23 +155,44 @@ impl TensorData {
             TensorData::F32(v) => TensorData::F32(pick(v, &range, cols)),
             TensorData::F16(v) => TensorData::F16(pick(v, &range, cols)),
             TensorData::Bf16(v) => TensorData::Bf16(pick(v, &range, cols)),
+            // A range that splits a group is served dense (exact).
+            TensorData::Quant(q) => match quant::slice_cols(q, range.clone(), cols) {
+                Some(a) => TensorData::Quant(a),
+                None => TensorData::F32(pick(&quant::dequantize(q), &range, cols)),
+            },
         }
     }
 }
 
 /// Stacks row-major matrices by rows after converting each to `dtype` (fused q/k/v, gate/up).
+/// Quantized parts stay quantized together; a mix of quantized and dense parts, or of dense
+/// dtypes, meets in f32.
 pub fn stack_rows(parts: Vec<TensorData>, dtype: DType) -> TensorData {
-    let mut parts = parts.into_iter().map(|p| p.convert(dtype));
+    let parts: Vec<TensorData> = parts.into_iter().map(|p| p.convert(dtype)).collect();
+    if !parts.is_empty() && parts.iter().all(|p| matches!(p, TensorData::Quant(_))) {
+        let all = parts.into_iter().filter_map(|p| match p {
+            TensorData::Quant(a) => Some(a),
+            _ => None,
+        });
+        return TensorData::Quant(quant::stack(all.collect()));
+    }
+    let first = parts.first().map_or(DType::F32, TensorData::dtype);
+    let common = if parts.iter().all(|p| p.dtype() == first) {
+        first
+    } else {
+        DType::F32
+    };
+    let mut parts = parts.into_iter().map(|p| p.convert(common));
     let mut out = parts
         .next()
         .unwrap_or(TensorData::F32(Vec::new()))
-        .convert(dtype);
+        .convert(common);
     for p in parts {
         match (&mut out, p) {
             (TensorData::F32(a), TensorData::F32(b)) => a.extend(b),
             (TensorData::F16(a), TensorData::F16(b)) => a.extend(b),
             (TensorData::Bf16(a), TensorData::Bf16(b)) => a.extend(b),
-            // `convert(dtype)` made every part the same variant as `out`.
+            // `convert(common)` made every part the same variant as `out`.
             _ => {}
         }
     }

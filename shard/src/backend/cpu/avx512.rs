@@ -306,6 +306,7 @@ pub unsafe fn kernel(
             let w = v.as_ptr().add(p * k * NR);
             dispatch!(f16_tile, mr, x, k, w, acc)
         }
+        Packed::Quant(_) => unreachable!("quantized panels go to quant::matmul"),
     }
 }
 

@@ -10,9 +10,12 @@
 //! with AVX512-BF16 one `vdpbf16ps` does two multiply-adds per lane: activations are then rounded
 //! to bf16 once per matmul (as llama.cpp's BF16 path and GPU bf16 GEMMs do) with f32 accumulation.
 //! Without that extension the same layout is widened to f32 exactly.
+//!
+//! Quantized weights take their own panels and integer kernels (`quant`); `matmul` dispatches.
 
 pub(crate) mod avx512;
 mod portable;
+pub mod quant;
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -34,6 +37,7 @@ pub(crate) enum Packed {
     F32(Vec<f32>),
     Bf16(Vec<u16>),
     F16(Vec<u16>),
+    Quant(quant::QuantPanels),
 }
 
 /// A `[rows, cols]` weight matrix (PyTorch `[out, in]`) packed for `matmul`.
@@ -118,13 +122,15 @@ impl<'a> Acts<'a> {
 }
 
 impl PackedMatrix {
-    /// Packs a row-major `[rows, cols]` matrix, keeping its dtype.
-    pub fn pack(rows: usize, cols: usize, data: &TensorData) -> Self {
-        assert_eq!(
-            data.len(),
-            rows * cols,
-            "pack: data length must equal rows * cols"
-        );
+    /// Packs a row-major `[rows, cols]` matrix, keeping its dtype; an error says why a
+    /// quantized tensor does not fit the quantized panels.
+    pub fn pack(rows: usize, cols: usize, data: &TensorData) -> Result<Self, String> {
+        if data.len() != rows * cols {
+            return Err(format!(
+                "{} elements do not make a [{rows}, {cols}] matrix",
+                data.len()
+            ));
+        }
         let data = match data {
             TensorData::F32(v) => Packed::F32(pack_generic(v, rows, cols)),
             TensorData::Bf16(v) => {
@@ -135,8 +141,9 @@ impl PackedMatrix {
                 let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
                 Packed::F16(pack_generic(&bits, rows, cols))
             }
+            TensorData::Quant(a) => Packed::Quant(quant::QuantPanels::pack(rows, cols, a)?),
         };
-        PackedMatrix { rows, cols, data }
+        Ok(PackedMatrix { rows, cols, data })
     }
 
     /// Wraps f32 data already in panel layout (`rows.div_ceil(NR) · cols · NR` values: value
@@ -167,6 +174,7 @@ impl PackedMatrix {
             Packed::F32(_) => DType::F32,
             Packed::Bf16(_) => DType::Bf16,
             Packed::F16(_) => DType::F16,
+            Packed::Quant(_) => DType::Quantized { at_load: None },
         }
     }
 
@@ -175,6 +183,7 @@ impl PackedMatrix {
         match &self.data {
             Packed::F32(v) => v.len() * 4,
             Packed::Bf16(v) | Packed::F16(v) => v.len() * 2,
+            Packed::Quant(q) => q.nbytes(),
         }
     }
 
@@ -189,6 +198,7 @@ impl PackedMatrix {
                 let pairs = self.cols.div_ceil(2);
                 bf16::from_bits(v[((p * pairs + c / 2) * NR + lane) * 2 + c % 2]).to_f32()
             }
+            Packed::Quant(q) => q.get(r, c),
         }
     }
 }
@@ -209,6 +219,9 @@ pub fn matmul(x: &[f32], n: usize, w: &PackedMatrix, out: &mut [f32]) {
     );
     if n == 0 || m == 0 {
         return;
+    }
+    if let Packed::Quant(q) = &w.data {
+        return quant::matmul(x, n, q, out);
     }
     let panels = m.div_ceil(NR);
     let tblocks = n.div_ceil(TOKEN_BLOCK);
@@ -236,6 +249,9 @@ pub fn matmul_serial(x: &[f32], n: usize, w: &PackedMatrix, out: &mut [f32]) {
         x.len() >= n * w.cols && out.len() >= n * w.rows,
         "matmul_serial: buffers too small"
     );
+    if let Packed::Quant(q) = &w.data {
+        return quant::matmul(x, n, q, out);
+    }
     let ptr = OutPtr(out.as_mut_ptr());
     let path = Path::for_weights(&w.data);
     let acts = Acts::new(x, n, w.cols, path);
@@ -348,7 +364,7 @@ mod tests {
             .collect();
         let data = TensorData::F32(w).convert(dtype);
         let wf = data.to_f32();
-        let packed = PackedMatrix::pack(m, k, &data);
+        let packed = PackedMatrix::pack(m, k, &data).unwrap();
         assert_eq!(packed.get(m - 1, k - 1), wf[m * k - 1]);
         let want = reference(&x, n, &wf, m, k);
         // The BF16 path multiplies bf16-rounded activations exactly and sums in f32.

@@ -28,6 +28,7 @@ pub fn kernel(xs: &[f32], mr: usize, k: usize, data: &Packed, p: usize, acc: &mu
                     *o = bf16::from_bits(v[at + 2 * r]).to_f32();
                 }
             }
+            Packed::Quant(_) => unreachable!("quantized panels go to quant::matmul"),
         }
         for (i, row) in acc.iter_mut().take(mr).enumerate() {
             let xv = xs[i * k + kk];

@@ -21,6 +21,7 @@ fn dtype_tag(dtype: DType) -> &'static str {
         DType::F32 => "F32",
         DType::F16 => "F16",
         DType::Bf16 => "BF16",
+        DType::Quantized { .. } => unreachable!("convert writes dense dtypes only"),
     }
 }
 
@@ -48,6 +49,7 @@ fn le_bytes(data: TensorData, dtype: DType) -> Vec<u8> {
         TensorData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         TensorData::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         TensorData::Bf16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        TensorData::Quant(_) => unreachable!("convert writes dense dtypes only"),
     }
 }
 

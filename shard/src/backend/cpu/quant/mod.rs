@@ -1,0 +1,338 @@
+//! Integer-quantized matmul. Weights are small unsigned integers `q` with an f16 scale `d` and
+//! offset `o` per group of G = 16 or 32 inputs (every GGUF quant type maps to this exactly, see
+//! `tessera_formats::gguf::affine`); activations are quantized per group to int8 `qx` with scale
+//! `dx`, and each group's products are summed in i32 before one scaling to f32:
+//!
+//! ```text
+//! y[t, r] = Σ_g  d[r,g]·dx[t,g]·Σ_i q[r,i]·qx[t,i]  +  o[r,g]·dx[t,g]·Σ_i qx[t,i]
+//! ```
+//!
+//! Layout (made once at load): panels of 16 output rows; in a panel, group after group; in a
+//! group, "quads" of 4 consecutive inputs for all 16 rows side by side in one 64-byte line
+//! (`row·4 + i%4`). One `vpdpbusd` of a line against a broadcast activation quad therefore feeds 16
+//! row accumulators, with no horizontal sums. Values of at most 4 bits share lines two by two:
+//! line `c` holds quad `c` in its low nibbles and quad `c + G/8` in its high ones, so the matrix
+//! is about as large as the file it came from. Scales and offsets follow per (panel, group): 16
+//! f16 scales, then 16 f16 offsets.
+
+mod avx2;
+mod portable;
+mod vnni;
+
+use std::sync::OnceLock;
+
+use half::f16;
+use rayon::prelude::*;
+use tessera_formats::gguf::affine::Affine;
+
+/// Output rows per panel: one 512-bit vector of i32/f32 lanes.
+pub const ROWS: usize = 16;
+/// Tokens per kernel call: accumulators for this many tokens stay in registers.
+pub const TOKENS: usize = 4;
+/// Tokens per cache block: a block of quantized activations stays in L2 while panels stream past.
+const TOKEN_BLOCK: usize = 64;
+
+/// A `[rows, cols]` matrix (PyTorch `[out, in]`) in the panel layout above.
+#[derive(Debug, Clone)]
+pub struct QuantPanels {
+    rows: usize,
+    cols: usize,
+    /// Inputs per (scale, offset) group: 16 or 32.
+    group: usize,
+    /// Two values per byte (every value < 16).
+    nibbles: bool,
+    q: Vec<u8>,
+    params: Vec<u16>,
+}
+
+impl QuantPanels {
+    /// Packs `a`, a row-major `[rows, cols]` tensor whose rows are whole groups.
+    pub fn pack(rows: usize, cols: usize, a: &Affine) -> Result<Self, String> {
+        let group = a.group;
+        if !matches!(group, 16 | 32) || !cols.is_multiple_of(group) || a.bits > 8 {
+            return Err(format!(
+                "cannot pack groups of {group} with {} bits into rows of {cols}",
+                a.bits
+            ));
+        }
+        if a.q.len() != rows * cols || a.scale.len() * group != rows * cols {
+            return Err(format!(
+                "{} values and {} groups do not make a [{rows}, {cols}] matrix",
+                a.q.len(),
+                a.scale.len()
+            ));
+        }
+        let nibbles = a.bits <= 4;
+        let (panels, groups) = (rows.div_ceil(ROWS), cols / group);
+        let line_bytes = block_bytes(group, nibbles);
+        let mut q = vec![0u8; panels * groups * line_bytes];
+        let mut params = vec![0u16; panels * groups * 2 * ROWS];
+        let quads = group / 4;
+        q.par_chunks_mut(groups * line_bytes)
+            .zip(params.par_chunks_mut(groups * 2 * ROWS))
+            .enumerate()
+            .for_each(|(p, (qp, pp))| {
+                for r in 0..ROWS.min(rows - p * ROWS) {
+                    let row = p * ROWS + r;
+                    for g in 0..groups {
+                        let block = &mut qp[g * line_bytes..(g + 1) * line_bytes];
+                        for i in 0..group {
+                            let v = a.q[row * cols + g * group + i];
+                            let (quad, t) = (i / 4, i % 4);
+                            if nibbles {
+                                let (line, high) = (quad % (quads / 2), quad >= quads / 2);
+                                block[line * 64 + r * 4 + t] |= (v & 0x0F) << (4 * high as u8);
+                            } else {
+                                block[quad * 64 + r * 4 + t] = v;
+                            }
+                        }
+                        let at = row * groups + g;
+                        pp[g * 2 * ROWS + r] = f16::from_f32(a.scale[at]).to_bits();
+                        pp[g * 2 * ROWS + ROWS + r] = f16::from_f32(a.offset[at]).to_bits();
+                    }
+                }
+            });
+        Ok(QuantPanels {
+            rows,
+            cols,
+            group,
+            nibbles,
+            q,
+            params,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held (what one decode step streams).
+    pub fn nbytes(&self) -> usize {
+        self.q.len() + self.params.len() * 2
+    }
+
+    /// Element `(r, c)` dequantized with the stored (f16) scale and offset.
+    pub fn get(&self, r: usize, c: usize) -> f32 {
+        let groups = self.cols / self.group;
+        let (p, lane, g, i) = (r / ROWS, r % ROWS, c / self.group, c % self.group);
+        let block = (p * groups + g) * block_bytes(self.group, self.nibbles);
+        let (quad, t) = (i / 4, i % 4);
+        let v = if self.nibbles {
+            let lines = self.group / 8;
+            let byte = self.q[block + (quad % lines) * 64 + lane * 4 + t];
+            if quad >= lines {
+                byte >> 4
+            } else {
+                byte & 0x0F
+            }
+        } else {
+            self.q[block + quad * 64 + lane * 4 + t]
+        };
+        let pp = (p * groups + g) * 2 * ROWS;
+        let d = f16::from_bits(self.params[pp + lane]).to_f32();
+        let o = f16::from_bits(self.params[pp + ROWS + lane]).to_f32();
+        d * v as f32 + o
+    }
+
+    /// Row `r` dequantized into `out` (`cols` values): embedding lookups from a tied lm_head.
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        for (c, o) in out[..self.cols].iter_mut().enumerate() {
+            *o = self.get(r, c);
+        }
+    }
+
+    /// The quantized bytes and the f16 (scale, offset) lines of group `g` in panel `p`.
+    fn block(&self, p: usize, g: usize) -> (&[u8], &[u16]) {
+        let groups = self.cols / self.group;
+        let bytes = block_bytes(self.group, self.nibbles);
+        let at = p * groups + g;
+        (
+            &self.q[at * bytes..(at + 1) * bytes],
+            &self.params[at * 2 * ROWS..(at + 1) * 2 * ROWS],
+        )
+    }
+}
+
+/// Bytes of one group of one panel.
+fn block_bytes(group: usize, nibbles: bool) -> usize {
+    ROWS * group / if nibbles { 2 } else { 1 }
+}
+
+/// Activations quantized per group: `q` is `[n, k]` int8 in [-127, 127], `scale` and `sum` are
+/// `[n, k / group]` (`dx`, and `dx·Σ qx` for the offset term).
+pub struct QuantActs {
+    k: usize,
+    group: usize,
+    q: Vec<i8>,
+    scale: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+impl QuantActs {
+    /// Quantizes `n` rows of `k` values (k a multiple of `group`) to the nearest of 255 levels.
+    pub fn new(x: &[f32], n: usize, k: usize, group: usize) -> Self {
+        let groups = k / group;
+        let mut q = vec![0i8; n * k];
+        let mut scale = vec![0f32; n * groups];
+        let mut sum = vec![0f32; n * groups];
+        for (((xg, qg), s), sm) in x[..n * k]
+            .chunks_exact(group)
+            .zip(q.chunks_exact_mut(group))
+            .zip(&mut scale)
+            .zip(&mut sum)
+        {
+            let amax = xg.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            let mut total = 0i32;
+            for (o, &v) in qg.iter_mut().zip(xg) {
+                let r = (v * inv).round() as i32;
+                *o = r as i8;
+                total += r;
+            }
+            *s = d;
+            *sm = d * total as f32;
+        }
+        QuantActs {
+            k,
+            group,
+            q,
+            scale,
+            sum,
+        }
+    }
+
+    /// Token `t`'s int8 values of group `g`, its `dx` and `dx·Σ qx`.
+    fn group(&self, t: usize, g: usize) -> (&[i8], f32, f32) {
+        let groups = self.k / self.group;
+        let at = t * self.k + g * self.group;
+        (
+            &self.q[at..at + self.group],
+            self.scale[t * groups + g],
+            self.sum[t * groups + g],
+        )
+    }
+}
+
+/// The instruction set the integer kernels use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernels {
+    /// AVX-512 VNNI (`vpdpbusd` on 64-byte lines).
+    Vnni,
+    /// AVX2 (`vpmaddubsw` on nibbles), the floor of x86-64 servers since 2013.
+    Avx2,
+    /// Plain Rust the compiler vectorizes for the build target (NEON on aarch64).
+    Portable,
+}
+
+impl Kernels {
+    /// What this CPU supports, capped by `TESSERA_CPU_KERNELS=avx2|portable` (for measuring the
+    /// paths older CPUs take); decided once per process.
+    pub fn chosen() -> Kernels {
+        static CHOSEN: OnceLock<Kernels> = OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let cap = std::env::var("TESSERA_CPU_KERNELS").unwrap_or_default();
+            let best = Kernels::best_supported();
+            match cap.as_str() {
+                "portable" => Kernels::Portable,
+                "avx2" if best != Kernels::Portable => Kernels::Avx2,
+                _ => best,
+            }
+        })
+    }
+
+    fn best_supported() -> Kernels {
+        if vnni::available() {
+            Kernels::Vnni
+        } else if avx2::available() {
+            Kernels::Avx2
+        } else {
+            Kernels::Portable
+        }
+    }
+
+    /// Every kernel set this CPU can run (tests compare them all).
+    pub fn supported() -> Vec<Kernels> {
+        let mut all = vec![Kernels::Portable];
+        if avx2::available() {
+            all.push(Kernels::Avx2);
+        }
+        if vnni::available() {
+            all.push(Kernels::Vnni);
+        }
+        all
+    }
+}
+
+/// `acc[i][r] = y[t0 + i, p·16 + r]` for `mr ≤ TOKENS` tokens.
+type KernelFn = fn(&QuantActs, usize, usize, &QuantPanels, usize, &mut [[f32; ROWS]; TOKENS]);
+
+fn kernel_fn(kernels: Kernels) -> KernelFn {
+    match kernels {
+        Kernels::Vnni => vnni::kernel,
+        Kernels::Avx2 => avx2::kernel,
+        Kernels::Portable => portable::kernel,
+    }
+}
+
+/// Raw output pointer shared by tasks that write disjoint `[token, column]` tiles.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes a disjoint set of (token block, panel) tiles of the output.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `out[t, j] = Σ_c x[t, c] · W[j, c]` for `n` tokens: `x` is `[n, cols]`, `out` is `[n, rows]`.
+pub fn matmul(x: &[f32], n: usize, w: &QuantPanels, out: &mut [f32]) {
+    matmul_with(x, n, w, out, Kernels::chosen());
+}
+
+/// `matmul` on an explicit kernel set (tests and benchmarks).
+pub fn matmul_with(x: &[f32], n: usize, w: &QuantPanels, out: &mut [f32], kernels: Kernels) {
+    let (k, m) = (w.cols, w.rows);
+    assert!(
+        x.len() >= n * k && out.len() >= n * m,
+        "quant matmul: buffers too small"
+    );
+    if n == 0 || m == 0 {
+        return;
+    }
+    let acts = QuantActs::new(x, n, k, w.group);
+    let kernel = kernel_fn(kernels);
+    let panels = m.div_ceil(ROWS);
+    let tblocks = n.div_ceil(TOKEN_BLOCK);
+    let want = rayon::current_num_threads().max(1) * 4;
+    let per_group = panels.div_ceil(want.div_ceil(tblocks).clamp(1, panels));
+    let groups = panels.div_ceil(per_group);
+    let ptr = OutPtr(out.as_mut_ptr());
+    (0..tblocks * groups).into_par_iter().for_each(|task| {
+        let ptr = ptr;
+        let (tb, g) = (task / groups, task % groups);
+        let tokens = tb * TOKEN_BLOCK..((tb + 1) * TOKEN_BLOCK).min(n);
+        for p in g * per_group..((g + 1) * per_group).min(panels) {
+            let width = ROWS.min(m - p * ROWS);
+            let mut acc = [[0f32; ROWS]; TOKENS];
+            let mut t0 = tokens.start;
+            while t0 < tokens.end {
+                let mr = TOKENS.min(tokens.end - t0);
+                kernel(&acts, t0, mr, w, p, &mut acc);
+                for (i, row) in acc.iter().take(mr).enumerate() {
+                    // SAFETY: token t0+i < n and columns p·16..p·16+width < m lie inside `out`,
+                    // and no other task writes this (token, panel) tile.
+                    unsafe {
+                        let dst = ptr.0.add((t0 + i) * m + p * ROWS);
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), dst, width);
+                    }
+                }
+                t0 += mr;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests;

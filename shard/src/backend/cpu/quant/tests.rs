@@ -1,0 +1,145 @@
+//! Integer kernels against f32 arithmetic on the same dequantized values, for every kernel set
+//! this CPU runs, both group sizes, nibble and byte storage, and ragged shapes.
+
+use half::f16;
+use tessera_formats::gguf::affine::Affine;
+
+use super::*;
+
+/// A deterministic pseudo-random affine tensor (scales and offsets already f16-exact).
+fn affine(rows: usize, cols: usize, group: usize, bits: u32, seed: u64) -> Affine {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut next = move || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (s >> 33) as u32
+    };
+    let q = (0..rows * cols)
+        .map(|_| (next() % (1 << bits)) as u8)
+        .collect();
+    let groups = rows * cols / group;
+    let f16ish = |v: f32| f16::from_f32(v).to_f32();
+    let scale = (0..groups)
+        .map(|_| f16ish((next() % 1000) as f32 / 40_000.0 + 1e-4))
+        .collect();
+    let offset = (0..groups)
+        .map(|_| f16ish(-((next() % 1000) as f32) / 5_000.0))
+        .collect();
+    Affine {
+        group,
+        bits,
+        q,
+        scale,
+        offset,
+    }
+}
+
+fn dequantized(a: &Affine) -> Vec<f32> {
+    a.q.iter()
+        .enumerate()
+        .map(|(i, &q)| a.scale[i / a.group] * q as f32 + a.offset[i / a.group])
+        .collect()
+}
+
+fn activations(n: usize, k: usize) -> Vec<f32> {
+    (0..n * k)
+        .map(|i| ((i * 104_729 % 97) as f32 - 48.0) / 32.0)
+        .collect()
+}
+
+/// `x · Wᵀ` in f64, with `x` as the kernels see it (each group's int8 levels times `dx`).
+fn reference(acts: &QuantActs, n: usize, w: &[f32], m: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0.0; n * m];
+    for t in 0..n {
+        let x: Vec<f64> = (0..k)
+            .map(|c| {
+                let (q, dx, _) = acts.group(t, c / acts.group);
+                q[c % acts.group] as f64 * dx as f64
+            })
+            .collect();
+        for j in 0..m {
+            out[t * m + j] = (0..k).map(|c| x[c] * w[j * k + c] as f64).sum::<f64>() as f32;
+        }
+    }
+    out
+}
+
+#[test]
+fn pack_keeps_every_value() {
+    for (group, bits) in [(32, 4), (32, 8), (16, 2), (16, 6)] {
+        let a = affine(19, 64, group, bits, 7);
+        let packed = QuantPanels::pack(19, 64, &a).unwrap();
+        let want = dequantized(&a);
+        let mut row = vec![0.0; 64];
+        for r in 0..19 {
+            packed.row_f32(r, &mut row);
+            assert_eq!(
+                row,
+                want[r * 64..(r + 1) * 64],
+                "group {group} bits {bits} row {r}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_kernel_set_matches_f32_arithmetic() {
+    for (group, bits) in [(32, 4), (32, 5), (32, 8), (16, 2), (16, 3), (16, 6)] {
+        for (n, m, k) in [(1, 16, 32), (3, 33, 64), (5, 40, 96), (70, 24, 128)] {
+            let a = affine(m, k, group, bits, (n * m + k) as u64);
+            let w = dequantized(&a);
+            let packed = QuantPanels::pack(m, k, &a).unwrap();
+            let x = activations(n, k);
+            let want = reference(&QuantActs::new(&x, n, k, group), n, &w, m, k);
+            for kernels in Kernels::supported() {
+                let mut out = vec![f32::NAN; n * m];
+                matmul_with(&x, n, &packed, &mut out, kernels);
+                for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{kernels:?} g{group} b{bits} n={n} m={m} k={k} at {i}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Quantizing activations to int8 per group costs well under 1% of the output's norm.
+#[test]
+fn activation_quantization_error_is_small() {
+    let (n, m, k) = (4, 48, 256);
+    let a = affine(m, k, 32, 4, 3);
+    let w = dequantized(&a);
+    let packed = QuantPanels::pack(m, k, &a).unwrap();
+    let x = activations(n, k);
+    let mut out = vec![0.0; n * m];
+    matmul(&x, n, &packed, &mut out);
+    let (mut err, mut norm) = (0f64, 0f64);
+    for t in 0..n {
+        for j in 0..m {
+            let exact: f64 = (0..k)
+                .map(|c| x[t * k + c] as f64 * w[j * k + c] as f64)
+                .sum();
+            err += (out[t * m + j] as f64 - exact).powi(2);
+            norm += exact * exact;
+        }
+    }
+    assert!(
+        (err / norm).sqrt() < 0.01,
+        "relative error {}",
+        (err / norm).sqrt()
+    );
+}
+
+#[test]
+fn pack_refuses_what_it_cannot_hold() {
+    let a = affine(2, 32, 32, 4, 1);
+    assert!(QuantPanels::pack(2, 48, &a).is_err());
+    let mut wide = a.clone();
+    wide.group = 8;
+    assert!(QuantPanels::pack(2, 32, &wide).is_err());
+}

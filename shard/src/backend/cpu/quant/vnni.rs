@@ -1,0 +1,108 @@
+//! AVX-512 VNNI integer kernel: per group, the panel's lines are unpacked once into up to eight
+//! 64-byte registers (u8 weights, 16 rows × one quad each) and reused by every token, whose
+//! activation quads are broadcast into `vpdpbusd`; one f32 FMA per token and group applies
+//! `d·dx`, a second the offset term.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use super::{QuantActs, QuantPanels, ROWS, TOKENS};
+
+/// Whether the running CPU has AVX-512 F, BW and VNNI.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Fills `acc[..mr]` with tokens `t0..t0 + mr` against panel `p`. Only called after `available()`.
+pub fn kernel(
+    acts: &QuantActs,
+    t0: usize,
+    mr: usize,
+    w: &QuantPanels,
+    p: usize,
+    acc: &mut [[f32; ROWS]; TOKENS],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(available(), "the VNNI kernel needs AVX-512 VNNI");
+        macro_rules! go {
+            ($g:literal, $nib:literal) => {
+                match mr {
+                    // SAFETY: `available()` holds; the tile reads only inside `w` and `acts`.
+                    1 => unsafe { tile::<$g, $nib, 1>(acts, t0, w, p, acc) },
+                    2 => unsafe { tile::<$g, $nib, 2>(acts, t0, w, p, acc) },
+                    3 => unsafe { tile::<$g, $nib, 3>(acts, t0, w, p, acc) },
+                    _ => unsafe { tile::<$g, $nib, 4>(acts, t0, w, p, acc) },
+                }
+            };
+        }
+        match (w.group, w.nibbles) {
+            (32, true) => go!(32, true),
+            (32, false) => go!(32, false),
+            (16, true) => go!(16, true),
+            _ => go!(16, false),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (acts, t0, mr, w, p, acc);
+        unreachable!("the VNNI kernel exists only on x86_64");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile<const G: usize, const NIB: bool, const MR: usize>(
+    acts: &QuantActs,
+    t0: usize,
+    w: &QuantPanels,
+    p: usize,
+    acc: &mut [[f32; ROWS]; TOKENS],
+) {
+    let low = _mm512_set1_epi8(0x0F);
+    let mut f = [_mm512_setzero_ps(); MR];
+    let mut lines = [_mm512_setzero_si512(); 8];
+    for g in 0..w.cols / G {
+        let (block, params) = w.block(p, g);
+        let src = block.as_ptr() as *const __m512i;
+        if NIB {
+            for c in 0..G / 8 {
+                let v = _mm512_loadu_si512(src.add(c));
+                lines[c] = _mm512_and_si512(v, low);
+                lines[c + G / 8] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+            }
+        } else {
+            for (j, line) in lines.iter_mut().take(G / 4).enumerate() {
+                *line = _mm512_loadu_si512(src.add(j));
+            }
+        }
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(params.as_ptr() as *const __m256i));
+        let off = _mm512_cvtph_ps(_mm256_loadu_si256(
+            params.as_ptr().add(ROWS) as *const __m256i
+        ));
+        for (i, fi) in f.iter_mut().enumerate() {
+            let (xq, dx, sx) = acts.group(t0 + i, g);
+            let quads = xq.as_ptr() as *const i32;
+            let mut s = _mm512_setzero_si512();
+            for (j, line) in lines.iter().take(G / 4).enumerate() {
+                let x = _mm512_set1_epi32(quads.add(j).read_unaligned());
+                s = _mm512_dpbusd_epi32(s, *line, x);
+            }
+            let scale = _mm512_mul_ps(d, _mm512_set1_ps(dx));
+            *fi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, *fi);
+            *fi = _mm512_fmadd_ps(off, _mm512_set1_ps(sx), *fi);
+        }
+    }
+    for (a, fi) in acc.iter_mut().zip(f) {
+        _mm512_storeu_ps(a.as_mut_ptr(), fi);
+    }
+}
