@@ -7,7 +7,7 @@ mod engine_common;
 use engine_common::*;
 use tessera_shard::forward::{ForwardBatch, LogitsWanted, SeqInput};
 use tessera_shard::kv_cache::{KvCache, KvCacheDtype};
-use tessera_shard::loader::{load, LoadOptions};
+use tessera_shard::loader::{load, LoadOptions, WeightDtype};
 use tessera_shard::models::Model;
 use tessera_shard::tools::generate::argmax;
 
@@ -217,8 +217,10 @@ fn stories260k_is_batch_invariant() {
     check_invariance(&loaded.model, &prompts, 12, 1e-4);
 }
 
+/// f32 weights (a GGUF dequantized exactly) and an f32 KV cache: schedules may only reorder sums.
 fn f32_cache() -> LoadOptions {
     LoadOptions {
+        dtype: WeightDtype::F32,
         kv_cache_dtype: KvCacheDtype::F32,
         ..LoadOptions::default()
     }
@@ -242,8 +244,10 @@ fn smollm2_is_batch_invariant() {
 }
 
 #[test]
-fn smollm2_with_the_default_bf16_kv_cache_keeps_ids_across_schedules() {
-    // Observed: logits within 5.1e-3.
+fn smollm2_served_as_by_default_keeps_ids_across_schedules() {
+    // Quantized weights and a bf16 KV cache: int8 activation rounding turns the 1e-5 differences
+    // of another summation order into whole quantization steps now and then, so only the
+    // greedy ids are exact. Observed: logits within 0.65.
     let loaded = load(&smollm2_gguf(), &LoadOptions::default()).unwrap();
-    check_invariance(&loaded.model, &smollm2_prompts(&loaded), 5, 2e-2);
+    check_invariance(&loaded.model, &smollm2_prompts(&loaded), 5, 1.5);
 }

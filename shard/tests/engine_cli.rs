@@ -49,7 +49,10 @@ fn chat_generation_from_gguf_stops_after_eos() {
         "--chat",
         "--max-new-tokens",
         "48",
-        // The top logit is held to transformers' f32 run within 1e-3: an f32 KV cache too.
+        // The top logit is held to transformers' f32 run within 1e-3: the exact f32 weights
+        // (not the quantized engine) and an f32 KV cache.
+        "--dtype",
+        "float32",
         "--kv-cache-dtype",
         "f32",
         "--json",

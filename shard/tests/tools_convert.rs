@@ -24,6 +24,7 @@ fn bits(data: &TensorData) -> Vec<u32> {
         TensorData::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
         TensorData::Bf16(v) => v.iter().map(|x| x.to_bits() as u32).collect(),
         TensorData::F16(v) => v.iter().map(|x| x.to_bits() as u32).collect(),
+        TensorData::Quant(_) => panic!("the converter's GGUF source dequantizes"),
     }
 }
 

@@ -194,8 +194,10 @@ impl QuantActs {
                 *o = r as i8;
                 total += r;
             }
-            *s = d;
-            *sm = d * total as f32;
+            // Stored as f16, as llama.cpp's q8_0/q8_1 activation blocks hold them: the same
+            // numbers, so greedy ids track llama.cpp's own at near-ties.
+            *s = f16::from_f32(d).to_f32();
+            *sm = f16::from_f32(d * total as f32).to_f32();
         }
         QuantActs {
             k,
