@@ -179,7 +179,9 @@ serve_and_load() {
     local name=$1 url=$2 pid=$3 start=$4 ready load
     ready=$(wait_ready "$url" "$pid" "$start")
     if [ "$ready" = error ]; then echo "error error {}"; return; fi
-    load=$(python3 "$ROOT/bench/http_load.py" --url "$url" --clients "$CLIENTS" \
+    # The client shares the host's cores with the server: niced, so it never takes a core the
+    # server's compute threads are waiting for (llama.cpp's spin barriers suffer most from that).
+    load=$(nice -n 10 python3 "$ROOT/bench/http_load.py" --url "$url" --clients "$CLIENTS" \
         --duration "$HTTP_SECONDS" --max-tokens 64 --label "$name" || true)
     echo "$ready $(tree_hwm_mib "$pid") ${load:-{\}}"
 }
