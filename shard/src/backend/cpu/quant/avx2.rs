@@ -88,6 +88,10 @@ unsafe fn tile<const G: usize, const NIB: bool, const MR: usize>(
     let mut hi = [_mm256_setzero_si256(); 8];
     for g in 0..w.cols / G {
         let (block, params) = w.block(p, g);
+        let ahead = block.as_ptr().wrapping_add(super::vnni::PREFETCH) as *const i8;
+        for line in 0..block.len() / 64 + 1 {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+        }
         for h in 0..2 {
             let src = block.as_ptr().add(32 * h) as *const __m256i;
             if NIB {

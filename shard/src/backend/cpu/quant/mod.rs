@@ -32,7 +32,14 @@ pub const TOKENS: usize = 4;
 /// Tokens per cache block: a block of quantized activations stays in L2 while panels stream past.
 const TOKEN_BLOCK: usize = 64;
 
-/// A `[rows, cols]` matrix (PyTorch `[out, in]`) in the panel layout above.
+/// One cache line: blocks start on line boundaries so no 64-byte load straddles two lines.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// A `[rows, cols]` matrix (PyTorch `[out, in]`) in the panel layout above; each (panel, group)
+/// block is its quant lines followed by one line of 16 f16 scales and 16 f16 offsets, so a
+/// decode step reads one sequential stream.
 #[derive(Debug, Clone)]
 pub struct QuantPanels {
     rows: usize,
@@ -41,8 +48,7 @@ pub struct QuantPanels {
     group: usize,
     /// Two values per byte (every value < 16).
     nibbles: bool,
-    q: Vec<u8>,
-    params: Vec<u16>,
+    lines: Vec<Line>,
 }
 
 impl QuantPanels {
@@ -64,31 +70,32 @@ impl QuantPanels {
         }
         let nibbles = a.bits <= 4;
         let (panels, groups) = (rows.div_ceil(ROWS), cols / group);
-        let line_bytes = block_bytes(group, nibbles);
-        let mut q = vec![0u8; panels * groups * line_bytes];
-        let mut params = vec![0u16; panels * groups * 2 * ROWS];
+        let per_block = block_lines(group, nibbles);
+        let mut lines = vec![Line([0; 64]); panels * groups * per_block];
         let quads = group / 4;
-        q.par_chunks_mut(groups * line_bytes)
-            .zip(params.par_chunks_mut(groups * 2 * ROWS))
+        lines
+            .par_chunks_mut(groups * per_block)
             .enumerate()
-            .for_each(|(p, (qp, pp))| {
-                for r in 0..ROWS.min(rows - p * ROWS) {
-                    let row = p * ROWS + r;
-                    for g in 0..groups {
-                        let block = &mut qp[g * line_bytes..(g + 1) * line_bytes];
+            .for_each(|(p, panel)| {
+                for (g, block) in panel.chunks_exact_mut(per_block).enumerate() {
+                    let (quant, params) = block.split_at_mut(per_block - 1);
+                    for r in 0..ROWS.min(rows - p * ROWS) {
+                        let row = p * ROWS + r;
                         for i in 0..group {
                             let v = a.q[row * cols + g * group + i];
                             let (quad, t) = (i / 4, i % 4);
                             if nibbles {
                                 let (line, high) = (quad % (quads / 2), quad >= quads / 2);
-                                block[line * 64 + r * 4 + t] |= (v & 0x0F) << (4 * high as u8);
+                                quant[line].0[r * 4 + t] |= (v & 0x0F) << (4 * high as u8);
                             } else {
-                                block[quad * 64 + r * 4 + t] = v;
+                                quant[quad].0[r * 4 + t] = v;
                             }
                         }
                         let at = row * groups + g;
-                        pp[g * 2 * ROWS + r] = f16::from_f32(a.scale[at]).to_bits();
-                        pp[g * 2 * ROWS + ROWS + r] = f16::from_f32(a.offset[at]).to_bits();
+                        let (d, o) = (f16::from_f32(a.scale[at]), f16::from_f32(a.offset[at]));
+                        params[0].0[2 * r..2 * r + 2].copy_from_slice(&d.to_ne_bytes());
+                        let off = 2 * (ROWS + r);
+                        params[0].0[off..off + 2].copy_from_slice(&o.to_ne_bytes());
                     }
                 }
             });
@@ -97,8 +104,7 @@ impl QuantPanels {
             cols,
             group,
             nibbles,
-            q,
-            params,
+            lines,
         })
     }
 
@@ -112,29 +118,27 @@ impl QuantPanels {
 
     /// Bytes held (what one decode step streams).
     pub fn nbytes(&self) -> usize {
-        self.q.len() + self.params.len() * 2
+        self.lines.len() * 64
     }
 
     /// Element `(r, c)` dequantized with the stored (f16) scale and offset.
     pub fn get(&self, r: usize, c: usize) -> f32 {
-        let groups = self.cols / self.group;
-        let (p, lane, g, i) = (r / ROWS, r % ROWS, c / self.group, c % self.group);
-        let block = (p * groups + g) * block_bytes(self.group, self.nibbles);
+        let (lane, g, i) = (r % ROWS, c / self.group, c % self.group);
+        let (quant, params) = self.block(r / ROWS, g);
         let (quad, t) = (i / 4, i % 4);
         let v = if self.nibbles {
             let lines = self.group / 8;
-            let byte = self.q[block + (quad % lines) * 64 + lane * 4 + t];
+            let byte = quant[(quad % lines) * 64 + lane * 4 + t];
             if quad >= lines {
                 byte >> 4
             } else {
                 byte & 0x0F
             }
         } else {
-            self.q[block + quad * 64 + lane * 4 + t]
+            quant[quad * 64 + lane * 4 + t]
         };
-        let pp = (p * groups + g) * 2 * ROWS;
-        let d = f16::from_bits(self.params[pp + lane]).to_f32();
-        let o = f16::from_bits(self.params[pp + ROWS + lane]).to_f32();
+        let d = f16::from_bits(params[lane]).to_f32();
+        let o = f16::from_bits(params[ROWS + lane]).to_f32();
         d * v as f32 + o
     }
 
@@ -145,21 +149,27 @@ impl QuantPanels {
         }
     }
 
-    /// The quantized bytes and the f16 (scale, offset) lines of group `g` in panel `p`.
+    /// The quantized bytes and the f16 (scale, offset) line of group `g` in panel `p`; both
+    /// start on a 64-byte boundary.
+    #[inline(always)]
     fn block(&self, p: usize, g: usize) -> (&[u8], &[u16]) {
-        let groups = self.cols / self.group;
-        let bytes = block_bytes(self.group, self.nibbles);
-        let at = p * groups + g;
-        (
-            &self.q[at * bytes..(at + 1) * bytes],
-            &self.params[at * 2 * ROWS..(at + 1) * 2 * ROWS],
-        )
+        let per_block = block_lines(self.group, self.nibbles);
+        let at = (p * (self.cols / self.group) + g) * per_block;
+        let (quant, params) = self.lines[at..at + per_block].split_at(per_block - 1);
+        // SAFETY: `Line` is 64 plain bytes (repr C, no padding), so its slices are byte slices,
+        // and its 64-byte alignment satisfies u16's.
+        unsafe {
+            (
+                std::slice::from_raw_parts(quant.as_ptr() as *const u8, quant.len() * 64),
+                std::slice::from_raw_parts(params.as_ptr() as *const u16, 32),
+            )
+        }
     }
 }
 
-/// Bytes of one group of one panel.
-fn block_bytes(group: usize, nibbles: bool) -> usize {
-    ROWS * group / if nibbles { 2 } else { 1 }
+/// Lines of one (panel, group) block: its quants, then its scales and offsets.
+fn block_lines(group: usize, nibbles: bool) -> usize {
+    ROWS * group / if nibbles { 2 } else { 1 } / 64 + 1
 }
 
 /// Activations quantized per group: `q` is `[n, k]` int8 in [-127, 127], `scale` and `sum` are
@@ -173,42 +183,29 @@ pub struct QuantActs {
 }
 
 impl QuantActs {
-    /// Quantizes `n` rows of `k` values (k a multiple of `group`) to the nearest of 255 levels.
+    /// Quantizes `n` rows of `k` values (k a multiple of `group`) to the nearest of 255 levels
+    /// (ties to even, as llama.cpp's x86 quantizers round).
     pub fn new(x: &[f32], n: usize, k: usize, group: usize) -> Self {
         let groups = k / group;
-        let mut q = vec![0i8; n * k];
-        let mut scale = vec![0f32; n * groups];
-        let mut sum = vec![0f32; n * groups];
-        for (((xg, qg), s), sm) in x[..n * k]
-            .chunks_exact(group)
-            .zip(q.chunks_exact_mut(group))
-            .zip(&mut scale)
-            .zip(&mut sum)
-        {
-            let amax = xg.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-            let mut total = 0i32;
-            for (o, &v) in qg.iter_mut().zip(xg) {
-                let r = (v * inv).round() as i32;
-                *o = r as i8;
-                total += r;
-            }
-            // Stored as f16, as llama.cpp's q8_0/q8_1 activation blocks hold them: the same
-            // numbers, so greedy ids track llama.cpp's own at near-ties.
-            *s = f16::from_f32(d).to_f32();
-            *sm = f16::from_f32(d * total as f32).to_f32();
-        }
-        QuantActs {
+        let mut acts = QuantActs {
             k,
             group,
-            q,
-            scale,
-            sum,
+            q: vec![0i8; n * k],
+            scale: vec![0f32; n * groups],
+            sum: vec![0f32; n * groups],
+        };
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            // SAFETY: AVX2 and FMA are present.
+            unsafe { quantize_avx2(&x[..n * k], &mut acts) };
+            return acts;
         }
+        quantize(&x[..n * k], &mut acts);
+        acts
     }
 
     /// Token `t`'s int8 values of group `g`, its `dx` and `dx·Σ qx`.
+    #[inline(always)]
     fn group(&self, t: usize, g: usize) -> (&[i8], f32, f32) {
         let groups = self.k / self.group;
         let at = t * self.k + g * self.group;
@@ -217,6 +214,39 @@ impl QuantActs {
             self.scale[t * groups + g],
             self.sum[t * groups + g],
         )
+    }
+}
+
+/// `quantize` compiled for AVX2 so its loops vectorize.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_avx2(x: &[f32], acts: &mut QuantActs) {
+    quantize(x, acts)
+}
+
+/// Fills `acts` from `x`, group by group.
+#[inline(always)]
+fn quantize(x: &[f32], acts: &mut QuantActs) {
+    let group = acts.group;
+    for (((xg, qg), s), sm) in x
+        .chunks_exact(group)
+        .zip(acts.q.chunks_exact_mut(group))
+        .zip(&mut acts.scale)
+        .zip(&mut acts.sum)
+    {
+        let amax = xg.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        let mut total = 0i32;
+        for (o, &v) in qg.iter_mut().zip(xg) {
+            let r = (v * inv).round_ties_even() as i32;
+            *o = r as i8;
+            total += r;
+        }
+        // Stored as f16, as llama.cpp's q8_0/q8_1 activation blocks hold them: the same
+        // numbers, so greedy ids track llama.cpp's own at near-ties.
+        *s = f16::from_f32(d).to_f32();
+        *sm = f16::from_f32(d * total as f32).to_f32();
     }
 }
 
