@@ -36,12 +36,18 @@ pub fn kernel(
         assert!(available(), "the AVX2 kernel needs AVX2, FMA and F16C");
         macro_rules! go {
             ($g:literal, $nib:literal) => {
-                match mr {
+                // Four tokens at a time: AVX2's 16 registers hold no more accumulators.
+                for at in (0..mr).step_by(4) {
+                    let (t, acc) = (t0 + at, &mut acc[at..]);
                     // SAFETY: `available()` holds; the tile reads only inside `w` and `acts`.
-                    1 => unsafe { tile::<$g, $nib, 1>(acts, t0, w, p, acc) },
-                    2 => unsafe { tile::<$g, $nib, 2>(acts, t0, w, p, acc) },
-                    3 => unsafe { tile::<$g, $nib, 3>(acts, t0, w, p, acc) },
-                    _ => unsafe { tile::<$g, $nib, 4>(acts, t0, w, p, acc) },
+                    unsafe {
+                        match mr - at {
+                            1 => tile::<$g, $nib, 1>(acts, t, w, p, acc),
+                            2 => tile::<$g, $nib, 2>(acts, t, w, p, acc),
+                            3 => tile::<$g, $nib, 3>(acts, t, w, p, acc),
+                            _ => tile::<$g, $nib, 4>(acts, t, w, p, acc),
+                        }
+                    }
                 }
             };
         }
@@ -79,7 +85,7 @@ unsafe fn tile<const G: usize, const NIB: bool, const MR: usize>(
     t0: usize,
     w: &QuantPanels,
     p: usize,
-    acc: &mut [[f32; ROWS]; TOKENS],
+    acc: &mut [[f32; ROWS]],
 ) {
     let low = _mm256_set1_epi8(0x0F);
     let mut f = [[_mm256_setzero_ps(); 2]; MR];

@@ -41,12 +41,18 @@ pub fn kernel(
         assert!(available(), "the VNNI kernel needs AVX-512 VNNI");
         macro_rules! go {
             ($g:literal, $nib:literal) => {
-                match mr {
-                    // SAFETY: `available()` holds; the tile reads only inside `w` and `acts`.
-                    1 => unsafe { tile::<$g, $nib, 1>(acts, t0, w, p, acc) },
-                    2 => unsafe { tile::<$g, $nib, 2>(acts, t0, w, p, acc) },
-                    3 => unsafe { tile::<$g, $nib, 3>(acts, t0, w, p, acc) },
-                    _ => unsafe { tile::<$g, $nib, 4>(acts, t0, w, p, acc) },
+                // SAFETY: `available()` holds; the tile reads only inside `w` and `acts`.
+                unsafe {
+                    match mr {
+                        1 => tile::<$g, $nib, 1>(acts, t0, w, p, acc),
+                        2 => tile::<$g, $nib, 2>(acts, t0, w, p, acc),
+                        3 => tile::<$g, $nib, 3>(acts, t0, w, p, acc),
+                        4 => tile::<$g, $nib, 4>(acts, t0, w, p, acc),
+                        5 => tile::<$g, $nib, 5>(acts, t0, w, p, acc),
+                        6 => tile::<$g, $nib, 6>(acts, t0, w, p, acc),
+                        7 => tile::<$g, $nib, 7>(acts, t0, w, p, acc),
+                        _ => tile::<$g, $nib, 8>(acts, t0, w, p, acc),
+                    }
                 }
             };
         }
