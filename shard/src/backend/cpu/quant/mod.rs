@@ -340,6 +340,16 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The output element at offset `i` (a method, so closures capture the whole `Send` wrapper).
+    ///
+    /// # Safety
+    /// `i` must lie inside the output.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
+}
+
 /// `out[t, j] = Σ_c x[t, c] · W[j, c]` for `n` tokens: `x` is `[n, cols]`, `out` is `[n, rows]`.
 pub fn matmul(x: &[f32], n: usize, w: &QuantPanels, out: &mut [f32]) {
     matmul_with(x, n, w, out, Kernels::chosen());
@@ -364,7 +374,6 @@ pub fn matmul_with(x: &[f32], n: usize, w: &QuantPanels, out: &mut [f32], kernel
     let groups = panels.div_ceil(per_group);
     let ptr = OutPtr(out.as_mut_ptr());
     (0..tblocks * groups).into_par_iter().for_each(|task| {
-        let ptr = ptr;
         let (tb, g) = (task / groups, task % groups);
         let tokens = tb * TOKEN_BLOCK..((tb + 1) * TOKEN_BLOCK).min(n);
         for p in g * per_group..((g + 1) * per_group).min(panels) {
@@ -378,7 +387,7 @@ pub fn matmul_with(x: &[f32], n: usize, w: &QuantPanels, out: &mut [f32], kernel
                     // SAFETY: token t0+i < n and columns p·16..p·16+width < m lie inside `out`,
                     // and no other task writes this (token, panel) tile.
                     unsafe {
-                        let dst = ptr.0.add((t0 + i) * m + p * ROWS);
+                        let dst = ptr.at((t0 + i) * m + p * ROWS);
                         std::ptr::copy_nonoverlapping(row.as_ptr(), dst, width);
                     }
                 }
