@@ -65,6 +65,43 @@ pub fn kernel(
     }
 }
 
+/// `super::levels` for a group of 32: four vectors, one horizontal max, one rounding per lane,
+/// packed to bytes in order.
+///
+/// # Safety
+/// AVX2 must be present; `x` and `q` hold 32 values each.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub unsafe fn levels32(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    assert!(x.len() >= 32 && q.len() >= 32);
+    let sign = _mm256_set1_ps(-0.0);
+    let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(x.as_ptr().add(8 * i)));
+    let a = v.map(|vi| _mm256_andnot_ps(sign, vi));
+    let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    let amax = _mm_cvtss_f32(m);
+    let inv = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+    let i = v.map(|vi| {
+        let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(vi, inv),
+        );
+        _mm256_cvtps_epi32(r)
+    });
+    let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+    let s = _mm_hadd_epi32(s, s);
+    let total = _mm_cvtsi128_si32(_mm_hadd_epi32(s, s));
+    // packs work within 128-bit lanes; the permutation puts the 32 bytes back in order.
+    let lo = _mm256_packs_epi32(i[0], i[1]);
+    let hi = _mm256_packs_epi32(i[2], i[3]);
+    let bytes = _mm256_packs_epi16(lo, hi);
+    let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, ordered);
+    (amax, total)
+}
+
 /// `Σ_j maddubs(w[j], x[j])` as i16 pairs, then summed to one i32 per row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]

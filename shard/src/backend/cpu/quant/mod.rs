@@ -184,8 +184,7 @@ pub struct QuantActs {
 }
 
 impl QuantActs {
-    /// Quantizes `n` rows of `k` values (k a multiple of `group`) to the nearest of 255 levels
-    /// (ties to even, as llama.cpp's x86 quantizers round).
+    /// Quantizes `n` rows of `k` values (k a multiple of `group`) to the nearest of 255 levels.
     pub fn new(x: &[f32], n: usize, k: usize, group: usize) -> Self {
         let groups = k / group;
         let mut acts = QuantActs {
@@ -202,15 +201,7 @@ impl QuantActs {
             .zip(acts.q.par_chunks_mut(rows * k))
             .zip(acts.scale.par_chunks_mut(rows * groups))
             .zip(acts.sum.par_chunks_mut(rows * groups))
-            .for_each(|(((x, q), scale), sum)| {
-                let out = Quantized { q, scale, sum };
-                #[cfg(target_arch = "x86_64")]
-                if avx2::available() {
-                    // SAFETY: AVX2 and FMA are present.
-                    return unsafe { quantize_avx2(x, group, out) };
-                }
-                quantize(x, group, out)
-            });
+            .for_each(|(((x, q), scale), sum)| quantize(x, group, Quantized { q, scale, sum }));
         acts
     }
 
@@ -237,39 +228,44 @@ struct Quantized<'a> {
     sum: &'a mut [f32],
 }
 
-/// `quantize` compiled for AVX2 so its loops vectorize.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_avx2(x: &[f32], group: usize, out: Quantized) {
-    quantize(x, group, out)
-}
-
 /// Fills `out` from `x`, group by group.
-#[inline(always)]
 fn quantize(x: &[f32], group: usize, out: Quantized) {
+    let fast = group == 32 && avx2::available();
     for (((xg, qg), s), sm) in x
         .chunks_exact(group)
         .zip(out.q.chunks_exact_mut(group))
         .zip(out.scale)
         .zip(out.sum)
     {
-        // `>` rather than `max`: no NaN ordering to honour, so the reduction vectorizes.
-        let amax = xg
-            .iter()
-            .fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
+        #[cfg(target_arch = "x86_64")]
+        let (amax, total) = if fast {
+            // SAFETY: AVX2 is present and both slices hold 32 values.
+            unsafe { avx2::levels32(xg, qg) }
+        } else {
+            levels(xg, qg)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let (amax, total) = levels(xg, qg);
         let d = amax / 127.0;
-        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-        let mut total = 0i32;
-        for (o, &v) in qg.iter_mut().zip(xg) {
-            let r = (v * inv).round_ties_even() as i32;
-            *o = r as i8;
-            total += r;
-        }
         // Stored as f16, as llama.cpp's q8_0/q8_1 activation blocks hold them: the same
         // numbers, so greedy ids track llama.cpp's own at near-ties.
         *s = f16::from_f32(d).to_f32();
         *sm = f16::from_f32(d * total as f32).to_f32();
     }
+}
+
+/// One group's int8 levels `round(x · 127 / amax)` (ties to even, as llama.cpp's x86 quantizers
+/// round) into `q`; returns `amax` and the levels' sum.
+fn levels(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    let mut total = 0;
+    for (o, &v) in q.iter_mut().zip(x) {
+        let r = (v * inv).round_ties_even() as i32;
+        *o = r as i8;
+        total += r;
+    }
+    (amax, total)
 }
 
 /// The instruction set the integer kernels use.

@@ -147,3 +147,20 @@ fn pack_refuses_what_it_cannot_hold() {
     wide.group = 8;
     assert!(QuantPanels::pack(2, 32, &wide).is_err());
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_levels_equal_the_scalar_ones() {
+    if !avx2::available() {
+        return;
+    }
+    let mut x = activations(4, 32);
+    x.extend([0.0; 32]);
+    for xg in x.chunks_exact(32) {
+        let (mut a, mut b) = ([0i8; 32], [0i8; 32]);
+        // SAFETY: AVX2 checked above; both groups hold 32 values.
+        let fast = unsafe { avx2::levels32(xg, &mut a) };
+        assert_eq!(fast, levels(xg, &mut b));
+        assert_eq!(a, b);
+    }
+}
