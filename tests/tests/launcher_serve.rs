@@ -155,7 +155,7 @@ fn sigterm_drains_the_request_in_flight_then_exits_zero() {
         .find("SIGTERM: shutting down")
         .expect("the launcher saw SIGTERM");
     let finished = out
-        .rfind("generated_tokens=128")
+        .rfind("generated_tokens=512")
         .expect("the router logged the request's end");
     assert!(
         signalled < finished,
