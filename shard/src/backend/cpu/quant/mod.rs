@@ -230,6 +230,7 @@ struct Quantized<'a> {
 
 /// Fills `out` from `x`, group by group.
 fn quantize(x: &[f32], group: usize, out: Quantized) {
+    #[cfg(target_arch = "x86_64")]
     let fast = group == 32 && avx2::available();
     for (((xg, qg), s), sm) in x
         .chunks_exact(group)
