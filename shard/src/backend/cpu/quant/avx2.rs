@@ -65,8 +65,8 @@ pub fn kernel(
     }
 }
 
-/// `super::levels` for a group of 32: four vectors, one horizontal max, one rounding per lane,
-/// packed to bytes in order.
+/// `super::levels` for a group of 32 (the same operations): four vectors, one horizontal max,
+/// halves rounded away from zero, packed to bytes in order.
 ///
 /// # Safety
 /// AVX2 must be present; `x` and `q` hold 32 values each.
@@ -83,11 +83,11 @@ pub unsafe fn levels32(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     let m = _mm_max_ss(m, _mm_movehdup_ps(m));
     let amax = _mm_cvtss_f32(m);
     let inv = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+    let half = _mm256_set1_ps(0.5);
     let i = v.map(|vi| {
-        let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(vi, inv),
-        );
-        _mm256_cvtps_epi32(r)
+        let y = _mm256_mul_ps(vi, inv);
+        let away = _mm256_or_ps(_mm256_and_ps(y, sign), half);
+        _mm256_cvttps_epi32(_mm256_add_ps(y, away))
     });
     let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
     let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
