@@ -15,6 +15,20 @@
 //! is about as large as the file it came from. Scales and offsets follow per (panel, group): 16
 //! f16 scales, then 16 f16 offsets.
 
+/// Expands `$go!(GROUP, NIBBLES)` for the layout of panels `$w`, so each x86 kernel set is
+/// compiled once per layout (defined before the kernel modules so they see it).
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_layout {
+    ($w:expr, $go:ident) => {
+        match ($w.group, $w.nibbles) {
+            (32, true) => $go!(32, true),
+            (32, false) => $go!(32, false),
+            (16, true) => $go!(16, true),
+            _ => $go!(16, false),
+        }
+    };
+}
+
 mod avx2;
 mod portable;
 mod vnni;

@@ -56,12 +56,7 @@ pub fn kernel(
                 }
             };
         }
-        match (w.group, w.nibbles) {
-            (32, true) => go!(32, true),
-            (32, false) => go!(32, false),
-            (16, true) => go!(16, true),
-            _ => go!(16, false),
-        }
+        by_layout!(w, go)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
