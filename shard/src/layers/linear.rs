@@ -65,7 +65,8 @@ impl Linear {
                 biases.extend_from_slice(&b[rows]);
             }
         }
-        let data = stack_rows(weights, dtype).quantize_at_load(cols, dtype);
+        let data = stack_rows(weights, dtype);
+        let data = data.quantized_at_load(cols, dtype).unwrap_or(data);
         let packed = PackedMatrix::pack(total, cols, &data)
             .map_err(|m| Error::tensor(src.file_of(parts[0].prefix), parts[0].prefix, m))?;
         Ok(Linear::new(packed, bias.then_some(biases)))
@@ -83,7 +84,8 @@ impl Linear {
         } else {
             t.data.slice_cols(local, cols)
         };
-        let data = data.convert(dtype).quantize_at_load(width, dtype);
+        let data = data.convert(dtype);
+        let data = data.quantized_at_load(width, dtype).unwrap_or(data);
         let packed = PackedMatrix::pack(rows, width, &data)
             .map_err(|m| Error::tensor(src.file_of(part.prefix), part.prefix, m))?;
         Ok(Linear::new(packed, None))

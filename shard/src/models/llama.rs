@@ -204,8 +204,8 @@ fn tied_or_own_lm_head(
     match embed.rows() {
         Some(table) if c.tie_word_embeddings && !src.contains("lm_head.weight") => {
             let rows = shard.range(v).len();
-            let table = table.clone().quantize_at_load(h, dtype);
-            let packed = PackedMatrix::pack(rows, h, &table)
+            let quantized = table.quantized_at_load(h, dtype);
+            let packed = PackedMatrix::pack(rows, h, quantized.as_ref().unwrap_or(table))
                 .map_err(|m| Error::tensor(src.file_of("lm_head.weight"), "lm_head.weight", m))?;
             let lm_head = Linear::new(packed, None);
             let embed = embed.share(lm_head.weight().clone());

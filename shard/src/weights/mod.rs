@@ -90,7 +90,7 @@ impl TensorData {
     }
 
     /// Converts to `dtype` (round to nearest even when narrowing; dequantized exactly to f32
-    /// first). A quantized target keeps every tensor as it is: see `quantize_at_load`.
+    /// first). A quantized target keeps every tensor as it is: see `quantized_at_load`.
     pub fn convert(self, dtype: DType) -> TensorData {
         if self.dtype() == dtype || matches!(dtype, DType::Quantized { .. }) {
             return self;
@@ -103,15 +103,15 @@ impl TensorData {
         }
     }
 
-    /// A dense `[_, cols]` matrix quantized when `dtype` asks for it at load and its rows are
-    /// whole groups; anything else unchanged.
-    pub fn quantize_at_load(self, cols: usize, dtype: DType) -> TensorData {
-        match (dtype, &self) {
+    /// This dense `[_, cols]` matrix quantized, when `dtype` asks for it at load and its rows are
+    /// whole groups; `None` when the matrix stays as it is.
+    pub fn quantized_at_load(&self, cols: usize, dtype: DType) -> Option<TensorData> {
+        match (dtype, self) {
             (DType::Quantized { at_load: Some(s) }, TensorData::F32(_) | TensorData::F16(_))
             | (DType::Quantized { at_load: Some(s) }, TensorData::Bf16(_)) => {
-                quant::quantize(&self.to_f32(), cols, s).map_or(self, TensorData::Quant)
+                quant::quantize(&self.to_f32(), cols, s).map(TensorData::Quant)
             }
-            _ => self,
+            _ => None,
         }
     }
 
