@@ -35,7 +35,7 @@ pub struct ForwardBatch {
 
 /// A validated batch, flattened to per-token arrays.
 #[derive(Debug, Clone)]
-pub(crate) struct BatchPlan {
+pub struct BatchPlan {
     pub tokens: Vec<u32>,
     pub positions: Vec<usize>,
     /// Sequence index of each token.
@@ -99,10 +99,6 @@ impl BatchPlan {
             plan.seq_tokens.push(base..plan.tokens.len());
         }
         Ok(plan)
-    }
-
-    pub fn len(&self) -> usize {
-        self.tokens.len()
     }
 }
 

@@ -64,7 +64,7 @@ fn llama3_8b_shape_matches_the_real_model() {
         (c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size),
         (32, 8, 128, 128_256)
     );
-    assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+    assert!(matches!(c.rope.scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
     assert!(!c.tie_word_embeddings);
     let params: usize = tensors(&d)
         .iter()

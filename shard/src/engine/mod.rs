@@ -163,7 +163,11 @@ impl Engine {
             dtype: loaded.dtype_name.to_string(),
             device_type: "cpu".into(),
             block_size: block_size as u32,
-            window_size: config.sliding_window.map(|w| w as u32),
+            // TGI's router may size KV reservations by the window: only when every layer has it.
+            window_size: config
+                .sliding_window
+                .filter(|_| config.sliding_layers.iter().all(|&s| s))
+                .map(|w| w as u32),
         };
         let ctx = Ctx {
             tokenizer: loaded.tokenizer,

@@ -4,24 +4,39 @@
 
 use std::sync::Arc;
 
-use crate::backend::cpu::{matmul, PackedMatrix};
+use crate::backend::Backend;
 use crate::comm::Shard;
 use crate::weights::{expect_shape, stack_rows, DType, TensorData, WeightSource};
 use crate::{Error, Result};
 
-/// `y = x · Wᵀ (+ b)` with `W` packed for the CPU kernels.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    weight: Arc<PackedMatrix>,
-    bias: Option<Vec<f32>>,
+/// `y = x · Wᵀ (+ b)` with `W` packed for the device.
+pub struct Linear<B: Backend> {
+    weight: Arc<B::Matrix>,
+    bias: Option<B::Tensor>,
 }
 
-/// One part of a fused column-parallel linear: the checkpoint name prefix, its full row count,
-/// and the rows that must stay on one rank (a head's, or a GQA group's, rows).
+/// One part of a fused column-parallel linear: rows `first..first + rows` of the checkpoint
+/// tensor `{prefix}.weight` (all of its `total` rows unless it is itself fused, as Phi-3's
+/// `qkv_proj`), and the rows that must stay on one rank (a head's, or a GQA group's, rows).
 pub struct Part<'a> {
     pub prefix: &'a str,
+    pub total: usize,
+    pub first: usize,
     pub rows: usize,
     pub unit: usize,
+}
+
+impl<'a> Part<'a> {
+    /// The whole tensor `{prefix}.weight` of `rows` rows.
+    pub fn whole(prefix: &'a str, rows: usize, unit: usize) -> Self {
+        Part {
+            prefix,
+            total: rows,
+            first: 0,
+            rows,
+            unit,
+        }
+    }
 }
 
 /// A row-parallel linear's checkpoint prefix, full shape, and the input columns that stay on one
@@ -33,17 +48,23 @@ pub struct RowPart<'a> {
     pub unit: usize,
 }
 
-impl Linear {
-    pub fn new(weight: PackedMatrix, bias: Option<Vec<f32>>) -> Self {
+impl<B: Backend> Linear<B> {
+    pub fn new(weight: B::Matrix, bias: Option<B::Tensor>) -> Self {
         Linear {
             weight: Arc::new(weight),
             bias,
         }
     }
 
+    /// A linear over an already packed, shared matrix (a tied lm_head).
+    pub fn shared(weight: Arc<B::Matrix>) -> Self {
+        Linear { weight, bias: None }
+    }
+
     /// Fuses `parts` (e.g. q, k, v) by rows, each split across ranks by rows. `{prefix}.bias` is
     /// loaded too when `bias` is set.
     pub fn column(
+        b: &B,
         src: &dyn WeightSource,
         parts: &[Part],
         cols: usize,
@@ -56,25 +77,34 @@ impl Linear {
         let mut total = 0;
         for part in parts {
             let name = format!("{}.weight", part.prefix);
-            let t = expect_shape(src, &name, &[part.rows, cols])?;
-            let rows = shard.units(part.rows, part.unit);
+            let t = expect_shape(src, &name, &[part.total, cols])?;
+            let local = shard.units(part.rows, part.unit);
+            let rows = part.first + local.start..part.first + local.end;
             total += rows.len();
             weights.push(t.data.slice_rows(rows.clone(), cols));
             if bias {
-                let b = load_vector(src, &format!("{}.bias", part.prefix), part.rows)?;
+                let b = load_vector(src, &format!("{}.bias", part.prefix), part.total)?;
                 biases.extend_from_slice(&b[rows]);
             }
         }
         let data = stack_rows(weights, dtype);
         let data = data.quantized_at_load(cols, dtype).unwrap_or(data);
-        let packed = PackedMatrix::pack(total, cols, &data)
+        let packed = b
+            .pack(total, cols, &data)
             .map_err(|m| Error::tensor(src.file_of(parts[0].prefix), parts[0].prefix, m))?;
-        Ok(Linear::new(packed, bias.then_some(biases)))
+        let bias = bias.then(|| b.upload(biases, total));
+        Ok(Linear::new(packed, bias))
     }
 
     /// Row-parallel: this rank keeps its slice of the input columns, split in whole `unit`s as
     /// the column-parallel layer before it split its rows (no bias in our families).
-    pub fn row(src: &dyn WeightSource, part: &RowPart, dtype: DType, shard: Shard) -> Result<Self> {
+    pub fn row(
+        b: &B,
+        src: &dyn WeightSource,
+        part: &RowPart,
+        dtype: DType,
+        shard: Shard,
+    ) -> Result<Self> {
         let (rows, cols) = (part.rows, part.cols);
         let t = expect_shape(src, &format!("{}.weight", part.prefix), &[rows, cols])?;
         let local = shard.units(cols, part.unit);
@@ -86,34 +116,21 @@ impl Linear {
         };
         let data = data.convert(dtype);
         let data = data.quantized_at_load(width, dtype).unwrap_or(data);
-        let packed = PackedMatrix::pack(rows, width, &data)
+        let packed = b
+            .pack(rows, width, &data)
             .map_err(|m| Error::tensor(src.file_of(part.prefix), part.prefix, m))?;
         Ok(Linear::new(packed, None))
     }
 
-    pub fn in_features(&self) -> usize {
-        self.weight.cols()
-    }
-
-    pub fn out_features(&self) -> usize {
-        self.weight.rows()
-    }
-
-    pub fn weight(&self) -> &Arc<PackedMatrix> {
+    pub fn weight(&self) -> &Arc<B::Matrix> {
         &self.weight
     }
 
     /// `x` is `[n, in]`; returns `[n, out]`.
-    pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let m = self.weight.rows();
-        let mut out = vec![0.0; n * m];
-        matmul(x, n, &self.weight, &mut out);
-        if let Some(b) = &self.bias {
-            for row in out.chunks_exact_mut(m) {
-                for (o, bi) in row.iter_mut().zip(b) {
-                    *o += bi;
-                }
-            }
+    pub fn forward(&self, b: &B, x: &B::Tensor) -> B::Tensor {
+        let mut out = b.matmul(x, &self.weight);
+        if let Some(bias) = &self.bias {
+            b.add(&mut out, bias);
         }
         out
     }
@@ -141,6 +158,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
+    use crate::backend::cpu::Cpu;
     use crate::weights::HostTensor;
 
     /// In-memory checkpoint for slicing tests.
@@ -186,28 +204,20 @@ mod tests {
             ("o.weight".to_string(), matrix(h, q, 3)),
         ]));
         let x: Vec<f32> = (0..2 * h).map(|i| i as f32 / 5.0 - 1.0).collect();
-        let parts = [
-            Part {
-                prefix: "q",
-                rows: q,
-                unit: 4,
-            },
-            Part {
-                prefix: "k",
-                rows: kv,
-                unit: 2,
-            },
-        ];
+        let parts = [Part::whole("q", q, 4), Part::whole("k", kv, 2)];
+        let run =
+            |l: Linear<Cpu>, x: &[f32], width| l.forward(&Cpu, &Cpu.upload(x.to_vec(), width)).data;
         let (q_share, k_share) = ([0..8, 8..12], [0..4, 4..6]);
         let one = Shard { rank: 0, world: 1 };
-        let full = Linear::column(&src, &parts, h, false, DType::F32, one)
-            .unwrap()
-            .forward(&x, 2);
+        let full = run(
+            Linear::column(&Cpu, &src, &parts, h, false, DType::F32, one).unwrap(),
+            &x,
+            h,
+        );
         for rank in 0..2 {
             let shard = Shard { rank, world: 2 };
-            let local = Linear::column(&src, &parts, h, false, DType::F32, shard)
-                .unwrap()
-                .forward(&x, 2);
+            let layer = Linear::column(&Cpu, &src, &parts, h, false, DType::F32, shard).unwrap();
+            let local = run(layer, &x, h);
             let (qr, kr) = (q_share[rank].clone(), k_share[rank].clone());
             let width = qr.len() + kr.len();
             for t in 0..2 {
@@ -224,16 +234,17 @@ mod tests {
                 cols: q,
                 unit: 4,
             };
-            Linear::row(&src, &part, DType::F32, shard).unwrap()
+            Linear::row(&Cpu, &src, &part, DType::F32, shard).unwrap()
         };
-        let full_o = o(one).forward(&xo, 2);
+        let full_o = run(o(one), &xo, q);
         let mut sum = vec![0.0; 2 * h];
         for rank in 0..2 {
             let xs: Vec<f32> = xo
                 .chunks(q)
                 .flat_map(|r| r[q_share[rank].clone()].to_vec())
                 .collect();
-            let part = o(Shard { rank, world: 2 }).forward(&xs, 2);
+            let width = q_share[rank].len();
+            let part = run(o(Shard { rank, world: 2 }), &xs, width);
             sum.iter_mut().zip(part).for_each(|(s, p)| *s += p);
         }
         for (a, b) in sum.iter().zip(&full_o) {

@@ -1,39 +1,38 @@
-//! RMSNorm (Zhang & Sennrich 2019) as Llama uses it: `x / sqrt(mean(x²) + eps) · w`, in f32.
+//! RMSNorm (Zhang & Sennrich 2019): `x / sqrt(mean(x²) + eps) · w` in f32, as Llama uses it, or
+//! `· (1 + w)` as Gemma stores its weights. Over whole rows, or per head (Qwen 3's and Gemma 3's
+//! q/k norms) when the weight is one head wide.
 
-use rayon::prelude::*;
-
+use crate::backend::Backend;
 use crate::layers::linear::load_vector;
-use crate::layers::ROWS_PER_TASK;
 use crate::weights::WeightSource;
 use crate::Result;
 
-#[derive(Debug, Clone)]
-pub struct RmsNorm {
-    weight: Vec<f32>,
+pub struct RmsNorm<B: Backend> {
+    weight: B::Tensor,
     eps: f32,
+    /// Added to every weight: 0, or 1 for Gemma's `(1 + w)`.
+    offset: f32,
 }
 
-impl RmsNorm {
-    pub fn new(weight: Vec<f32>, eps: f32) -> Self {
-        RmsNorm { weight, eps }
+impl<B: Backend> RmsNorm<B> {
+    pub fn load(
+        b: &B,
+        src: &dyn WeightSource,
+        name: &str,
+        dim: usize,
+        eps: f32,
+        offset: f32,
+    ) -> Result<Self> {
+        let weight = b.upload(load_vector(src, name, dim)?, dim);
+        Ok(RmsNorm {
+            weight,
+            eps,
+            offset,
+        })
     }
 
-    pub fn load(src: &dyn WeightSource, name: &str, dim: usize, eps: f32) -> Result<Self> {
-        Ok(RmsNorm::new(load_vector(src, name, dim)?, eps))
-    }
-
-    /// Normalizes each row of `x` (`[n, dim]`) into a new buffer.
-    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
-        let dim = self.weight.len();
-        let mut out = vec![0.0; x.len()];
-        let rows = out.par_chunks_exact_mut(dim).zip(x.par_chunks_exact(dim));
-        rows.with_min_len(ROWS_PER_TASK).for_each(|(o, row)| {
-            let ss = crate::backend::cpu::dot(row, row);
-            let inv = 1.0 / (ss / dim as f32 + self.eps).sqrt();
-            for ((oi, xi), wi) in o.iter_mut().zip(row).zip(&self.weight) {
-                *oi = wi * (xi * inv);
-            }
-        });
-        out
+    /// Normalizes each row of `x` (or each weight-wide chunk of it) into a new tensor.
+    pub fn forward(&self, b: &B, x: &B::Tensor) -> B::Tensor {
+        b.rms_norm(x, &self.weight, self.eps, self.offset)
     }
 }

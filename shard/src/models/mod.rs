@@ -1,10 +1,14 @@
-//! Model families. Llama, Mistral and Qwen2 share one decoder (`llama.rs`); what differs between
-//! them (q/k/v biases, sliding window) is resolved in `ModelConfig`.
+//! Model families. One decoder (`decoder.rs`) runs all of them — Llama, Mistral, Mixtral, Qwen 2,
+//! Qwen 3, Qwen3-MoE, Gemma 2, Gemma 3 and Phi-3 — with what differs resolved in `ModelConfig`;
+//! the MLP (dense or mixture of experts) lives in `mlp.rs`. Models are generic over the
+//! [`Backend`](crate::backend::Backend); [`Model`] is the decoder on the CPU backend.
 
-pub mod llama;
+pub mod decoder;
+pub mod mlp;
 
 use std::sync::Arc;
 
+use crate::backend::cpu::Cpu;
 use crate::comm::Comm;
 use crate::config::ModelConfig;
 use crate::forward::ForwardBatch;
@@ -14,7 +18,7 @@ use crate::Result;
 
 /// A loaded model, ready to run forwards on the CPU backend.
 pub struct Model {
-    inner: llama::Llama,
+    inner: decoder::Decoder<Cpu>,
     kv_cache_dtype: KvCacheDtype,
 }
 
@@ -27,7 +31,7 @@ impl Model {
         comm: Arc<dyn Comm>,
     ) -> Result<Self> {
         Ok(Model {
-            inner: llama::Llama::load(src, config, dtype, comm)?,
+            inner: decoder::Decoder::load(Cpu, src, config, dtype, comm)?,
             kv_cache_dtype: KvCacheDtype::default(),
         })
     }
@@ -43,9 +47,7 @@ impl Model {
     /// Runs one ragged forward. Returns, per sequence, its requested logits rows concatenated
     /// (`vocab_size` values per row).
     pub fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Vec<Vec<f32>>> {
-        // Run the whole forward on a pool worker: the per-op parallel loops then start from a
-        // worker's own deque instead of each injecting a job and parking the calling thread.
-        rayon::join(|| self.inner.forward(batch, cache), || ()).0
+        self.inner.forward(batch, cache)
     }
 
     pub fn config(&self) -> &ModelConfig {

@@ -26,11 +26,12 @@ fn class_name(arch: Architecture) -> &'static str {
         Architecture::Llama => "LlamaForCausalLM",
         Architecture::Mistral => "MistralForCausalLM",
         Architecture::Qwen2 => "Qwen2ForCausalLM",
+        other => unreachable!("convert refuses {other} before writing its config"),
     }
 }
 
-fn rope_scaling(r: RopeScaling) -> Value {
-    match r {
+fn rope_scaling(r: &RopeScaling) -> Value {
+    match *r {
         RopeScaling::None => Value::Null,
         RopeScaling::Linear { factor } => {
             json!({"rope_type": "linear", "type": "linear", "factor": decimal(factor)})
@@ -47,6 +48,7 @@ fn rope_scaling(r: RopeScaling) -> Value {
             "high_freq_factor": decimal(high_freq_factor),
             "original_max_position_embeddings": original_max_position_embeddings,
         }),
+        _ => unreachable!("GGUF metadata resolves to no other rope scaling"),
     }
 }
 
@@ -76,8 +78,8 @@ fn config_json(gguf: &Gguf, c: &ModelConfig, torch_dtype: &str) -> Value {
         "max_position_embeddings": c.max_position_embeddings,
         "initializer_range": 0.02,
         "rms_norm_eps": decimal(c.rms_eps),
-        "rope_theta": decimal(c.rope_theta),
-        "rope_scaling": rope_scaling(c.rope_scaling),
+        "rope_theta": decimal(c.rope.theta),
+        "rope_scaling": rope_scaling(&c.rope.scaling),
         "attention_bias": c.attention_bias,
         "attention_dropout": 0.0,
         "mlp_bias": false,
@@ -96,6 +98,7 @@ fn config_json(gguf: &Gguf, c: &ModelConfig, torch_dtype: &str) -> Value {
             doc["use_sliding_window"] = json!(c.sliding_window.is_some());
             doc["sliding_window"] = json!(c.sliding_window);
         }
+        other => unreachable!("convert refuses {other} before writing its config"),
     }
     doc
 }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use tessera_formats::gguf::Gguf;
 use tessera_formats::tokenizer::tokenizer_from_gguf;
 
-use crate::config::ModelConfig;
+use crate::config::{Architecture, ModelConfig};
 use crate::loader::{dtype_name, WeightDtype};
 use crate::weights::gguf::{gguf_name, GgufSource};
 use crate::weights::{DType, WeightSource};
@@ -107,6 +107,20 @@ fn tensor_plan(gguf: &Gguf, config: &ModelConfig) -> Result<Vec<(String, String)
 pub fn convert(gguf_path: &Path, out: &Path, dtype: WeightDtype) -> Result<Converted> {
     let gguf = Gguf::open(gguf_path)?;
     let config = ModelConfig::from_gguf(&gguf)?;
+    if !matches!(
+        config.architecture,
+        Architecture::Llama | Architecture::Mistral | Architecture::Qwen2
+    ) || config.moe.is_some()
+    {
+        return Err(Error::model_file(
+            gguf_path,
+            format!(
+                "convert writes llama, mistral and qwen2 folders; {} is served from the GGUF \
+                 file directly",
+                config.architecture
+            ),
+        ));
+    }
     let dtype = match dtype {
         WeightDtype::Auto | WeightDtype::F32 => DType::F32,
         WeightDtype::Bf16 => DType::Bf16,

@@ -14,20 +14,12 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::backend::cpu::{avx512, axpy, dot, matmul_serial, PackedMatrix, NR};
+use crate::backend::AttentionSpec;
 use crate::forward::BatchPlan;
 use crate::kv_cache::{KvElem, LayerCache};
 
 /// Tokens per query tile.
 const QUERY_BLOCK: usize = 16;
-
-/// Head geometry of this rank.
-#[derive(Debug, Clone, Copy)]
-pub struct Heads {
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-    pub sliding_window: Option<usize>,
-}
 
 /// Stores each token's K and V rows (`[n, kv_dim]`) into its slot, rounded to the cache's dtype.
 pub fn write_kv(cache: &mut LayerCache, k: &[f32], v: &[f32], slots: &[usize], kv_dim: usize) {
@@ -88,11 +80,11 @@ struct Tile {
 }
 
 /// `q` is `[n, heads · head_dim]`; returns the attention output of the same shape.
-pub(crate) fn paged_attention(
+pub fn paged_attention(
     q: &[f32],
     cache: &LayerCache,
     plan: &BatchPlan,
-    h: Heads,
+    h: AttentionSpec,
 ) -> Vec<f32> {
     match cache {
         LayerCache::F32(rows) => {
@@ -110,7 +102,12 @@ pub(crate) fn paged_attention(
     }
 }
 
-fn attention<T: KvElem>(q: &[f32], cache: Kv<'_, T>, plan: &BatchPlan, h: Heads) -> Vec<f32> {
+fn attention<T: KvElem>(
+    q: &[f32],
+    cache: Kv<'_, T>,
+    plan: &BatchPlan,
+    h: AttentionSpec,
+) -> Vec<f32> {
     let mut tiles = Vec::new();
     for (seq, range) in plan.seq_tokens.iter().enumerate() {
         for kv_head in 0..h.num_kv_heads {
@@ -152,7 +149,7 @@ unsafe fn attend_avx512<T: KvElem>(
     q: &[f32],
     cache: Kv<'_, T>,
     plan: &BatchPlan,
-    h: Heads,
+    h: AttentionSpec,
     tile: &Tile,
 ) -> Vec<f32> {
     attend::<T, true>(q, cache, plan, h, tile)
@@ -163,7 +160,7 @@ unsafe fn attend_avx512<T: KvElem>(
     q: &[f32],
     cache: Kv<'_, T>,
     plan: &BatchPlan,
-    h: Heads,
+    h: AttentionSpec,
     tile: &Tile,
 ) -> Vec<f32> {
     attend::<T, false>(q, cache, plan, h, tile)
@@ -178,7 +175,7 @@ fn attend<T: KvElem, const AVX512: bool>(
     q: &[f32],
     cache: Kv<'_, T>,
     plan: &BatchPlan,
-    h: Heads,
+    h: AttentionSpec,
     tile: &Tile,
 ) -> Vec<f32> {
     if tile.tokens.len() == 1 {
@@ -187,7 +184,6 @@ fn attend<T: KvElem, const AVX512: bool>(
     let (hd, group) = (h.head_dim, h.num_heads / h.num_kv_heads);
     let kv_dim = h.num_kv_heads * hd;
     let kv_off = tile.kv_head * hd;
-    let scale = 1.0 / (hd as f32).sqrt();
     let slots = &plan.seq_slots[tile.seq];
     // Query i is (token, head of the group) and sees positions lo..=hi.
     let bounds: Vec<(usize, usize)> = tile
@@ -195,7 +191,7 @@ fn attend<T: KvElem, const AVX512: bool>(
         .clone()
         .flat_map(|t| {
             let pos = plan.positions[t];
-            let lo = h.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let lo = h.window.map_or(0, |w| (pos + 1).saturating_sub(w));
             std::iter::repeat_n((lo, pos), group)
         })
         .collect();
@@ -205,7 +201,7 @@ fn attend<T: KvElem, const AVX512: bool>(
     let mut qs = Vec::with_capacity(nq * hd);
     for t in tile.tokens.clone() {
         let row = (t * h.num_heads + tile.kv_head * group) * hd;
-        qs.extend(q[row..row + group * hd].iter().map(|v| v * scale));
+        qs.extend(q[row..row + group * hd].iter().map(|v| v * h.scale));
     }
     let (keys, values_t) = gather_kv(cache, &slots[first..=last], kv_dim, kv_off, hd);
     let mut probs = vec![0f32; nq * span];
@@ -214,7 +210,11 @@ fn attend<T: KvElem, const AVX512: bool>(
         let row = &mut probs[i * span..(i + 1) * span];
         row[..lo - first].fill(0.0);
         row[hi + 1 - first..].fill(0.0);
-        softmax(&mut row[lo - first..=hi - first]);
+        let seen = &mut row[lo - first..=hi - first];
+        if let Some(cap) = h.softcap {
+            softcap(seen, cap);
+        }
+        softmax(seen);
     }
     let mut out = vec![0f32; nq * hd];
     matmul_serial(&probs, nq, &values_t, &mut out);
@@ -229,16 +229,15 @@ fn attend_one<T: KvElem, const AVX512: bool>(
     q: &[f32],
     cache: Kv<'_, T>,
     plan: &BatchPlan,
-    h: Heads,
+    h: AttentionSpec,
     tile: &Tile,
 ) -> Vec<f32> {
     let (hd, group) = (h.head_dim, h.num_heads / h.num_kv_heads);
     let kv_dim = h.num_kv_heads * hd;
     let kv_off = tile.kv_head * hd;
-    let scale = 1.0 / (hd as f32).sqrt();
     let t = tile.tokens.start;
     let pos = plan.positions[t];
-    let lo = h.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    let lo = h.window.map_or(0, |w| (pos + 1).saturating_sub(w));
     let slots = &plan.seq_slots[tile.seq][lo..=pos];
     let span = slots.len();
     let row = |slot: usize| slot * kv_dim + kv_off..slot * kv_dim + kv_off + hd;
@@ -250,7 +249,7 @@ fn attend_one<T: KvElem, const AVX512: bool>(
         let k = T::row(&cache.k[row(slot)], &mut buf);
         for g in 0..group {
             let qg = &q[q0 + g * hd..q0 + (g + 1) * hd];
-            scores[g * span + s] = scale
+            scores[g * span + s] = h.scale
                 * if AVX512 {
                     // SAFETY: `AVX512` is only set under `attend_avx512`, after the CPU check.
                     unsafe { avx512::dot(qg, k) }
@@ -258,6 +257,9 @@ fn attend_one<T: KvElem, const AVX512: bool>(
                     dot(qg, k)
                 };
         }
+    }
+    if let Some(cap) = h.softcap {
+        softcap(&mut scores, cap);
     }
     scores.chunks_exact_mut(span).for_each(softmax);
     let mut out = vec![0f32; group * hd];
@@ -298,6 +300,11 @@ fn gather_kv<T: KvElem>(
         PackedMatrix::from_f32_panels(span, hd, k),
         PackedMatrix::from_f32_panels(hd, span, vt),
     )
+}
+
+/// `x = cap · tanh(x / cap)` (Gemma 2's attention logit soft-capping).
+fn softcap(x: &mut [f32], cap: f32) {
+    x.iter_mut().for_each(|v| *v = (*v / cap).tanh() * cap);
 }
 
 #[inline(always)]
@@ -389,12 +396,14 @@ mod tests {
         Case { plan, k, v, q }
     }
 
-    fn heads(window: Option<usize>) -> Heads {
-        Heads {
+    fn heads(window: Option<usize>) -> AttentionSpec {
+        AttentionSpec {
             num_heads: HEADS,
             num_kv_heads: KV_HEADS,
             head_dim: HD,
-            sliding_window: window,
+            window,
+            scale: 1.0 / (HD as f32).sqrt(),
+            softcap: None,
         }
     }
 
