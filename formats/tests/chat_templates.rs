@@ -1,5 +1,6 @@
 //! Real chat templates from ../shared/data/chat-templates (skipped without it) render a typical
-//! conversation, and SmolLM2's template reproduces the reference's templated text.
+//! conversation, each served family's template renders an OpenAI tool round trip, and SmolLM2's
+//! template reproduces the reference's templated text.
 
 mod common;
 
@@ -261,4 +262,275 @@ fn endless_template_runs_out_of_fuel() {
     let big = "x".repeat(tessera_formats::chat_template::MAX_TEMPLATE_BYTES + 1);
     let msg = ChatTemplate::new(&big, None, None).unwrap_err().to_string();
     assert!(msg.contains("more than the"), "{msg}");
+}
+
+/// The one tool of the round trip, in OpenAI's tool schema.
+fn weather_tool() -> Value {
+    json!([{"type": "function", "function": {"name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {"type": "object",
+            "properties": {"city": {"type": "string", "description": "The city name"}},
+            "required": ["city"]}}}])
+}
+
+/// An OpenAI-shaped tool round trip: [system,] the user asks, the assistant calls `get_weather`
+/// (`arguments` a dict, the Hugging Face convention every template below follows), the tool
+/// answers. `call_id` is the id the template accepts, `assistant_content` null or "".
+fn weather_round_trip(system: bool, call_id: &str, assistant_content: Value) -> Vec<Value> {
+    let mut messages = Vec::new();
+    if system {
+        messages.push(json!({"role": "system", "content": "You are a weather bot."}));
+    }
+    messages.extend([
+        json!({"role": "user", "content": "What is the weather in Paris?"}),
+        json!({"role": "assistant", "content": assistant_content, "tool_calls": [{"id": call_id,
+            "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}),
+        json!({"role": "tool", "tool_call_id": call_id, "name": "get_weather",
+            "content": "{\"temperature\": 21}"}),
+    ]);
+    messages
+}
+
+/// What a family's template makes of its messages (always rendered with the weather tool and
+/// `add_generation_prompt`).
+enum Expect {
+    /// It renders, holding every `contains`, none of `lacks`, and ending with `ends_with`.
+    Renders {
+        contains: &'static [&'static str],
+        lacks: &'static [&'static str],
+        ends_with: &'static str,
+    },
+    /// The template refuses through its own `raise_exception` with this message.
+    Raises(&'static str),
+    /// The template's own code fails (as it does under Python's Jinja2); the error holds this.
+    Fails(&'static str),
+}
+
+struct ToolCase {
+    /// The model families (`model_type`) served with this template.
+    families: &'static str,
+    template: &'static str,
+    messages: Vec<Value>,
+    expect: Expect,
+}
+
+/// Each family's real template and what it makes of the round trip. Every output (and error)
+/// here was also compared byte for byte with Python's Jinja2 set up as transformers'
+/// `apply_chat_template` sets it up, on the same date; they agree, except that `render` flattens
+/// the list content in Gemma 2's plain chat first, as TGI does.
+fn tool_cases() -> Vec<ToolCase> {
+    let null = Value::Null;
+    vec![
+        ToolCase {
+            families: "qwen2",
+            template: "Qwen-Qwen2.5-7B-Instruct.jinja",
+            messages: weather_round_trip(true, "call_1", null.clone()),
+            expect: Expect::Renders {
+                contains: &[
+                    "<|im_start|>system\nYou are a weather bot.\n\n# Tools",
+                    "<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Get the current weather in a city\"",
+                    "<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\n",
+                    "<|im_start|>user\n<tool_response>\n{\"temperature\": 21}\n</tool_response><|im_end|>\n",
+                ],
+                lacks: &[],
+                ends_with: "<|im_start|>assistant\n",
+            },
+        },
+        // The only Qwen3 template in the folder: Qwen3-Coder's XML-style tools and calls.
+        ToolCase {
+            families: "qwen3, qwen3_moe",
+            template: "Qwen3-Coder.jinja",
+            messages: weather_round_trip(true, "call_1", null.clone()),
+            expect: Expect::Renders {
+                contains: &[
+                    "<|im_start|>system\nYou are a weather bot.\n\n# Tools",
+                    "<function>\n<name>get_weather</name>\n<description>Get the current weather in a city</description>\n<parameters>\n<parameter>\n<name>city</name>\n<type>string</type>",
+                    "<|im_start|>assistant\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call><|im_end|>\n",
+                    "<|im_start|>user\n<tool_response>\n{\"temperature\": 21}\n</tool_response>\n<|im_end|>\n",
+                ],
+                lacks: &[],
+                ends_with: "<|im_start|>assistant\n",
+            },
+        },
+        // Tools go into the first user message (tools_in_user_message defaults to true). A string
+        // tool result is `iterable` in Jinja, so the template JSON-encodes it once more, as
+        // transformers does.
+        ToolCase {
+            families: "llama",
+            template: "meta-llama-Llama-3.2-3B-Instruct.jinja",
+            messages: weather_round_trip(true, "call_1", null.clone()),
+            expect: Expect::Renders {
+                contains: &[
+                    "<s><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n",
+                    "You are a weather bot.<|eot_id|>",
+                    "<|start_header_id|>user<|end_header_id|>\n\nGiven the following functions",
+                    "\"name\": \"get_weather\",\n        \"description\": \"Get the current weather in a city\"",
+                    "What is the weather in Paris?<|eot_id|>",
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}<|eot_id|>",
+                    "<|start_header_id|>ipython<|end_header_id|>\n\n\"{\\\"temperature\\\": 21}\"<|eot_id|>",
+                ],
+                lacks: &[],
+                ends_with: "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            },
+        },
+        // Hermes writes each tool's description as a Python-style signature and docstring.
+        ToolCase {
+            families: "llama",
+            template: "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja",
+            messages: weather_round_trip(true, "call_1", null.clone()),
+            expect: Expect::Renders {
+                contains: &[
+                    "<tools> {\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"get_weather(city: str) - Get the current weather in a city\n\n    Args:\n        city(str): The city name\"",
+                    "<|im_start|>system\nYou are a weather bot.<|im_end|>\n",
+                    "<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\n",
+                    "<|im_start|>tool\n<tool_response>\n{\"temperature\": 21}\n</tool_response><|im_end|>",
+                ],
+                lacks: &[],
+                ends_with: "<|im_start|>assistant\n",
+            },
+        },
+        // Mistral formats have no generation prompt: the model goes on after the results. Nemo
+        // puts the system message only into a user message that ends the chat, so here the
+        // model never sees it.
+        ToolCase {
+            families: "mistral, mixtral",
+            template: "mistralai-Mistral-Nemo-Instruct-2407.jinja",
+            messages: weather_round_trip(true, "call12345", null.clone()),
+            expect: Expect::Renders {
+                contains: &[
+                    "<s>[AVAILABLE_TOOLS][{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Get the current weather in a city\"",
+                    "[/AVAILABLE_TOOLS][INST]What is the weather in Paris?[/INST]",
+                    "[TOOL_CALLS][{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}, \"id\": \"call12345\"}]</s>",
+                    "[TOOL_RESULTS]{\"content\": {\"temperature\": 21}, \"call_id\": \"call12345\"}[/TOOL_RESULTS]",
+                ],
+                lacks: &["weather bot"],
+                ends_with: "[/TOOL_RESULTS]",
+            },
+        },
+        // Mistral templates want 9-character call ids and say so.
+        ToolCase {
+            families: "mistral, mixtral",
+            template: "mistralai-Mistral-Nemo-Instruct-2407.jinja",
+            messages: weather_round_trip(true, "call_1", null.clone()),
+            expect: Expect::Raises("Tool call IDs should be alphanumeric strings with length 9!"),
+        },
+        ToolCase {
+            families: "mistral, mixtral",
+            template: "Mistral-Small-3.2-24B-Instruct-2506.jinja",
+            messages: weather_round_trip(true, "call12345", null.clone()),
+            expect: Expect::Renders {
+                contains: &[
+                    "<s>[SYSTEM_PROMPT]You are a weather bot.[/SYSTEM_PROMPT]",
+                    "[AVAILABLE_TOOLS][{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Get the current weather in a city\"",
+                    "[/AVAILABLE_TOOLS][INST]What is the weather in Paris?[/INST]",
+                    "[TOOL_CALLS]get_weather[CALL_ID]call12345[ARGS]{\"city\": \"Paris\"}</s>",
+                    "[TOOL_RESULTS]call12345[TOOL_CONTENT]{\"temperature\": 21}[/TOOL_RESULTS]",
+                ],
+                lacks: &[],
+                ends_with: "[/TOOL_RESULTS]",
+            },
+        },
+        ToolCase {
+            families: "mistral, mixtral",
+            template: "Mistral-Small-3.2-24B-Instruct-2506.jinja",
+            messages: weather_round_trip(true, "call_1", null.clone()),
+            expect: Expect::Raises("Tool call IDs should be alphanumeric strings with length 9!"),
+        },
+        // Phi-3.5 has no tool support: it concatenates the assistant content, so OpenAI's null
+        // content fails (Python: "can only concatenate str (not NoneType)")...
+        ToolCase {
+            families: "phi3",
+            template: "microsoft-Phi-3.5-mini-instruct.jinja",
+            messages: weather_round_trip(true, "call_1", null.clone()),
+            expect: Expect::Fails("+ operator on unsupported types string and none"),
+        },
+        // ...and with empty content it renders, ignoring the tools, the call and the tool
+        // message: the model sees none of them.
+        ToolCase {
+            families: "phi3",
+            template: "microsoft-Phi-3.5-mini-instruct.jinja",
+            messages: weather_round_trip(true, "call_1", json!("")),
+            expect: Expect::Renders {
+                contains: &["<|system|>\nYou are a weather bot.<|end|>\n<|user|>\nWhat is the weather in Paris?<|end|>\n<|assistant|>\n<|end|>\n"],
+                lacks: &["get_weather", "21", "Paris\""],
+                ends_with: "<|end|>\n<|assistant|>\n",
+            },
+        },
+        // Gemma 2 has neither a system role (see the test above) nor tools: a plain chat renders
+        // and the tools are ignored...
+        ToolCase {
+            families: "gemma2",
+            template: "google-gemma-2-2b-it.jinja",
+            messages: conversation()[1..].to_vec(),
+            expect: Expect::Renders {
+                contains: &["<s><start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\nParis.<end_of_turn>\n<start_of_turn>user\nAnd of Italy?<end_of_turn>\n"],
+                lacks: &["get_weather"],
+                ends_with: "<start_of_turn>model\n",
+            },
+        },
+        // ...and a tool message breaks its strict user/model alternation.
+        ToolCase {
+            families: "gemma2",
+            template: "google-gemma-2-2b-it.jinja",
+            messages: weather_round_trip(false, "call_1", null.clone()),
+            expect: Expect::Raises("Conversation roles must alternate user/assistant/user/assistant/..."),
+        },
+        // There is no Gemma 3 template in the folder. Gemma 4's (not a family we serve) has tools:
+        // after a tool response it keeps the model's turn open and adds no generation prompt.
+        ToolCase {
+            families: "gemma3_text (stand-in: Gemma 4)",
+            template: "google-gemma-4-31B-it.jinja",
+            messages: weather_round_trip(true, "call_1", null),
+            expect: Expect::Renders {
+                contains: &[
+                    "<s><|turn>system\nYou are a weather bot.<|tool>declaration:get_weather{description:<|\"|>Get the current weather in a city<|\"|>",
+                    "<|turn>user\nWhat is the weather in Paris?<turn|>\n",
+                    "<|turn>model\n<|tool_call>call:get_weather{city:<|\"|>Paris<|\"|>}<tool_call|>",
+                    "<|tool_response>response:get_weather{value:<|\"|>{\"temperature\": 21}<|\"|>}<tool_response|>",
+                ],
+                lacks: &[],
+                ends_with: "<tool_response|>",
+            },
+        },
+    ]
+}
+
+#[test]
+fn each_family_template_renders_a_tool_round_trip() {
+    let dir = common::or_skip!(templates());
+    let tools = weather_tool();
+    let mut failures = Vec::new();
+    for case in tool_cases() {
+        let label = format!("{} ({})", case.template, case.families);
+        let rendered = render_file(&dir, case.template, &case.messages, Some(&tools));
+        match (&case.expect, rendered) {
+            (
+                Expect::Renders {
+                    contains,
+                    lacks,
+                    ends_with,
+                },
+                Ok(out),
+            ) => {
+                for needle in *contains {
+                    if !out.contains(needle) {
+                        failures.push(format!("{label}: lacks {needle:?} in:\n{out}"));
+                    }
+                }
+                for needle in *lacks {
+                    if out.contains(needle) {
+                        failures.push(format!("{label}: should not show {needle:?} in:\n{out}"));
+                    }
+                }
+                if !out.ends_with(ends_with) {
+                    failures.push(format!("{label}: does not end with {ends_with:?}:\n{out}"));
+                }
+            }
+            (Expect::Raises(want), Err(Error::TemplateException { message, .. }))
+                if message == *want => {}
+            (Expect::Fails(want), Err(Error::Template { msg, .. })) if msg.contains(want) => {}
+            (_, got) => failures.push(format!("{label}: unexpected {got:?}")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
