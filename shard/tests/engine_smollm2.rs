@@ -138,12 +138,14 @@ fn hf_float32_matches_reference() {
 #[test]
 fn hf_float32_with_the_default_bf16_kv_cache_keeps_greedy_ids() {
     // The cache rounds K and V to bf16 (8 significant bits); every greedy id and the top-5 ranking
-    // still match transformers' f32 run, and top-5 logits stay within 0.05 (observed: ≤ 0.031).
+    // still match transformers' f32 run, and top-5 logits (about 25) stay within 0.1. Observed:
+    // ≤ 0.031 on an AVX-512 host, 0.058 on an AVX2-only one, whose matmul kernel sums in another
+    // order, so other K/V values land on the other side of a bf16 rounding boundary.
     assert_eq!(LoadOptions::default().kv_cache_dtype, KvCacheDtype::Bf16);
     check_model(
         &fetched_model("smollm2-hf-float32"),
         &LoadOptions::default(),
-        0.05,
+        0.1,
         None,
     );
 }

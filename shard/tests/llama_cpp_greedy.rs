@@ -6,6 +6,7 @@ mod engine_common;
 
 use engine_common::*;
 use serde_json::Value;
+use tessera_shard::backend::cpu::quant::Kernels;
 use tessera_shard::kv_cache::KvCacheDtype;
 use tessera_shard::loader::{load, LoadOptions};
 use tessera_shard::tools::generate::greedy;
@@ -29,11 +30,22 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-/// Leading ids that equal llama.cpp's today (of 112). Each case runs to the first near-tie where
-/// the two engines' roundings part: llama.cpp's CPU flash attention accumulates V in f16 and its
-/// top two candidates are 0.06-0.37 apart in log-probability there. Raise this as numerics
-/// converge; a drop means the quantized engine moved away from llama.cpp.
-const MATCHED_FLOOR: usize = 56;
+/// Leading ids that equal llama.cpp's today (of 112, and of the 32 of the story), per kernel set:
+/// the sets compute the same integer products but sum the blocks' f32 results in other orders,
+/// so near-ties part at other steps. Each case runs to the first near-tie where the two engines'
+/// roundings part: llama.cpp's CPU flash attention accumulates V in f16 and its top two
+/// candidates are 0.06-0.37 apart in log-probability there. Measured: VNNI on an AVX-512 host
+/// (where the reference was made) 56 and 32; AVX2 on an AVX2-only AMD EPYC host 42 and 4, the
+/// same before and after the device-neutral model layer; portable (the same code on any x86-64
+/// host) 52 and 32. Raise these as numerics converge; a drop means the quantized engine moved
+/// away from llama.cpp.
+fn floors() -> (usize, usize) {
+    match Kernels::chosen() {
+        Kernels::Vnni => (56, 32),
+        Kernels::Avx2 => (42, 4),
+        Kernels::Portable => (52, 32),
+    }
+}
 
 #[test]
 fn q4_1_greedy_ids_follow_llama_cpp() {
@@ -70,11 +82,23 @@ fn q4_1_greedy_ids_follow_llama_cpp() {
         "{matched}/{total} ids equal llama.cpp's\n{}",
         report.join("\n")
     );
-    assert_eq!(report[0].split(':').next(), Some("story"));
-    assert!(report[0].contains("32/32"), "{}", report[0]);
+    let (floor, story_floor) = floors();
+    let story = &fixture["cases"][0];
+    assert_eq!(story["name"].as_str(), Some("story"));
+    let story_matched: usize = report[0]
+        .split_once(": ")
+        .and_then(|(_, r)| r.split('/').next()?.parse().ok())
+        .expect("the story's count");
     assert!(
-        matched >= MATCHED_FLOOR,
-        "{matched}/{total} < {MATCHED_FLOOR}\n{}",
+        story_matched >= story_floor,
+        "{:?}: {}",
+        Kernels::chosen(),
+        report[0]
+    );
+    assert!(
+        matched >= floor,
+        "{:?}: {matched}/{total} < {floor}\n{}",
+        Kernels::chosen(),
         report.join("\n")
     );
 }

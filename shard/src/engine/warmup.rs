@@ -47,22 +47,26 @@ pub(crate) struct MaxForward {
 }
 
 /// Peak bytes of one rank's activations during `f`, beyond weights and KV cache, counted from
-/// what `models/llama.rs` keeps alive at once: a layer's buffers are freed before the next
+/// what `models/decoder.rs` keeps alive at once: a layer's buffers are freed before the next
 /// layer, so the per-token cost is one layer's (residual, norm output, fused qkv and its split,
 /// attention output, o, gate|up, swiglu, down, one input-sized scratch for packing or quantizing
-/// a matmul's activations, RoPE tables and the flattened plan), and the logits stage holds the
+/// a matmul's activations, RoPE tables and the flattened plan; a mixture of experts adds its
+/// output, each expert's gathered rows and its `top_k` experts' FFN widths), and the logits stage holds the
 /// picked rows, their norm, this rank's logits, the gathered logits, the per-sequence copies and
 /// the sampler's working row. Math is f32 whatever the weights' dtype.
 pub(crate) fn activation_bytes(c: &ModelConfig, world_size: usize, f: MaxForward) -> u64 {
     let ranks = world_size.max(1);
     let (h, hd) = (c.hidden_size, c.head_dim);
     let (q, kv) = (c.q_dim() / ranks, c.kv_dim() / ranks);
-    let ff = c.intermediate_size / ranks;
+    // A token's routed experts together are `top_k` FFNs wide.
+    let moe = c.moe.as_ref().map_or(0, |m| m.top_k * m.intermediate_size);
+    let ff = c.intermediate_size.max(moe) / ranks;
+    let moe_rows = if c.moe.is_some() { 2 * h } else { 0 };
     let (vocab, local_vocab) = (c.vocab_size, c.vocab_size.div_ceil(ranks));
     let heads = (c.num_heads / ranks).max(1);
     // Four index arrays of the flattened plan (tokens, positions, sequence, slot), 8 bytes each.
     let plan = 4 * 8 / 4;
-    let per_token = 6 * h + 2 * (q + 2 * kv) + q + 3 * ff + h.max(ff).max(q) + hd + plan;
+    let per_token = 6 * h + 2 * (q + 2 * kv) + q + 3 * ff + h.max(ff).max(q) + hd + plan + moe_rows;
     let per_logit_row = 2 * h + local_vocab + 3 * vocab;
     let attention_scratch = f.threads.max(1) * (heads + 2 * hd) * f.span;
     let floats = f.tokens as u64 * per_token as u64

@@ -1,5 +1,6 @@
-//! `tessera-shard random-model`: writes a Llama-shaped model folder (config.json, model.safetensors,
-//! tokenizer.json) with seeded random weights, so benchmarks can run a Llama-3-8B-sized model
+//! `tessera-shard random-model`: writes a Llama- or Mixtral-shaped model folder (config.json,
+//! model.safetensors, tokenizer.json) with seeded random weights, so benchmarks can run a
+//! Llama-3-8B-sized model, or a mixture of experts beside a dense model of the same active size,
 //! without downloading one. Weights follow Hugging Face's init (uniform with std 0.02, norms 1.0)
 //! and are generated and written tensor by tensor in parallel chunks, never held whole in memory.
 
@@ -21,6 +22,12 @@ pub enum Shape {
     Llama3_8b,
     /// A two-layer model of the same structure, for tests.
     Tiny,
+    /// A small Mixtral: 8 layers, 1024 hidden, 8 experts of 1024 FFN columns, 2 per token.
+    #[value(name = "moe-small")]
+    MoeSmall,
+    /// `moe-small`'s dense twin: one 2048-column MLP per layer, the routed experts' active size.
+    #[value(name = "dense-small")]
+    DenseSmall,
 }
 
 /// Arguments of `tessera-shard random-model`.
@@ -48,6 +55,9 @@ pub struct Dims {
     pub kv_heads: usize,
     pub vocab: usize,
     pub max_positions: usize,
+    /// Experts per layer (0: a dense MLP); each has `intermediate` FFN columns.
+    pub experts: usize,
+    pub experts_per_token: usize,
 }
 
 impl Shape {
@@ -61,6 +71,8 @@ impl Shape {
                 kv_heads: 8,
                 vocab: 128_256,
                 max_positions: 131_072,
+                experts: 0,
+                experts_per_token: 0,
             },
             Shape::Tiny => Dims {
                 hidden: 64,
@@ -70,14 +82,31 @@ impl Shape {
                 kv_heads: 2,
                 vocab: 256,
                 max_positions: 2048,
+                experts: 0,
+                experts_per_token: 0,
             },
+            Shape::MoeSmall | Shape::DenseSmall => {
+                let moe = self == Shape::MoeSmall;
+                Dims {
+                    hidden: 1024,
+                    intermediate: if moe { 1024 } else { 2048 },
+                    layers: 8,
+                    heads: 16,
+                    kv_heads: 4,
+                    vocab: 32_000,
+                    max_positions: 4096,
+                    experts: if moe { 8 } else { 0 },
+                    experts_per_token: if moe { 2 } else { 0 },
+                }
+            }
         }
     }
 }
 
-/// `config.json` of a shape: Llama 3.1's rope (theta 5e5 with llama3 scaling), untied lm_head.
+/// `config.json` of a shape: Llama 3.1's rope (theta 5e5 with llama3 scaling), untied lm_head;
+/// Mixtral's when the shape has experts.
 pub fn config_json(d: &Dims, dtype: DType) -> Value {
-    json!({
+    let mut config = json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": d.hidden,
@@ -103,7 +132,14 @@ pub fn config_json(d: &Dims, dtype: DType) -> Value {
         "eos_token_id": 2,
         "hidden_act": "silu",
         "torch_dtype": crate::loader::dtype_name(dtype),
-    })
+    });
+    if d.experts > 0 {
+        config["architectures"] = json!(["MixtralForCausalLM"]);
+        config["model_type"] = json!("mixtral");
+        config["num_local_experts"] = json!(d.experts);
+        config["num_experts_per_tok"] = json!(d.experts_per_token);
+    }
+    config
 }
 
 /// One tensor to write: checkpoint name, shape, and whether it is a norm (all ones).
@@ -148,22 +184,25 @@ pub fn tensors(d: &Dims) -> Vec<TensorSpec> {
                 false,
             ),
             t(p("post_attention_layernorm.weight"), vec![d.hidden], true),
-            t(
-                p("mlp.gate_proj.weight"),
-                vec![d.intermediate, d.hidden],
-                false,
-            ),
-            t(
-                p("mlp.up_proj.weight"),
-                vec![d.intermediate, d.hidden],
-                false,
-            ),
-            t(
-                p("mlp.down_proj.weight"),
-                vec![d.hidden, d.intermediate],
-                false,
-            ),
         ]);
+        let ff = d.intermediate;
+        let mlp = |prefix: String, [gate, up, down]: [&str; 3]| {
+            [
+                t(format!("{prefix}.{gate}.weight"), vec![ff, d.hidden], false),
+                t(format!("{prefix}.{up}.weight"), vec![ff, d.hidden], false),
+                t(format!("{prefix}.{down}.weight"), vec![d.hidden, ff], false),
+            ]
+        };
+        if d.experts == 0 {
+            out.extend(mlp(p("mlp"), ["gate_proj", "up_proj", "down_proj"]));
+        } else {
+            let gate = p("block_sparse_moe.gate.weight");
+            out.push(t(gate, vec![d.experts, d.hidden], false));
+            for e in 0..d.experts {
+                let expert = p(&format!("block_sparse_moe.experts.{e}"));
+                out.extend(mlp(expert, ["w1", "w3", "w2"]));
+            }
+        }
     }
     out.push(t("model.norm.weight".into(), vec![d.hidden], true));
     out.push(t("lm_head.weight".into(), vec![d.vocab, d.hidden], false));

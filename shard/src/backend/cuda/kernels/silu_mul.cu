@@ -1,5 +1,5 @@
 // silu_mul.cu: SwiGLU's activation on the fused gate|up projection: each row of `gate_up` is
-// [gate (ff) | up (ff)] and out = silu(gate) * up, as models/llama.rs `swiglu` computes it.
+// [gate (ff) | up (ff)] and out = silu(gate) * up, as the CPU backend's `gated` computes it.
 
 template <typename T>
 __device__ void silu_mul(T* out, const T* gate_up, long long n, int ff) {
