@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use tessera_formats::gguf::Gguf;
 use tessera_formats::tokenizer::tokenizer_from_gguf;
 
-use crate::config::{Architecture, ModelConfig};
+use crate::config::{Architecture, ModelConfig, RopeScaling};
 use crate::loader::{dtype_name, WeightDtype};
 use crate::weights::gguf::{gguf_name, GgufSource};
 use crate::weights::{DType, WeightSource};
@@ -118,6 +118,22 @@ pub fn convert(gguf_path: &Path, out: &Path, dtype: WeightDtype) -> Result<Conve
                 "convert writes llama, mistral and qwen2 folders; {} is served from the GGUF \
                  file directly",
                 config.architecture
+            ),
+        ));
+    }
+    let unwritable = match config.rope.scaling {
+        RopeScaling::None | RopeScaling::Linear { .. } => None,
+        RopeScaling::Yarn(_) => Some("yarn"),
+        RopeScaling::LongRope(_) => Some("per-frequency factors"),
+        RopeScaling::Dynamic { .. } => Some("dynamic"),
+        RopeScaling::Llama3 { .. } => Some("llama3"),
+    };
+    if let Some(kind) = unwritable {
+        return Err(Error::model_file(
+            gguf_path,
+            format!(
+                "convert writes plain and linear rope scaling; this file's {kind} rope scaling \
+                 is served from the GGUF file directly"
             ),
         ));
     }
