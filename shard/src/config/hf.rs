@@ -269,3 +269,93 @@ fn token_ids(v: Option<&Value>) -> std::result::Result<Vec<u32>, String> {
             .ok_or_else(|| format!("invalid token id {x}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::config::RopeScaling;
+
+    fn base() -> Value {
+        json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 100
+        })
+    }
+
+    fn with(extra: Value) -> std::result::Result<ModelConfig, String> {
+        let mut j = base();
+        for (k, v) in extra.as_object().unwrap() {
+            j[k] = v.clone();
+        }
+        ModelConfig::from_hf_json(&j)
+    }
+
+    /// Each malformed config names its problem instead of loading something else.
+    #[test]
+    fn bad_configs_name_the_problem() {
+        let cases = [
+            (
+                json!({"model_type": "gpt2"}),
+                "unsupported architecture 'gpt2'",
+            ),
+            (
+                json!({"layer_types": ["full_attention"]}),
+                "'layer_types' has 1 entries",
+            ),
+            (
+                json!({"layer_types": ["chunked"]}),
+                "unsupported layer type",
+            ),
+            (
+                json!({"hidden_act": "relu"}),
+                "unsupported activation 'relu'",
+            ),
+            (
+                json!({"model_type": "mixtral", "num_local_experts": 2, "num_experts_per_tok": 3}),
+                "need 1 <= top-k <= experts",
+            ),
+            (
+                json!({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0],
+                                        "long_factor": [1.0]}}),
+                "longrope needs 8 short and long factors",
+            ),
+            (
+                json!({"partial_rotary_factor": 0.0}),
+                "rotary dimensions (0)",
+            ),
+            (
+                json!({"rope_scaling": {"rope_type": "mrope"}}),
+                "unsupported rope scaling type",
+            ),
+        ];
+        for (extra, want) in cases {
+            let err = with(extra.clone()).unwrap_err();
+            assert!(err.contains(want), "{extra}: {err}");
+        }
+    }
+
+    /// transformers 5's `rope_parameters`, per layer type as Gemma 3 writes it, resolves like the
+    /// classic keys.
+    #[test]
+    fn rope_parameters_per_layer_type() {
+        let c = with(json!({
+            "model_type": "gemma3_text", "head_dim": 16, "sliding_window": 4,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}
+            }
+        }))
+        .unwrap();
+        assert_eq!(c.rope.theta, 1e6);
+        assert_eq!(c.rope.scaling, RopeScaling::Linear { factor: 8.0 });
+        let local = c.local_rope.clone().unwrap();
+        assert_eq!((local.theta, local.scaling), (1e4, RopeScaling::None));
+        assert_eq!((c.window(0), c.window(1)), (Some(4), None));
+        assert!(c.qk_norm && c.tie_word_embeddings);
+        assert_eq!(c.attn_scale, 256f32.powf(-0.5));
+    }
+}
