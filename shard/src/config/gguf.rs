@@ -12,7 +12,7 @@
 
 use tessera_formats::gguf::Gguf;
 
-use super::{Architecture, LongRope, ModelConfig, MoeConfig, RopeConfig, RopeScaling, Yarn};
+use super::{rope, Architecture, LongRope, ModelConfig, MoeConfig, RopeConfig, RopeScaling, Yarn};
 use crate::backend::Activation;
 use crate::{Error, Result};
 
@@ -223,27 +223,17 @@ fn global_rope(m: &Meta, head_dim: usize, context: usize) -> Result<RopeConfig> 
     })
 }
 
-/// `0.1 · m · ln(scale) + 1` (1 for `scale` ≤ 1), YaRN's attention temperature.
-fn yarn_mscale(scale: f32, m: f32) -> f32 {
-    if scale <= 1.0 {
-        1.0
-    } else {
-        0.1 * m * scale.ln() + 1.0
-    }
-}
-
 /// YaRN as transformers computes it from what the converter copied out of `rope_scaling`.
 fn yarn(m: &Meta, factor: Option<f32>, original: usize) -> Yarn {
     let factor = factor.unwrap_or(1.0);
     // The converter stores HF's explicit `attention_factor` as `yarn_attn_factor`; DeepSeek-style
     // files give `mscale_all_dim` as `yarn_log_multiplier` (llama.cpp takes mscale as 1).
-    let attention_factor = match (
-        m.f32("rope.scaling.yarn_attn_factor"),
-        m.f32("rope.scaling.yarn_log_multiplier"),
-    ) {
-        (Some(a), _) => a,
-        (None, Some(all)) if all != 0.0 => yarn_mscale(factor, 1.0) / yarn_mscale(factor, all),
-        _ => yarn_mscale(factor, 1.0),
+    let attention_factor = match m.f32("rope.scaling.yarn_attn_factor") {
+        Some(a) => a,
+        None => {
+            let all = m.f32("rope.scaling.yarn_log_multiplier").map(f64::from);
+            rope::yarn_attention_factor(factor as f64, Some(1.0), all) as f32
+        }
     };
     Yarn {
         factor,
@@ -265,14 +255,7 @@ fn long_rope_scaling(
 ) -> Result<RopeScaling> {
     let attention_factor = match m.f32("rope.scaling.attn_factor") {
         Some(a) => a,
-        None => {
-            let scale = context as f64 / original as f64;
-            if scale <= 1.0 {
-                1.0
-            } else {
-                (1.0 + scale.ln() / (original as f64).ln()).sqrt() as f32
-            }
-        }
+        None => rope::long_rope_attention_factor(context as f64 / original as f64, original) as f32,
     };
     Ok(RopeScaling::LongRope(LongRope {
         short_factor: m.factors("rope_factors_short.weight", half)?,

@@ -185,16 +185,33 @@ fn yarn_mscale(scale: f64, m: f64) -> f64 {
     }
 }
 
+/// YaRN's default attention factor for `factor`: `mscale(factor, m) / mscale(factor, all)` when
+/// both are set and nonzero (DeepSeek), else `mscale(factor, 1)`.
+pub(super) fn yarn_attention_factor(factor: f64, m: Option<f64>, all: Option<f64>) -> f64 {
+    match (m, all) {
+        (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+            yarn_mscale(factor, m) / yarn_mscale(factor, all)
+        }
+        _ => yarn_mscale(factor, 1.0),
+    }
+}
+
+/// LongRoPE's default attention factor: `√(1 + ln(factor) / ln(original))`, 1 for `factor` ≤ 1.
+pub(super) fn long_rope_attention_factor(factor: f64, original: usize) -> f64 {
+    if factor <= 1.0 {
+        1.0
+    } else {
+        (1.0 + factor.ln() / (original as f64).ln()).sqrt()
+    }
+}
+
 fn yarn(p: &Value, max: usize, original: usize) -> Result<Yarn, String> {
     let f = |k: &str| opt_f64(p, k);
     // Without a factor, the ratio of the context to the pretrained one (DeepSeek-V3 style).
     let factor = f("factor")?.unwrap_or(max as f64 / original as f64);
-    let attention_factor = match (f("attention_factor")?, f("mscale")?, f("mscale_all_dim")?) {
-        (Some(a), _, _) => a,
-        (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
-            yarn_mscale(factor, m) / yarn_mscale(factor, all)
-        }
-        _ => yarn_mscale(factor, 1.0),
+    let attention_factor = match f("attention_factor")? {
+        Some(a) => a,
+        None => yarn_attention_factor(factor, f("mscale")?, f("mscale_all_dim")?),
     };
     Ok(Yarn {
         factor: factor as f32,
@@ -223,8 +240,7 @@ fn long_rope(p: &Value, max: usize, original: usize) -> Result<LongRope, String>
     let factor = opt_f64(p, "factor")?.unwrap_or(max as f64 / original as f64);
     let attention_factor = match opt_f64(p, "attention_factor")? {
         Some(a) => a,
-        None if factor <= 1.0 => 1.0,
-        None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+        None => long_rope_attention_factor(factor, original),
     };
     Ok(LongRope {
         short_factor: factors("short_factor")?,
