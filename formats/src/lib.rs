@@ -3,11 +3,13 @@
 //! - [`gguf`]: validated, memory-mapped GGUF reader with dequantization to f32.
 //! - [`tokenizer`]: `tokenizers::Tokenizer` from `tokenizer.json` or from GGUF vocabulary metadata.
 //! - [`chat_template`]: Hugging Face chat templates rendered as transformers does.
+//! - [`grammar`]: JSON-schema and regex grammars compiled to per-token masks (constrained decoding).
 //! - [`model_files`]: what a model path is (HF folder or GGUF file).
 
 pub mod chat_template;
 pub mod error;
 pub mod gguf;
+pub mod grammar;
 pub mod model_files;
 pub mod tokenizer;
 

@@ -47,11 +47,45 @@ pub struct GenerateParameters {
     pub seed: Option<u64>,
     #[serde(default)]
     pub top_n_tokens: Option<u32>,
+    /// Min-p sampling in [0, 1] (a Tessera extension, as vLLM's `min_p`); 0 is off.
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    /// Token id → bias in [-100, 100] added to its logit (OpenAI's `logit_bias`; a Tessera extension
+    /// on this route).
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::HashMap<u32, f32>>,
+    /// `{"type": "json"|"json_object", "value": schema}`, `{"type": "regex", "value": "…"}` or
+    /// `{"type": "json_schema", "value": {"name", "schema"}}`.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
-    pub grammar: Option<serde_json::Value>,
+    pub grammar: Option<GrammarParam>,
     #[serde(default)]
     pub adapter_id: Option<String>,
+}
+
+/// TGI's `grammar` parameter: a JSON schema (object, or a string holding one), a regex, or an
+/// OpenAI-style `json_schema` wrapper.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "type", content = "value")]
+pub enum GrammarParam {
+    #[serde(rename = "json", alias = "json_object")]
+    Json(serde_json::Value),
+    #[serde(rename = "regex")]
+    Regex(String),
+    #[serde(rename = "json_schema")]
+    JsonSchema(JsonSchemaConfig),
+}
+
+/// `{"name"?, "description"?, "strict"?, "schema"}` as OpenAI's `response_format.json_schema`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct JsonSchemaConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub strict: Option<bool>,
+    pub schema: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]

@@ -52,8 +52,16 @@ pub enum RouterError {
     MaxTotalTokens(u32, u32, u32),
     #[error("Input validation error: `inputs` must have less than {0} tokens. Given: {1}")]
     InputLength(u32, u32),
-    #[error("Input validation error: grammar is not supported")]
-    Grammar,
+    #[error("Input validation error: grammar is not valid: {0}")]
+    InvalidGrammar(String),
+    #[error("Input validation error: `min_p` must be >= 0.0 and <= 1.0")]
+    MinP,
+    #[error("Input validation error: `logit_bias` values must be >= -100 and <= 100")]
+    LogitBias,
+    #[error("Input validation error: `logit_bias` key {0} is not a token id (the vocabulary has {1})")]
+    LogitBiasToken(u32, usize),
+    #[error("Tool error: {0}")]
+    Tool(String),
     #[error("Input validation error: `best_of` != 1 is not allowed for this endpoint")]
     BestOfDisabled,
     #[error("Input validation error: `best_of` must be > 0 and <= {0}. Given: {1}")]

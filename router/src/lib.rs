@@ -19,4 +19,5 @@ pub mod server;
 pub mod startup;
 pub mod swagger;
 pub mod tgi;
+pub mod tools;
 pub mod validation;

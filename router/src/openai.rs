@@ -1,9 +1,12 @@
 //! OpenAI-compatible routes (`/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/chat_tokenize`),
-//! fixing TGI's warts: `finish_reason` is only `stop`/`length`, real ids, `n` > 1,
+//! fixing TGI's warts: `finish_reason` is only `stop`/`length`/`tool_calls`, real ids, `n` > 1,
 //! `top_p = 1.0`, presence penalty as OpenAI defines it, stop strings trimmed (held back in streams),
-//! `usage` (and `stream_options.include_usage`).
+//! `usage` (and `stream_options.include_usage`), `logit_bias`, `response_format` and tool calls
+//! (`tools.rs`).
 
-use crate::api::{ChatTokenizeResponse, FinishReason, GenerateParameters, Token};
+use crate::api::{
+    ChatTokenizeResponse, FinishReason, GenerateParameters, GrammarParam, JsonSchemaConfig, Token,
+};
 use crate::batcher::Generated;
 use crate::common::{
     admit, counted_body, generate_all, record_failure, simple_tokens, sse_response, validate,
@@ -13,6 +16,7 @@ use crate::error::{OpenAiError, Result, RouterError};
 use crate::metrics as m;
 use crate::openai_stream::{sse_events, ChoiceStreams, Delta, StreamSpec};
 use crate::openai_types::*;
+use crate::tools::{self, ToolUse};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -53,26 +57,71 @@ fn normalize_messages(messages: &[Value]) -> Vec<Value> {
 
 /// Renders on a blocking worker: a template (from the model files) is CPU work bounded only by
 /// its fuel (`tessera_formats::chat_template::RENDER_FUEL`), which must not stall the async threads.
-async fn render(state: &AppStateRef, request: &ChatRequest) -> Result<String> {
+/// Tools reach the template when calls are allowed; a template that does not render them (or an
+/// assistant's earlier calls) gets them in the messages instead.
+async fn render(
+    state: &AppStateRef,
+    request: &ChatRequest,
+    tool_use: Option<&ToolUse>,
+) -> Result<String> {
     if request.messages.is_empty() {
         return Err(RouterError::InvalidRequest(
             "`messages` cannot be empty".into(),
         ));
     }
-    let (state, messages, tools) = (
+    let (state, messages, tools, tool_prompt) = (
         state.clone(),
-        normalize_messages(&request.messages),
-        request.tools.clone(),
+        tools::template_messages(normalize_messages(&request.messages)),
+        tool_use.map(|t| t.tools.clone()),
+        request.tool_prompt.clone(),
     );
     tokio::task::spawn_blocking(move || {
-        let template = state.template.as_ref();
+        let template = state
+            .template
+            .as_ref()
+            .ok_or_else(|| RouterError::Template("template not found".into()))?;
+        let mut messages = messages;
+        if !template.renders_tool_calls() {
+            tools::calls_as_content(&mut messages);
+        }
+        let tools = match tools {
+            Some(t) if !template.renders_tools() => {
+                tools::inject_tool_prompt(&mut messages, &t, tool_prompt.as_deref());
+                None
+            }
+            other => other,
+        };
         template
-            .ok_or_else(|| RouterError::Template("template not found".into()))?
             .render(&messages, true, tools.as_ref())
             .map_err(|e| RouterError::Template(e.to_string()))
     })
     .await
     .map_err(|e| RouterError::Template(format!("template rendering failed: {e}")))?
+}
+
+/// OpenAI's `response_format` (or TGI's grammar in its place) as a grammar; `text` is none.
+fn response_format_grammar(format: &Value) -> Result<Option<GrammarParam>> {
+    let invalid = |msg: &str| RouterError::InvalidGrammar(format!("`response_format` {msg}"));
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(GrammarParam::Json(json!({"type": "object"})))),
+        Some("json_schema") => {
+            let config: JsonSchemaConfig = format
+                .get("json_schema")
+                .cloned()
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| invalid(&format!("has an invalid `json_schema`: {e}")))?
+                .ok_or_else(|| invalid("of type json_schema needs `json_schema`"))?;
+            Ok(Some(GrammarParam::JsonSchema(config)))
+        }
+        Some("json" | "regex") => serde_json::from_value(format.clone())
+            .map(Some)
+            .map_err(|e| invalid(&format!("is not a TGI grammar: {e}"))),
+        _ => Err(invalid(
+            "must have a `type` of text, json_object, json_schema, json or regex",
+        )),
+    }
 }
 
 /// Shared sampling mapping of both OpenAI routes. Numbers pass through unchanged (no arithmetic):
@@ -82,12 +131,27 @@ pub fn parameters(
     max_new_tokens: Option<u32>,
     top_n: Option<u32>,
 ) -> Result<GenerateParameters> {
-    if s.response_format
+    let grammar = match &s.response_format {
+        Some(format) => response_format_grammar(format)?,
+        None => None,
+    };
+    let logit_bias = s
+        .logit_bias
         .as_ref()
-        .is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text"))
-    {
-        return Err(RouterError::Grammar);
-    }
+        .map(|biases| {
+            biases
+                .iter()
+                .map(|(token, &bias)| {
+                    let id = token.trim().parse::<u32>().map_err(|_| {
+                        RouterError::InvalidRequest(format!(
+                            "`logit_bias` keys must be token ids, got \"{token}\""
+                        ))
+                    })?;
+                    Ok((id, bias))
+                })
+                .collect::<Result<_>>()
+        })
+        .transpose()?;
     // OpenAI: temperature 0 means greedy; otherwise sample (default temperature 1).
     let (do_sample, temperature) = match s.temperature {
         Some(0.0) => (false, None),
@@ -108,6 +172,9 @@ pub fn parameters(
             .unwrap_or_default(),
         top_n_tokens: top_n,
         details: true,
+        min_p: s.min_p,
+        logit_bias,
+        grammar,
         ..Default::default()
     })
 }
@@ -121,9 +188,12 @@ pub fn choices_count(max: usize, n: Option<usize>) -> Result<usize> {
     Ok(n)
 }
 
-/// A chat request's parameters: `max_completion_tokens` (or the older `max_tokens`), and
-/// `top_logprobs` alternatives when `logprobs` is on.
-pub fn chat_parameters(request: &ChatRequest) -> Result<GenerateParameters> {
+/// A chat request's parameters: `max_completion_tokens` (or the older `max_tokens`),
+/// `top_logprobs` alternatives when `logprobs` is on, and the grammar of a required tool call.
+pub fn chat_parameters(
+    request: &ChatRequest,
+    tool_use: Option<&ToolUse>,
+) -> Result<GenerateParameters> {
     if request.top_logprobs.is_some() && !request.logprobs.unwrap_or(false) {
         return Err(RouterError::TopLogprobsWithoutLogprobs);
     }
@@ -131,14 +201,24 @@ pub fn chat_parameters(request: &ChatRequest) -> Result<GenerateParameters> {
         .logprobs
         .unwrap_or(false)
         .then_some(request.top_logprobs.unwrap_or(0));
-    parameters(
+    let mut params = parameters(
         &request.sampling,
         request.max_completion_tokens.or(request.max_tokens),
         top_n,
-    )
+    )?;
+    if let Some(schema) = tool_use.and_then(ToolUse::grammar) {
+        if params.grammar.is_some() {
+            return Err(RouterError::Tool(
+                "Grammar and tools are mutually exclusive".into(),
+            ));
+        }
+        params.grammar = Some(GrammarParam::Json(schema));
+    }
+    Ok(params)
 }
 
-/// OpenAI text: no trailing special token (EOS) and no stop sequence.
+/// OpenAI text: no trailing special token (EOS), and nothing from the stop sequence on (the stop
+/// may sit inside a token with more text after it).
 fn clean_text(generated: &Generated, stops: &[String]) -> String {
     let end = generated.end();
     let mut text = end.text.clone();
@@ -148,11 +228,16 @@ fn clean_text(generated: &Generated, stops: &[String]) -> String {
         }
     }
     if end.finish_reason == FinishReason::StopSequence {
-        if let Some(stop) = stops.iter().find(|s| text.ends_with(s.as_str())) {
-            text.truncate(text.len() - stop.len());
+        if let Some(at) = first_stop(&text, stops) {
+            text.truncate(at);
         }
     }
     text
+}
+
+/// Where the earliest stop sequence in `text` begins: generation stopped at the first match.
+pub fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter_map(|s| text.find(s.as_str())).min()
 }
 
 #[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatRequest,
@@ -174,11 +259,18 @@ pub async fn chat_inner(state: AppStateRef, request: ChatRequest) -> Result<Resp
     let permit = admit(&state)?;
     let prepared = (|| {
         let n = choices_count(state.info.max_client_batch_size, request.sampling.n)?;
-        let params = chat_parameters(&request)?;
-        Ok((n, params))
+        let tool_use = ToolUse::from_request(
+            request.tools.as_ref(),
+            request.tool_choice.as_ref(),
+            request.parallel_tool_calls,
+        )?;
+        let params = chat_parameters(&request, tool_use.as_ref())?;
+        Ok((n, params, tool_use))
     })();
-    let (n, params) = prepared.inspect_err(record_failure)?;
-    let inputs = render(&state, &request).await.inspect_err(record_failure)?;
+    let (n, params, tool_use) = prepared.inspect_err(record_failure)?;
+    let inputs = render(&state, &request, tool_use.as_ref())
+        .await
+        .inspect_err(record_failure)?;
     let valid = validate(&state, inputs, &params, false).await?;
     let stops = params.stop.clone();
     let model = state.info.model_id.clone();
@@ -186,13 +278,14 @@ pub async fn chat_inner(state: AppStateRef, request: ChatRequest) -> Result<Resp
     if request.sampling.stream {
         let mut streams = ChoiceStreams::default();
         streams.submit(&state, valid, n, "chat_completions").await?;
-        let spec = stream_spec(
+        let mut spec = stream_spec(
             "chatcmpl",
             "chat.completion.chunk",
             model,
             stops,
             &request.sampling,
         );
+        spec.tools = tool_use;
         let events = sse_events(streams, permit, spec, move |d| chat_delta(d, with_logprobs));
         return Ok(sse_response(events));
     }
@@ -200,22 +293,35 @@ pub async fn chat_inner(state: AppStateRef, request: ChatRequest) -> Result<Resp
     let choices = runs
         .iter()
         .enumerate()
-        .map(|(index, run)| ChatChoice {
-            index,
-            message: ChatMessage {
-                role: "assistant".into(),
-                content: clean_text(run, &stops),
-            },
-            logprobs: with_logprobs.then(|| ChatLogprobs {
-                content: run
-                    .tokens
-                    .iter()
-                    .zip(&run.top_tokens)
-                    .filter(|(t, _)| !t.special)
-                    .map(|(t, top)| chat_logprob(t, top))
-                    .collect(),
-            }),
-            finish_reason: run.end().finish_reason.openai().into(),
+        .map(|(index, run)| {
+            let text = clean_text(run, &stops);
+            let (content, calls) = match &tool_use {
+                Some(t) => t.parse(&text),
+                None => (Some(text), Vec::new()),
+            };
+            let finish_reason = match calls.is_empty() {
+                true => run.end().finish_reason.openai(),
+                false => "tool_calls",
+            };
+            ChatChoice {
+                index,
+                message: ChatMessage {
+                    role: "assistant".into(),
+                    content,
+                    tool_calls: (!calls.is_empty())
+                        .then(|| calls.iter().map(|c| c.to_openai(None)).collect()),
+                },
+                logprobs: with_logprobs.then(|| ChatLogprobs {
+                    content: run
+                        .tokens
+                        .iter()
+                        .zip(&run.top_tokens)
+                        .filter(|(t, _)| !t.special)
+                        .map(|(t, top)| chat_logprob(t, top))
+                        .collect(),
+                }),
+                finish_reason: finish_reason.into(),
+            }
         })
         .collect();
     let usage = Usage::new(
@@ -235,7 +341,8 @@ pub async fn chat_inner(state: AppStateRef, request: ChatRequest) -> Result<Resp
     .into_response())
 }
 
-/// A chat stream's choice: the delta as an assistant message, logprobs of visible tokens when asked.
+/// A chat stream's choice: the delta as an assistant message (text, or one tool call's piece),
+/// logprobs of visible tokens when asked.
 fn chat_delta(d: Delta, with_logprobs: bool) -> Value {
     let logprobs = d
         .token
@@ -243,8 +350,11 @@ fn chat_delta(d: Delta, with_logprobs: bool) -> Value {
         .map(|(token, top)| ChatLogprobs {
             content: vec![chat_logprob(token, top)],
         });
-    json!({"index": d.index, "delta": {"role": "assistant", "content": d.text}, "logprobs": logprobs,
-           "finish_reason": d.finish_reason})
+    let delta = match d.tool_call {
+        Some(call) => json!({"role": "assistant", "tool_calls": [call]}),
+        None => json!({"role": "assistant", "content": d.text}),
+    };
+    json!({"index": d.index, "delta": delta, "logprobs": logprobs, "finish_reason": d.finish_reason})
 }
 
 /// A completions stream's choice: plain text, no streamed logprobs.
@@ -272,6 +382,7 @@ fn stream_spec(
             .as_ref()
             .is_some_and(|o| o.include_usage),
         echoes: Vec::new(),
+        tools: None,
     }
 }
 
@@ -429,7 +540,15 @@ pub async fn chat_tokenize(
 ) -> Result<Json<ChatTokenizeResponse>> {
     let Json(request) = payload?;
     metrics::counter!(m::REQUEST_COUNT).increment(1);
-    let templated_text = render(&state, &request).await.inspect_err(record_failure)?;
+    let tool_use = ToolUse::from_request(
+        request.tools.as_ref(),
+        request.tool_choice.as_ref(),
+        request.parallel_tool_calls,
+    )
+    .inspect_err(record_failure)?;
+    let templated_text = render(&state, &request, tool_use.as_ref())
+        .await
+        .inspect_err(record_failure)?;
     let tokenize_response = simple_tokens(&state, templated_text.clone(), false).await?;
     Ok(Json(ChatTokenizeResponse {
         tokenize_response,

@@ -1,13 +1,14 @@
 //! The one OpenAI streaming state machine, shared by chat and completions: the `n` choices' event
-//! streams merged in arrival order, stop sequences held back, one last delta per choice with its
-//! `finish_reason`, an optional `usage` chunk, `[DONE]` — or an SSE error event in place of the rest.
-//! Each route only says how a choice's delta is shaped.
+//! streams merged in arrival order, stop sequences held back, tool calls held until they parse, one
+//! last delta per choice with its `finish_reason`, an optional `usage` chunk, `[DONE]` — or an SSE
+//! error event in place of the rest. Each route only says how a choice's delta is shaped.
 
-use crate::api::{FinishReason, Token};
+use crate::api::Token;
 use crate::batcher::InferEvent;
 use crate::common::{first_event, json_event, request_span, AppState};
 use crate::error::{Result, RouterError};
 use crate::openai_types::Usage;
+use crate::tools::{ToolMode, ToolUse, CALL_MARKERS};
 use crate::validation::ValidRequest;
 use axum::response::sse::Event;
 use futures::stream::{self, select_all, Stream, StreamExt};
@@ -68,11 +69,14 @@ impl ChoiceStreams {
     }
 }
 
-/// Holds back text that could be the start of a stop sequence, so a stream never shows the stop string.
+/// Holds back text that could be the start of a stop sequence, so a stream never shows the stop
+/// string; from a complete match on (even one inside a token with more text after it) it shows nothing.
 #[derive(Clone)]
 pub struct StopBuffer {
     stops: Vec<String>,
     pending: String,
+    /// A stop sequence begins at this byte of `pending`.
+    matched: Option<usize>,
 }
 
 impl StopBuffer {
@@ -80,12 +84,20 @@ impl StopBuffer {
         StopBuffer {
             stops,
             pending: String::new(),
+            matched: None,
         }
     }
 
     /// Add text; returns what can be shown now.
     pub fn push(&mut self, text: &str) -> String {
+        if self.matched.is_some() {
+            return String::new();
+        }
         self.pending.push_str(text);
+        if let Some(at) = crate::openai::first_stop(&self.pending, &self.stops) {
+            self.matched = Some(0);
+            return self.pending.drain(..at).collect();
+        }
         let hold = self
             .stops
             .iter()
@@ -98,15 +110,84 @@ impl StopBuffer {
         self.pending.drain(..shown).collect()
     }
 
-    /// The held-back rest, without the stop sequence when the generation stopped on one.
-    pub fn finish(&mut self, stopped_on_sequence: bool) -> String {
-        let mut rest = std::mem::take(&mut self.pending);
-        if stopped_on_sequence {
-            if let Some(stop) = self.stops.iter().find(|s| rest.ends_with(s.as_str())) {
-                rest.truncate(rest.len() - stop.len());
+    /// A complete stop sequence has been seen; [`StopBuffer::held`] starts with it.
+    pub fn matched(&self) -> bool {
+        self.matched.is_some()
+    }
+
+    /// The text held back so far.
+    pub fn held(&self) -> &str {
+        &self.pending
+    }
+
+    /// The held-back rest: nothing from a stop sequence on.
+    pub fn finish(&mut self) -> String {
+        let rest = std::mem::take(&mut self.pending);
+        match self.matched {
+            Some(_) => String::new(),
+            None => rest,
+        }
+    }
+}
+
+/// A choice's text on its way to tool calls: shown as content until a call may have begun (a
+/// model's call marker with `auto`, or a JSON value opening the output; everything with `required`
+/// or a named function), then held and parsed once the choice ends.
+pub struct CallBuffer {
+    tools: ToolUse,
+    markers: StopBuffer,
+    held: Option<String>,
+    shown_any: bool,
+}
+
+impl CallBuffer {
+    pub fn new(tools: ToolUse) -> Self {
+        let held = (tools.mode != ToolMode::Auto).then(String::new);
+        CallBuffer {
+            tools,
+            markers: StopBuffer::new(CALL_MARKERS.iter().map(|m| m.to_string()).collect()),
+            held,
+            shown_any: false,
+        }
+    }
+
+    /// Add text; returns the content that can be shown now.
+    pub fn push(&mut self, text: &str) -> String {
+        if let Some(held) = &mut self.held {
+            held.push_str(text);
+            return String::new();
+        }
+        let starts_json = !self.shown_any && text.trim_start().starts_with(['{', '[']);
+        if starts_json {
+            self.held = Some(text.to_string());
+            return String::new();
+        }
+        let shown = self.markers.push(text);
+        if self.markers.matched() {
+            self.held = Some(self.markers.held().to_string());
+        }
+        self.shown_any |= !shown.trim().is_empty();
+        shown
+    }
+
+    /// The rest of the content and the calls, once the choice has ended.
+    pub fn finish(&mut self, rest: &str) -> (String, Vec<crate::tools::ToolCall>) {
+        let mut shown = self.push(rest);
+        match self.held.take() {
+            Some(held) => {
+                let (content, calls) = self.tools.parse(&held);
+                match calls.is_empty() {
+                    // Not a call after all: the held text is content.
+                    true => shown.push_str(&held),
+                    false => shown.push_str(&content.unwrap_or_default()),
+                }
+                (shown, calls)
+            }
+            None => {
+                shown.push_str(&self.markers.finish());
+                (shown, Vec::new())
             }
         }
-        rest
     }
 }
 
@@ -117,6 +198,8 @@ pub struct Delta<'a> {
     pub text: String,
     /// The token this delta comes from and its alternatives; none for echoes and last deltas.
     pub token: Option<(&'a Token, &'a [Token])>,
+    /// One tool call's piece (OpenAI's `delta.tool_calls[0]`), for chat's last deltas.
+    pub tool_call: Option<Value>,
     /// OpenAI's `finish_reason`, on a choice's last delta only.
     pub finish_reason: Option<&'static str>,
 }
@@ -133,6 +216,8 @@ pub struct StreamSpec {
     pub include_usage: bool,
     /// Text sent for choice `i` before any token (completions' `echo`); empty for none.
     pub echoes: Vec<String>,
+    /// Chat's tools, when the choices may call them.
+    pub tools: Option<ToolUse>,
 }
 
 /// One SSE message of an OpenAI stream.
@@ -185,8 +270,10 @@ where
     };
     async_stream::stream! {
         let mut buffers = vec![StopBuffer::new(spec.stops.clone()); n];
+        let mut calls: Vec<Option<CallBuffer>> =
+            (0..n).map(|_| spec.tools.clone().map(CallBuffer::new)).collect();
         for (index, text) in spec.echoes.iter().enumerate() {
-            let delta = Delta { index, text: text.clone(), token: None, finish_reason: None };
+            let delta = Delta { index, text: text.clone(), token: None, tool_call: None, finish_reason: None };
             yield envelope(json!([shape(delta)]), None);
         }
         let mut events = Box::pin(streams.merged());
@@ -194,14 +281,41 @@ where
         while let Some((index, event)) = events.next().await {
             match event {
                 InferEvent::Token { token, top_tokens, .. } => {
-                    let text = if token.special { String::new() } else { buffers[index].push(&token.text) };
-                    let delta = Delta { index, text, token: Some((&token, &top_tokens)), finish_reason: None };
+                    let mut text = if token.special { String::new() } else { buffers[index].push(&token.text) };
+                    if let Some(c) = &mut calls[index] {
+                        text = c.push(&text);
+                    }
+                    let delta = Delta { index, text, token: Some((&token, &top_tokens)), tool_call: None, finish_reason: None };
                     yield envelope(json!([shape(delta)]), None);
                 }
                 InferEvent::End(end) => {
-                    let text = buffers[index].finish(end.finish_reason == FinishReason::StopSequence);
+                    let rest = buffers[index].finish();
+                    let (text, found) = match &mut calls[index] {
+                        Some(c) => c.finish(&rest),
+                        None => (rest, Vec::new()),
+                    };
                     completion_tokens += end.generated_tokens;
-                    let delta = Delta { index, text, token: None, finish_reason: Some(end.finish_reason.openai()) };
+                    let finish_reason = match found.is_empty() {
+                        true => end.finish_reason.openai(),
+                        false => "tool_calls",
+                    };
+                    let text = if !found.is_empty() && !text.is_empty() {
+                        let delta = Delta { index, text, token: None, tool_call: None, finish_reason: None };
+                        yield envelope(json!([shape(delta)]), None);
+                        String::new()
+                    } else {
+                        text
+                    };
+                    // Each call as OpenAI streams one: id and name first, then its arguments.
+                    for (i, call) in found.iter().enumerate() {
+                        let mut head = call.to_openai(Some(i));
+                        head["function"]["arguments"] = json!("");
+                        for piece in [head, json!({"index": i, "function": {"arguments": call.arguments}})] {
+                            let delta = Delta { index, text: String::new(), token: None, tool_call: Some(piece), finish_reason: None };
+                            yield envelope(json!([shape(delta)]), None);
+                        }
+                    }
+                    let delta = Delta { index, text, token: None, tool_call: None, finish_reason: Some(finish_reason) };
                     yield envelope(json!([shape(delta)]), None);
                     ended += 1;
                     if ended == n { break; }
@@ -226,6 +340,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::FinishReason;
     use crate::batcher::End;
     use std::time::Instant;
     use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
@@ -280,6 +395,7 @@ mod tests {
             stops: stops.iter().map(|s| s.to_string()).collect(),
             include_usage,
             echoes: echoes.iter().map(|s| s.to_string()).collect(),
+            tools: None,
         }
     }
 
@@ -391,12 +507,54 @@ mod tests {
         for piece in ["Hello E", "N", "D"] {
             shown.push_str(&b.push(piece));
         }
-        shown.push_str(&b.finish(true));
+        shown.push_str(&b.finish());
         assert_eq!(shown, "Hello ");
         let mut b = StopBuffer::new(vec!["END".into()]);
         let mut shown = b.push("an E");
         shown.push_str(&b.push("lephant"));
-        shown.push_str(&b.finish(false));
+        shown.push_str(&b.finish());
         assert_eq!(shown, "an Elephant");
+        // The stop inside one token with more text after it: nothing from the stop on shows.
+        let mut b = StopBuffer::new(vec!["END".into()]);
+        let mut shown = b.push("done: EN");
+        shown.push_str(&b.push("D. And more"));
+        shown.push_str(&b.push(" text"));
+        shown.push_str(&b.finish());
+        assert_eq!(shown, "done: ");
+        let mut b = StopBuffer::new(vec!["\n".into()]);
+        assert_eq!(b.push("a.\n\nb"), "a.");
+        assert_eq!(b.finish(), "");
+    }
+
+    fn tools(choice: Value) -> ToolUse {
+        let tools = json!([{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+        ToolUse::from_request(Some(&tools), Some(&choice), None).unwrap().unwrap()
+    }
+
+    /// Streams `pieces` through a call buffer: (content shown, calls).
+    fn through_calls(choice: Value, pieces: &[&str]) -> (String, Vec<crate::tools::ToolCall>) {
+        let mut b = CallBuffer::new(tools(choice));
+        let mut shown: String = pieces.iter().map(|p| b.push(p)).collect();
+        let (rest, calls) = b.finish("");
+        shown.push_str(&rest);
+        (shown, calls)
+    }
+
+    #[test]
+    fn call_buffer_shows_text_and_holds_calls() {
+        let (shown, calls) = through_calls(json!("auto"), &["It is", " sunny."]);
+        assert_eq!((shown.as_str(), calls.len()), ("It is sunny.", 0));
+        let (shown, calls) = through_calls(
+            json!("auto"),
+            &["Checking. <tool", "_call>{\"name\": \"get_weather\", ", "\"arguments\": {\"city\": \"Oslo\"}}</tool_call>"],
+        );
+        assert_eq!(shown, "Checking. ");
+        assert_eq!(calls[0].arguments, r#"{"city":"Oslo"}"#);
+        let (shown, calls) = through_calls(json!("required"), &["{\"name\": \"get_weather\", \"arguments\": {}}"]);
+        assert_eq!((shown.as_str(), calls.len()), ("", 1));
+        // JSON that is no call is content after all.
+        let (shown, calls) = through_calls(json!("auto"), &["{\"city\"", ": 1}"]);
+        assert_eq!((shown.as_str(), calls.len()), ("{\"city\": 1}", 0));
     }
 }

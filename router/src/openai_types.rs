@@ -61,8 +61,14 @@ pub struct Sampling {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub stop: Option<StopSequences>,
+    /// `text`, `json_object`, `json_schema` (`{"json_schema": {"name", "schema", "strict"}}`), or TGI's
+    /// `json`/`regex` grammars.
     #[schema(value_type = Option<Object>)]
     pub response_format: Option<Value>,
+    /// Token id (as a string) → bias in [-100, 100] added to its logit.
+    pub logit_bias: Option<BTreeMap<String, f32>>,
+    /// Min-p sampling (vLLM's extension).
+    pub min_p: Option<f32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
@@ -78,6 +84,10 @@ pub struct ChatRequest {
     pub tools: Option<Value>,
     #[schema(value_type = Option<Object>)]
     pub tool_choice: Option<Value>,
+    /// With `tool_choice: "required"`, whether a list of calls is allowed.
+    pub parallel_tool_calls: Option<bool>,
+    /// TGI's instruction added to the prompt for templates that do not render `tools`.
+    pub tool_prompt: Option<String>,
     #[serde(flatten)]
     pub sampling: Sampling,
 }
@@ -116,7 +126,11 @@ impl Usage {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatMessage {
     pub role: String,
-    pub content: String,
+    /// Null when the answer is only tool calls.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tool_calls: Option<Vec<Value>>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -144,7 +158,7 @@ pub struct ChatChoice {
     pub index: usize,
     pub message: ChatMessage,
     pub logprobs: Option<ChatLogprobs>,
-    /// `stop` or `length`.
+    /// `stop`, `length` or `tool_calls`.
     pub finish_reason: String,
 }
 

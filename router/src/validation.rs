@@ -10,9 +10,10 @@
 //! Every user number is handled with checked or saturating arithmetic: a value past any limit is a
 //! validation error, never a wrap.
 
-use crate::api::GenerateParameters;
+use crate::api::{GenerateParameters, GrammarParam};
 use crate::error::{Result, RouterError};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use tessera_formats::grammar::{Grammar, GrammarCompiler, GrammarKind};
 use std::time::Instant;
 use tessera_proto::v3;
 use tokenizers::{Encoding, Tokenizer};
@@ -49,6 +50,8 @@ pub struct ValidRequest {
 pub struct Validation {
     tokenizer: Arc<Tokenizer>,
     workers: Arc<Semaphore>,
+    /// Judges grammars against this tokenizer; built on the first request with one.
+    grammars: Arc<OnceLock<std::result::Result<GrammarCompiler, String>>>,
     pub limits: Limits,
 }
 
@@ -57,6 +60,7 @@ impl Validation {
         Validation {
             tokenizer: Arc::new(tokenizer),
             workers: Arc::new(Semaphore::new(workers.max(1))),
+            grammars: Arc::default(),
             limits,
         }
     }
@@ -77,6 +81,40 @@ impl Validation {
             .await
             .map_err(|e| RouterError::Tokenizer(e.to_string()))?
             .map_err(|e| RouterError::Tokenizer(e.to_string()))
+    }
+
+    /// Compiles the request's grammar and computes its first mask on a blocking worker, so a bad
+    /// grammar (or one past llguidance's size and fuel limits) is a 422 before any forward.
+    async fn check_grammar(&self, parameters: &v3::NextTokenChooserParameters) -> Result<()> {
+        let Some(grammar) = shard_grammar(parameters) else {
+            return Ok(());
+        };
+        let _permit = self
+            .workers
+            .acquire()
+            .await
+            .map_err(|e| RouterError::InvalidGrammar(e.to_string()))?;
+        let (tokenizer, grammars) = (self.tokenizer.clone(), self.grammars.clone());
+        tokio::task::spawn_blocking(move || {
+            let compiler = grammars
+                .get_or_init(|| GrammarCompiler::validator(&tokenizer).map_err(|e| e.to_string()))
+                .as_ref()
+                .map_err(|e| RouterError::InvalidGrammar(e.clone()))?;
+            compiler
+                .check(&grammar)
+                .map_err(|e| RouterError::InvalidGrammar(e.to_string()))
+        })
+        .await
+        .map_err(|e| RouterError::InvalidGrammar(e.to_string()))?
+    }
+
+    /// `logit_bias` keys must be tokens of this tokenizer.
+    fn check_logit_bias(&self, parameters: &v3::NextTokenChooserParameters) -> Result<()> {
+        let vocab = self.tokenizer.get_vocab_size(true);
+        match parameters.logit_bias.keys().find(|&&t| t as usize >= vocab) {
+            Some(&t) => Err(RouterError::LogitBiasToken(t, vocab)),
+            None => Ok(()),
+        }
     }
 
     /// `best_of` for the non-streaming routes.
@@ -101,6 +139,8 @@ impl Validation {
         let encoding = self.tokenize(inputs.clone(), add_special_tokens).await?;
         let mut ids = encoding.get_ids().to_vec();
         let stopping = limits.check_tokens(p, &mut ids)?;
+        self.check_logit_bias(&parameters)?;
+        self.check_grammar(&parameters).await?;
         metrics::histogram!(crate::metrics::REQUEST_INPUT_LENGTH).record(ids.len() as f64);
         metrics::histogram!(crate::metrics::REQUEST_MAX_NEW_TOKENS)
             .record(stopping.max_new_tokens as f64);
@@ -201,7 +241,20 @@ impl Limits {
         if top_n_tokens > self.max_top_n_tokens {
             return Err(RouterError::TopNTokens(self.max_top_n_tokens, top_n_tokens));
         }
-        let warped = temperature != 1.0 || top_k != 0 || top_p < 1.0 || typical_p < 1.0;
+        let min_p = p.min_p.unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&min_p) {
+            return Err(RouterError::MinP);
+        }
+        let logit_bias = p.logit_bias.clone().unwrap_or_default();
+        if logit_bias.values().any(|b| !(-100.0..=100.0).contains(b)) {
+            return Err(RouterError::LogitBias);
+        }
+        let (grammar_type, grammar) = match &p.grammar {
+            Some(g) => grammar_text(g)?,
+            None => (v3::GrammarType::None, String::new()),
+        };
+        let warped =
+            temperature != 1.0 || top_k != 0 || top_p < 1.0 || typical_p < 1.0 || min_p > 0.0;
         let parameters = v3::NextTokenChooserParameters {
             temperature,
             top_k,
@@ -214,8 +267,10 @@ impl Limits {
             watermark: p.watermark,
             frequency_penalty,
             presence_penalty,
-            grammar: String::new(),
-            grammar_type: v3::GrammarType::None as i32,
+            grammar,
+            grammar_type: grammar_type as i32,
+            min_p,
+            logit_bias,
         };
         Ok((parameters, top_n_tokens))
     }
@@ -273,15 +328,44 @@ impl Limits {
                 input_length,
             ));
         }
-        if p.grammar.is_some() {
-            return Err(RouterError::Grammar);
-        }
         Ok(v3::StoppingCriteriaParameters {
             max_new_tokens,
             stop_sequences: p.stop.clone(),
             ignore_eos_token: false,
         })
     }
+}
+
+/// A grammar parameter as the v3 fields carry it: a JSON schema's text, or a regex.
+fn grammar_text(g: &GrammarParam) -> Result<(v3::GrammarType, String)> {
+    let schema = match g {
+        GrammarParam::Regex(r) => return Ok((v3::GrammarType::Regex, r.clone())),
+        // TGI accepts the schema as an object or as a string holding one.
+        GrammarParam::Json(serde_json::Value::String(text)) => serde_json::from_str(text)
+            .map_err(|e| RouterError::InvalidGrammar(format!("the JSON schema is not JSON: {e}")))?,
+        GrammarParam::Json(schema) => schema.clone(),
+        GrammarParam::JsonSchema(config) => config.schema.clone(),
+    };
+    if !(schema.is_object() || schema.is_boolean()) {
+        return Err(RouterError::InvalidGrammar(
+            "a JSON schema must be an object or a boolean".into(),
+        ));
+    }
+    Ok((v3::GrammarType::Json, schema.to_string()))
+}
+
+/// The grammar the shard will compile from these parameters (its `SamplingParams::from_proto` rule).
+fn shard_grammar(p: &v3::NextTokenChooserParameters) -> Option<Grammar> {
+    let kind = match v3::GrammarType::try_from(p.grammar_type).ok()? {
+        _ if p.grammar.is_empty() => return None,
+        v3::GrammarType::None => return None,
+        v3::GrammarType::Json => GrammarKind::Json,
+        v3::GrammarType::Regex => GrammarKind::Regex,
+    };
+    Some(Grammar {
+        kind,
+        source: p.grammar.clone(),
+    })
 }
 
 #[cfg(test)]
@@ -425,10 +509,33 @@ mod tests {
             ),
             (
                 GenerateParameters {
-                    grammar: Some(serde_json::json!({"type": "regex", "value": "a"})),
+                    min_p: Some(1.5),
                     ..Default::default()
                 },
-                RouterError::Grammar,
+                RouterError::MinP,
+            ),
+            (
+                GenerateParameters {
+                    logit_bias: Some([(3, 101.0)].into()),
+                    ..Default::default()
+                },
+                RouterError::LogitBias,
+            ),
+            (
+                GenerateParameters {
+                    logit_bias: Some([(49152, 1.0)].into()),
+                    ..Default::default()
+                },
+                RouterError::LogitBiasToken(49152, 49152),
+            ),
+            (
+                GenerateParameters {
+                    grammar: Some(GrammarParam::Json(serde_json::json!("{not json"))),
+                    ..Default::default()
+                },
+                RouterError::InvalidGrammar(
+                    "the JSON schema is not JSON: key must be a string at line 1 column 2".into(),
+                ),
             ),
         ];
         for (params, expected) in cases {
@@ -454,6 +561,40 @@ mod tests {
             RouterError::TopP.to_string(),
             "Input validation error: `top_p` must be > 0.0 and <= 1.0"
         );
+    }
+
+    #[tokio::test]
+    async fn grammars_reach_the_shard_fields_or_fail_with_the_engines_reason() {
+        let with = |g: serde_json::Value| GenerateParameters {
+            grammar: Some(serde_json::from_value(g).unwrap()),
+            ..Default::default()
+        };
+        let schema = serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        for g in [
+            serde_json::json!({"type": "json", "value": schema}),
+            serde_json::json!({"type": "json", "value": schema.to_string()}),
+            serde_json::json!({"type": "json_object", "value": schema}),
+            serde_json::json!({"type": "json_schema", "value": {"name": "a", "schema": schema}}),
+        ] {
+            let valid = check(with(g), "Once upon a time").await.unwrap();
+            assert_eq!(valid.parameters.grammar_type, v3::GrammarType::Json as i32);
+            assert_eq!(valid.parameters.grammar, schema.to_string());
+        }
+        let valid = check(with(serde_json::json!({"type": "regex", "value": "[ab]+"})), "x")
+            .await
+            .unwrap();
+        assert_eq!(valid.parameters.grammar_type, v3::GrammarType::Regex as i32);
+        for bad in [
+            serde_json::json!({"type": "regex", "value": "(a"}),
+            serde_json::json!({"type": "json", "value": {"type": "strange"}}),
+            serde_json::json!({"type": "json", "value": {"$ref": "#/$defs/nowhere"}}),
+        ] {
+            let e = check(with(bad.clone()), "x").await.unwrap_err();
+            assert!(
+                matches!(&e, RouterError::InvalidGrammar(m) if !m.is_empty()),
+                "{bad}: {e:?}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -31,6 +31,10 @@ pub struct ChatTemplate {
     origin: PathBuf,
     bos: Option<String>,
     eos: Option<String>,
+    /// The source reads `tools` (it lists the functions itself).
+    renders_tools: bool,
+    /// The source reads `tool_calls` (it writes an assistant's calls itself).
+    renders_tool_calls: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -80,6 +84,8 @@ impl ChatTemplate {
             origin,
             bos,
             eos,
+            renders_tools: source.contains("tools"),
+            renders_tool_calls: source.contains("tool_calls"),
         })
     }
 
@@ -87,6 +93,16 @@ impl ChatTemplate {
     /// or `tokenizer_config.json`) or a `.gguf` file (`tokenizer.chat_template`). `None` if it has none.
     pub fn load(model: &Path) -> Result<Option<ChatTemplate>> {
         source::load(model)
+    }
+
+    /// Whether the template lists `tools` itself (if not, the router adds them to the prompt).
+    pub fn renders_tools(&self) -> bool {
+        self.renders_tools
+    }
+
+    /// Whether the template writes an assistant message's `tool_calls` itself.
+    pub fn renders_tool_calls(&self) -> bool {
+        self.renders_tool_calls
     }
 
     pub fn bos_token(&self) -> Option<&str> {

@@ -336,7 +336,7 @@ proptest! {
             fields.insert("stop".into(), stop);
         }
         if let Some(request) = parse::<ChatRequest>(&Value::Object(fields)) {
-            check_openai(request.sampling.n, chat_parameters(&request), prompt_len);
+            check_openai(request.sampling.n, chat_parameters(&request, None), prompt_len);
         }
     }
 
@@ -457,14 +457,14 @@ fn what_the_shard_refuses_the_router_refuses_first() {
     // OpenAI: `"stop": ""` on either route.
     let chat: ChatRequest =
         parse(&json!({"messages": [{"role": "user", "content": "Hi"}], "stop": ""})).unwrap();
-    let p = chat_parameters(&chat).unwrap();
+    let p = chat_parameters(&chat, None).unwrap();
     assert_eq!(validate(&p, 4).unwrap_err(), RouterError::EmptyStopSequence);
     // A JSON number past f32 reads as infinity.
     let chat: ChatRequest =
         parse(&json!({"messages": [{"role": "user", "content": "Hi"}], "temperature": 1e39}))
             .unwrap();
     assert_eq!(chat.sampling.temperature, Some(f32::INFINITY));
-    let p = chat_parameters(&chat).unwrap();
+    let p = chat_parameters(&chat, None).unwrap();
     assert_eq!(validate(&p, 4).unwrap_err(), RouterError::Temperature);
     // Past u32: serde refuses it, a 422 through the JSON-rejection mapping.
     assert!(

@@ -177,6 +177,7 @@ impl Engine {
             block_size,
             max_positions: config.max_position_embeddings,
             vocab_size: config.vocab_size,
+            grammars: Default::default(),
         };
         tracing::info!(rank = opts.rank, num_blocks, "engine ready");
         Ok(Engine {

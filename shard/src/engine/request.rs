@@ -2,6 +2,9 @@
 //! prefill progress, sampler, stop criteria and detokenizer, and what each forward adds to it.
 
 use std::collections::HashSet;
+use std::sync::{Arc, OnceLock};
+
+use tessera_formats::grammar::{Constraint, GrammarCompiler};
 
 use tokenizers::Tokenizer;
 
@@ -22,6 +25,29 @@ pub(super) struct Ctx {
     pub block_size: usize,
     pub max_positions: usize,
     pub vocab_size: usize,
+    /// Grammar compiler for this tokenizer, built on the first constrained request.
+    pub grammars: OnceLock<Result<Arc<GrammarCompiler>, String>>,
+}
+
+impl Ctx {
+    /// The constraint of a request's grammar (`None` without one); a grammar that does not compile
+    /// refuses the request with llguidance's reason.
+    fn constraint(&self, req: &NewRequest) -> Result<Option<Constraint>, Error> {
+        let Some(grammar) = &req.sampling.grammar else {
+            return Ok(None);
+        };
+        let compiler = self.grammars.get_or_init(|| {
+            GrammarCompiler::new(&self.tokenizer, self.vocab_size, &self.eos_token_ids)
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+        });
+        let refuse = |reason: String| invalid("parameters.grammar", reason);
+        let compiler = compiler.as_ref().map_err(|e| refuse(e.clone()))?;
+        compiler
+            .compile(grammar)
+            .map(Some)
+            .map_err(|e| refuse(e.to_string()))
+    }
 }
 
 fn invalid(field: &str, reason: String) -> Error {
@@ -82,13 +108,14 @@ impl Seq {
         if req.chunk_len == Some(0) {
             return Err(invalid("chunk_len", "must be at least 1".into()));
         }
+        let constraint = ctx.constraint(&req)?;
         let uncached = prompt_len - cache_len;
         let first = req
             .chunk_len
             .map_or(uncached, |c| (c as usize).min(uncached));
         Ok(Seq {
             id: req.id,
-            sampler: Sampler::new(req.sampling, &tokens, req.top_n_tokens as usize),
+            sampler: Sampler::new(req.sampling, &tokens, req.top_n_tokens as usize, constraint),
             stopper: StoppingCriteria::new(req.stop, &ctx.eos_token_ids),
             detok: Detokenizer::new(&tokens),
             tokens,
@@ -142,6 +169,14 @@ impl Seq {
         }
     }
 
+    /// Gets the next token's grammar mask ready when a forward of `n` tokens ends in a choice; the
+    /// engine runs this beside the forward.
+    pub fn prepare_choice(&mut self, n: usize) {
+        if n > 0 && self.computed + n == self.tokens.len() {
+            self.sampler.prepare();
+        }
+    }
+
     /// Records a forward of `n` tokens that returned `rows` (flattened, `vocab` wide) and, once
     /// the prompt is done, chooses the next token.
     pub fn advance(
@@ -165,7 +200,11 @@ impl Seq {
             .checked_sub(vocab)
             .map(|at| &rows[at..])
             .ok_or_else(|| Error::Sampling(format!("request {}: no logits returned", self.id)))?;
+        let constrained = self.sampler.grammar_failure().is_none();
         let choice = self.sampler.choose(last)?;
+        if let (true, Some(reason)) = (constrained, self.sampler.grammar_failure()) {
+            tracing::warn!(request_id = self.id, "grammar failed, ending the request: {reason}");
+        }
         self.tokens.push(choice.id);
         let text = self.detok.push(&ctx.tokenizer, choice.id)?;
         let reason = self.stopper.check(choice.id, &text);

@@ -163,7 +163,18 @@ impl Engine {
                 .collect(),
         };
         let t = Instant::now();
-        let rows = self.model.forward(&forward, &mut self.cache)?;
+        // Grammar masks depend only on the tokens so far: compute them while the forward runs.
+        let mut seqs = seqs;
+        let (model, cache) = (&self.model, &mut self.cache);
+        let (rows, ()) = rayon::join(
+            || model.forward(&forward, cache),
+            || {
+                seqs.par_iter_mut()
+                    .zip(&plan)
+                    .for_each(|(s, &n)| s.prepare_choice(n))
+            },
+        );
+        let rows = rows?;
         let forward_ns = elapsed_ns(t);
         if rows.len() != forward.seqs.len() {
             return Err(Error::InvalidBatch(format!(

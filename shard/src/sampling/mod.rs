@@ -1,6 +1,7 @@
-//! Per-request next-token choice: logits processors (repetition, frequency and presence penalties,
-//! watermark), warpers (temperature, top-k, top-p, typical-p) and greedy or seeded multinomial
-//! choice, as TGI's `NextTokenChooser` (itself following transformers' processors) does it.
+//! Per-request next-token choice: logits processors (logit bias, grammar mask, repetition, frequency
+//! and presence penalties, watermark), warpers (temperature, top-k, top-p, min-p, typical-p) and
+//! greedy or seeded multinomial choice, as TGI's `NextTokenChooser` (itself following transformers'
+//! processors) does it.
 //!
 //! Reported logprobs (of the chosen token and of the `top_n_tokens` alternatives) are those of the raw
 //! model distribution, before penalties and warpers, so they mean the same thing whatever the sampling
@@ -14,6 +15,7 @@ use rand::{Rng, SeedableRng};
 use tessera_proto::v3::{GrammarType, NextTokenChooserParameters};
 
 use crate::Error;
+use tessera_formats::grammar::{Constraint, Grammar, GrammarKind};
 
 /// Kirchenbauer et al. watermark constants, as TGI's defaults.
 const WATERMARK_GAMMA: f32 = 0.5;
@@ -34,6 +36,12 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     pub presence_penalty: f32,
     pub watermark: bool,
+    /// Min-p cut-off in [0, 1]; 0 is off.
+    pub min_p: f32,
+    /// (token id, bias) added to the logits first, ids ascending.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// The grammar the output must follow, compiled when the request is built.
+    pub grammar: Option<Grammar>,
 }
 
 impl Default for SamplingParams {
@@ -49,6 +57,9 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             watermark: false,
+            min_p: 0.0,
+            logit_bias: Vec::new(),
+            grammar: None,
         }
     }
 }
@@ -85,12 +96,33 @@ impl SamplingParams {
         let Some(p) = p else {
             return Ok(SamplingParams::default());
         };
-        if p.grammar_type != GrammarType::None as i32 || !p.grammar.is_empty() {
+        // As TGI's shard: a grammar applies when its text is not empty.
+        let grammar = match (GrammarType::try_from(p.grammar_type), p.grammar.is_empty()) {
+            (_, true) | (Ok(GrammarType::None), _) => None,
+            (Ok(GrammarType::Json), false) => Some(GrammarKind::Json),
+            (Ok(GrammarType::Regex), false) => Some(GrammarKind::Regex),
+            (Err(_), false) => {
+                return Err(invalid(
+                    "grammar_type",
+                    format!("unknown grammar type {}", p.grammar_type),
+                ))
+            }
+        }
+        .map(|kind| Grammar {
+            kind,
+            source: p.grammar.clone(),
+        });
+        if !(0.0..=1.0).contains(&p.min_p) {
+            return Err(invalid("min_p", format!("must be in [0, 1], got {}", p.min_p)));
+        }
+        let mut logit_bias: Vec<(u32, f32)> = p.logit_bias.iter().map(|(&t, &b)| (t, b)).collect();
+        if let Some((t, b)) = logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
             return Err(invalid(
-                "grammar",
-                "grammars are not supported by this shard",
+                "logit_bias",
+                format!("the bias of token {t} must be in [-100, 100], got {b}"),
             ));
         }
+        logit_bias.sort_by_key(|&(t, _)| t);
         for (field, v) in [
             ("frequency_penalty", p.frequency_penalty),
             ("presence_penalty", p.presence_penalty),
@@ -122,6 +154,9 @@ impl SamplingParams {
             frequency_penalty: p.frequency_penalty,
             presence_penalty: p.presence_penalty,
             watermark: p.watermark,
+            min_p: p.min_p,
+            logit_bias,
+            grammar,
         })
     }
 
@@ -132,6 +167,7 @@ impl SamplingParams {
             || self.top_k != 0
             || self.top_p < 1.0
             || self.typical_p < 1.0
+            || self.min_p > 0.0
     }
 }
 
@@ -145,8 +181,9 @@ pub struct Choice {
 
 /// Per-request chooser. It owns its RNG, so a seeded request gives the same tokens whatever batch
 /// it runs in, and it remembers prompt and output tokens for the penalties.
-#[derive(Debug, Clone)]
 pub struct Sampler {
+    /// The grammar's state, when the request has one.
+    constraint: Option<Constraint>,
     params: SamplingParams,
     sampling: bool,
     rng: StdRng,
@@ -159,9 +196,24 @@ pub struct Sampler {
     last: Option<u32>,
 }
 
+impl std::fmt::Debug for Sampler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sampler")
+            .field("params", &self.params)
+            .field("constrained", &self.constraint.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Sampler {
-    pub fn new(params: SamplingParams, prompt: &[u32], top_n: usize) -> Self {
+    pub fn new(
+        params: SamplingParams,
+        prompt: &[u32],
+        top_n: usize,
+        constraint: Option<Constraint>,
+    ) -> Self {
         Sampler {
+            constraint,
             sampling: params.is_sampling(),
             rng: StdRng::seed_from_u64(params.seed),
             params,
@@ -177,6 +229,18 @@ impl Sampler {
         self.sampling.then_some(self.params.seed)
     }
 
+    /// Computes the grammar's mask for the next token, if any (run it alongside the forward).
+    pub fn prepare(&mut self) {
+        if let Some(c) = &mut self.constraint {
+            c.prepare();
+        }
+    }
+
+    /// Why the grammar stopped constraining this request, if llguidance failed mid-generation.
+    pub fn grammar_failure(&self) -> Option<&str> {
+        self.constraint.as_ref().and_then(Constraint::failure)
+    }
+
     /// Chooses the next token from one row of logits and records it as generated.
     pub fn choose(&mut self, logits: &[f32]) -> Result<Choice, Error> {
         if logits.is_empty() {
@@ -184,6 +248,14 @@ impl Sampler {
         }
         let logprobs = log_softmax(logits);
         let mut scores = logits.to_vec();
+        for &(t, bias) in &self.params.logit_bias {
+            if let Some(s) = scores.get_mut(t as usize) {
+                *s += bias;
+            }
+        }
+        if let Some(c) = &mut self.constraint {
+            c.mask().apply(&mut scores);
+        }
         self.apply_processors(&mut scores);
         let id = if self.sampling {
             apply_warpers(&self.params, &mut scores);
@@ -196,6 +268,9 @@ impl Sampler {
             logprob: logprobs[id as usize],
             top: top_n(&logprobs, self.top_n),
         };
+        if let Some(c) = &mut self.constraint {
+            c.commit(id);
+        }
         self.seen.insert(id);
         *self.counts.entry(id).or_insert(0) += 1;
         self.last = Some(id);
@@ -240,7 +315,7 @@ fn watermark(scores: &mut [f32], last: u32) {
     }
 }
 
-/// Temperature, then top-k, top-p and typical-p; filtered tokens become `-inf`.
+/// Temperature, then top-k, top-p, min-p and typical-p; filtered tokens become `-inf`.
 fn apply_warpers(p: &SamplingParams, scores: &mut [f32]) {
     if p.temperature != 1.0 {
         scores.iter_mut().for_each(|s| *s /= p.temperature);
@@ -257,9 +332,23 @@ fn apply_warpers(p: &SamplingParams, scores: &mut [f32]) {
     if p.top_p < 1.0 {
         top_p(scores, p.top_p);
     }
+    if p.min_p > 0.0 {
+        min_p(scores, p.min_p);
+    }
     if p.typical_p < 1.0 {
         typical_p(scores, p.typical_p);
     }
+}
+
+/// Keeps the tokens whose probability is at least `min_p` times the most likely one's (Nguyen et
+/// al., 2024), as transformers' `MinPLogitsWarper`: in logits, `s >= max + ln(min_p)`.
+fn min_p(scores: &mut [f32], min_p: f32) {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let floor = max + min_p.ln();
+    scores
+        .iter_mut()
+        .filter(|s| **s < floor)
+        .for_each(|s| *s = f32::NEG_INFINITY);
 }
 
 /// Keeps the smallest most-likely set whose probability reaches `p` (always at least one token).

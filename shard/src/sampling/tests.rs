@@ -15,12 +15,12 @@ fn params(f: impl FnOnce(&mut NextTokenChooserParameters)) -> Result<SamplingPar
 }
 
 fn sampler(p: SamplingParams) -> Sampler {
-    Sampler::new(p, &[], 0)
+    Sampler::new(p, &[], 0, None)
 }
 
 #[test]
 fn greedy_takes_argmax_and_reports_raw_logprob() {
-    let mut s = Sampler::new(SamplingParams::default(), &[], 2);
+    let mut s = Sampler::new(SamplingParams::default(), &[], 2, None);
     let logits = [1.0, 3.0, 2.0, -1.0];
     let c = s.choose(&logits).unwrap();
     assert_eq!(c.id, 1);
@@ -47,7 +47,7 @@ fn log_softmax_is_normalised() {
 fn repetition_penalty_divides_positive_and_multiplies_negative() {
     // Token 0 (positive, seen) would win without the penalty; token 2 (negative, seen) sinks further.
     let p = params(|p| p.repetition_penalty = 4.0).unwrap();
-    let mut s = Sampler::new(p, &[0, 2], 0);
+    let mut s = Sampler::new(p, &[0, 2], 0, None);
     let c = s.choose(&[4.0, 2.0, -1.0]).unwrap();
     assert_eq!(c.id, 1, "4/4 = 1 < 2");
     let mut scores = vec![4.0, 2.0, -1.0];
@@ -62,7 +62,7 @@ fn repetition_penalty_divides_positive_and_multiplies_negative() {
 #[test]
 fn frequency_penalty_subtracts_per_generated_occurrence() {
     let p = params(|p| p.frequency_penalty = 1.5).unwrap();
-    let mut s = Sampler::new(p, &[1], 0);
+    let mut s = Sampler::new(p, &[1], 0, None);
     // The prompt token 1 is not penalised: the OpenAI penalty counts generated tokens only.
     assert_eq!(s.choose(&[2.0, 2.5, 0.0]).unwrap().id, 1);
     // Token 1 now counts once: 2.5 - 1.5 = 1.0 < 2.0.
@@ -171,7 +171,7 @@ fn low_temperature_sharpens() {
 #[test]
 fn watermark_shifts_mass_to_a_green_list() {
     let p = params(|p| p.watermark = true).unwrap();
-    let s = Sampler::new(p, &[5], 0);
+    let s = Sampler::new(p, &[5], 0, None);
     let mut scores = vec![0.0; 100];
     s.apply_processors(&mut scores);
     let green = scores.iter().filter(|&&v| v == WATERMARK_DELTA).count();
@@ -189,14 +189,21 @@ fn zero_means_unset_and_bad_values_name_the_field() {
     let p = SamplingParams::from_proto(Some(&NextTokenChooserParameters::default())).unwrap();
     assert_eq!(p, SamplingParams::default());
     type Set = fn(&mut NextTokenChooserParameters);
-    let cases: [(&str, Set); 7] = [
+    let cases: [(&str, Set); 9] = [
         ("temperature", |p| p.temperature = -1.0),
         ("top_p", |p| p.top_p = 1.5),
         ("typical_p", |p| p.typical_p = f32::NAN),
         ("repetition_penalty", |p| p.repetition_penalty = -0.5),
         ("frequency_penalty", |p| p.frequency_penalty = 2.5),
         ("presence_penalty", |p| p.presence_penalty = -3.0),
-        ("grammar", |p| p.grammar = "[a-z]+".into()),
+        ("grammar_type", |p| {
+            p.grammar = "[a-z]+".into();
+            p.grammar_type = 7;
+        }),
+        ("min_p", |p| p.min_p = f32::NAN),
+        ("logit_bias", |p| {
+            p.logit_bias.insert(3, 101.0);
+        }),
     ];
     for (field, f) in cases {
         match params(f) {
@@ -219,4 +226,36 @@ fn top_n_is_sorted_and_bounded() {
 #[test]
 fn empty_logits_is_an_error_not_a_panic() {
     assert!(sampler(SamplingParams::default()).choose(&[]).is_err());
+}
+
+#[test]
+fn logit_bias_moves_the_greedy_choice_but_not_the_reported_logprob() {
+    let p = params(|p| {
+        p.logit_bias.insert(2, 5.0);
+        p.logit_bias.insert(0, -100.0);
+    })
+    .unwrap();
+    assert_eq!(p.logit_bias, vec![(0, -100.0), (2, 5.0)]);
+    let logits = [3.0, 1.0, 0.0];
+    let c = sampler(p).choose(&logits).unwrap();
+    assert_eq!(c.id, 2);
+    assert_eq!(c.logprob, log_softmax(&logits)[2]);
+}
+
+#[test]
+fn min_p_keeps_tokens_near_the_most_likely() {
+    // Probabilities ∝ e^s: token 1 is e^-1 ≈ 0.37 of token 0, token 2 is e^-5 ≈ 0.007 of it.
+    let mut scores = vec![5.0, 4.0, 0.0];
+    min_p(&mut scores, 0.1);
+    assert_eq!(scores, vec![5.0, 4.0, f32::NEG_INFINITY]);
+    let p = params(|p| {
+        p.min_p = 0.5;
+        p.seed = 7;
+    })
+    .unwrap();
+    assert!(p.is_sampling(), "min_p is a warper: it samples, as the others do");
+    let mut s = sampler(p);
+    for _ in 0..50 {
+        assert_eq!(s.choose(&[5.0, 4.0, 0.0]).unwrap().id, 0, "only token 0 is within half of itself");
+    }
 }
