@@ -16,7 +16,7 @@ cargo test --workspace
 # Client compatibility (official `openai` SDK, `huggingface_hub`) and schemathesis-style HTTP fuzzing from
 # the router's own OpenAPI document, against the real router, installed into the venv fetch-models.sh
 # made (.cache/venv).
-.cache/venv/bin/pip install -q openai huggingface_hub pytest schemathesis
+.cache/venv/bin/pip install -q openai huggingface_hub pytest schemathesis jsonschema requests
 .cache/venv/bin/pytest -q tests/python
 # Soak: a mix of valid, invalid, cancelled, streaming, n > 1, stop and long requests; no request lost,
 # no 5xx, KV blocks back to idle after the drain.

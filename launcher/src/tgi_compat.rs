@@ -115,7 +115,7 @@ pub const TGI_FLAGS: &[TgiFlag] = &[
         "disable-grammar-support",
         false,
         Some("DISABLE_GRAMMAR_SUPPORT"),
-        Action::Ignore("Tessera has no grammar-constrained generation; requests with a grammar are refused already"),
+        Action::Ignore("grammars stay on: llguidance compiles each within fuel limits in the router (a bad one is a 422) and bounds every step's mask, so one cannot stall the server"),
     ),
     flag(
         "enable-prefill-logprobs",

@@ -120,8 +120,14 @@ impl ToolUse {
     }
 
     /// The JSON schema a `required` or named choice constrains the output to; none for `auto`.
+    /// A function takes only the arguments it declares: its schema gets `additionalProperties:
+    /// false` unless it says otherwise (left open, small models invent arguments without end).
     pub fn grammar(&self) -> Option<Value> {
         let call = |(name, parameters): &(String, Value)| {
+            let mut parameters = parameters.clone();
+            if let Some(p) = parameters.as_object_mut() {
+                p.entry("additionalProperties").or_insert(json!(false));
+            }
             json!({
                 "type": "object",
                 "properties": {"name": {"const": name}, "arguments": parameters},

@@ -78,6 +78,34 @@ fn refused_requests() -> Vec<(pb::Request, &'static str)> {
             "stopping_parameters.max_new_tokens",
         ),
         (make(&|r| r.inputs.clear()), "inputs"),
+        (
+            make(&|r| {
+                params(r).grammar = "(unclosed".into();
+                params(r).grammar_type = pb::GrammarType::Regex as i32;
+            }),
+            "parameters.grammar",
+        ),
+        (
+            make(&|r| {
+                params(r).grammar = r#"{"type": "no-such-type"}"#.into();
+                params(r).grammar_type = pb::GrammarType::Json as i32;
+            }),
+            "parameters.grammar",
+        ),
+        (
+            make(&|r| {
+                params(r).grammar = "a+".into();
+                params(r).grammar_type = 9;
+            }),
+            "parameters.grammar_type",
+        ),
+        (make(&|r| params(r).min_p = 2.0), "parameters.min_p"),
+        (
+            make(&|r| {
+                params(r).logit_bias.insert(5, f32::NAN);
+            }),
+            "parameters.logit_bias",
+        ),
     ]
 }
 

@@ -51,6 +51,7 @@ fn required_and_named_choices_constrain_to_a_call() {
     let schema = named.grammar().unwrap();
     assert_eq!(schema["properties"]["name"]["const"], "get_weather");
     assert_eq!(schema["properties"]["arguments"]["required"], json!(["city"]));
+    assert_eq!(schema["properties"]["arguments"]["additionalProperties"], json!(false));
     let required = tool_use(json!("required")).grammar().unwrap();
     assert_eq!(required["anyOf"].as_array().unwrap().len(), 2);
     let parallel = ToolUse::from_request(Some(&weather_tools()), Some(&json!("required")), Some(true))
