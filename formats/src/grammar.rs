@@ -57,7 +57,11 @@ struct Cache {
 impl GrammarCompiler {
     /// `vocab_size` is the model's logits width (at least the tokenizer's); `eos` are the ids that
     /// end a generation (the first is the one llguidance allows once the grammar accepts).
-    pub fn new(tokenizer: &Tokenizer, vocab_size: usize, eos: &[u32]) -> Result<Self, GrammarError> {
+    pub fn new(
+        tokenizer: &Tokenizer,
+        vocab_size: usize,
+        eos: &[u32],
+    ) -> Result<Self, GrammarError> {
         let words = token_bytes(tokenizer, vocab_size)?;
         let first_eos = *eos
             .first()
@@ -90,7 +94,11 @@ impl GrammarCompiler {
 
     /// A fresh constraint for `grammar`, from the cache when this source was compiled before.
     pub fn compile(&self, grammar: &Grammar) -> Result<Constraint, GrammarError> {
-        let cached = self.lock().parsers.get(grammar).map(TokenParser::deep_clone);
+        let cached = self
+            .lock()
+            .parsers
+            .get(grammar)
+            .map(TokenParser::deep_clone);
         let parser = match cached {
             Some(p) => p,
             None => {
@@ -104,7 +112,11 @@ impl GrammarCompiler {
                         cache.parsers.remove(&old);
                     }
                 }
-                if cache.parsers.insert(grammar.clone(), parser.deep_clone()).is_none() {
+                if cache
+                    .parsers
+                    .insert(grammar.clone(), parser.deep_clone())
+                    .is_none()
+                {
                     cache.order.push_back(grammar.clone());
                 }
                 parser
@@ -356,4 +368,3 @@ impl TokenizerEnv for ByteVocab {
         }
     }
 }
-

@@ -32,7 +32,12 @@ fn regex(source: &str) -> Grammar {
 }
 
 /// Feeds `text`'s tokens through the grammar; true when each was allowed and EOS ends it.
-fn accepts(compiler: &GrammarCompiler, tokenizer: &Tokenizer, grammar: &Grammar, text: &str) -> bool {
+fn accepts(
+    compiler: &GrammarCompiler,
+    tokenizer: &Tokenizer,
+    grammar: &Grammar,
+    text: &str,
+) -> bool {
     let mut c = compiler.compile(grammar).unwrap();
     for &id in tokenizer.encode(text, false).unwrap().get_ids() {
         if !c.mask().allows(id) {
@@ -67,8 +72,15 @@ fn sentencepiece_pieces_spell_their_text() {
     let tokenizer = load_tokenizer(Path::new(&dir)).unwrap();
     let words = token_bytes(&tokenizer, tokenizer.get_vocab_size(true)).unwrap();
     let hello = tokenizer.encode("hello world", false).unwrap();
-    let spelled: Vec<u8> = hello.get_ids().iter().flat_map(|&i| words[i as usize].clone()).collect();
-    assert_eq!(String::from_utf8(spelled).unwrap().trim_start(), "hello world");
+    let spelled: Vec<u8> = hello
+        .get_ids()
+        .iter()
+        .flat_map(|&i| words[i as usize].clone())
+        .collect();
+    assert_eq!(
+        String::from_utf8(spelled).unwrap().trim_start(),
+        "hello world"
+    );
     let newline = tokenizer.token_to_id("<0x0A>").unwrap() as usize;
     assert_eq!(words[newline], b"\n");
 }
@@ -82,9 +94,24 @@ fn json_schema_allows_valid_answers_only() {
         "required": ["name", "age"],
         "additionalProperties": false
     }));
-    assert!(accepts(&compiler, &tokenizer, &schema, r#"{"name": "Ada", "age": 36}"#));
-    assert!(!accepts(&compiler, &tokenizer, &schema, r#"{"name": "Ada", "age": "36"}"#));
-    assert!(!accepts(&compiler, &tokenizer, &schema, r#"{"name": "Ada"}"#));
+    assert!(accepts(
+        &compiler,
+        &tokenizer,
+        &schema,
+        r#"{"name": "Ada", "age": 36}"#
+    ));
+    assert!(!accepts(
+        &compiler,
+        &tokenizer,
+        &schema,
+        r#"{"name": "Ada", "age": "36"}"#
+    ));
+    assert!(!accepts(
+        &compiler,
+        &tokenizer,
+        &schema,
+        r#"{"name": "Ada"}"#
+    ));
     assert!(!accepts(&compiler, &tokenizer, &schema, "Sure! Here it is"));
 }
 
@@ -112,7 +139,10 @@ fn bad_grammars_name_their_problem() {
     let cases = [
         regex("(unclosed"),
         json(serde_json::json!({"type": "no-such-type"})),
-        Grammar { kind: GrammarKind::Json, source: "{not json".into() },
+        Grammar {
+            kind: GrammarKind::Json,
+            source: "{not json".into(),
+        },
         json(serde_json::json!([1, 2])),
         json(serde_json::json!({"$ref": "#/definitions/missing"})),
     ];

@@ -58,7 +58,9 @@ pub enum RouterError {
     MinP,
     #[error("Input validation error: `logit_bias` values must be >= -100 and <= 100")]
     LogitBias,
-    #[error("Input validation error: `logit_bias` key {0} is not a token id (the vocabulary has {1})")]
+    #[error(
+        "Input validation error: `logit_bias` key {0} is not a token id (the vocabulary has {1})"
+    )]
     LogitBiasToken(u32, usize),
     #[error("Tool error: {0}")]
     Tool(String),

@@ -529,7 +529,9 @@ mod tests {
     fn tools(choice: Value) -> ToolUse {
         let tools = json!([{"type": "function", "function": {"name": "get_weather",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
-        ToolUse::from_request(Some(&tools), Some(&choice), None).unwrap().unwrap()
+        ToolUse::from_request(Some(&tools), Some(&choice), None)
+            .unwrap()
+            .unwrap()
     }
 
     /// Streams `pieces` through a call buffer: (content shown, calls).
@@ -547,11 +549,18 @@ mod tests {
         assert_eq!((shown.as_str(), calls.len()), ("It is sunny.", 0));
         let (shown, calls) = through_calls(
             json!("auto"),
-            &["Checking. <tool", "_call>{\"name\": \"get_weather\", ", "\"arguments\": {\"city\": \"Oslo\"}}</tool_call>"],
+            &[
+                "Checking. <tool",
+                "_call>{\"name\": \"get_weather\", ",
+                "\"arguments\": {\"city\": \"Oslo\"}}</tool_call>",
+            ],
         );
         assert_eq!(shown, "Checking. ");
         assert_eq!(calls[0].arguments, r#"{"city":"Oslo"}"#);
-        let (shown, calls) = through_calls(json!("required"), &["{\"name\": \"get_weather\", \"arguments\": {}}"]);
+        let (shown, calls) = through_calls(
+            json!("required"),
+            &["{\"name\": \"get_weather\", \"arguments\": {}}"],
+        );
         assert_eq!((shown.as_str(), calls.len()), ("", 1));
         // JSON that is no call is content after all.
         let (shown, calls) = through_calls(json!("auto"), &["{\"city\"", ": 1}"]);

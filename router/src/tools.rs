@@ -68,7 +68,12 @@ impl ToolUse {
             .ok_or_else(|| tool_error("`tools` must be a list"))?;
         let mut functions = Vec::with_capacity(list.len());
         for tool in list {
-            if tool.get("type").and_then(Value::as_str).unwrap_or("function") != "function" {
+            if tool
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("function")
+                != "function"
+            {
                 return Err(tool_error("only `function` tools are supported"));
             }
             let f = tool
@@ -82,7 +87,9 @@ impl ToolUse {
             let parameters = match f.get("parameters") {
                 None | Some(Value::Null) => json!({"type": "object"}),
                 Some(p) if p.is_object() => p.clone(),
-                Some(_) => return Err(tool_error(format!("`{name}.parameters` must be an object"))),
+                Some(_) => {
+                    return Err(tool_error(format!("`{name}.parameters` must be an object")))
+                }
             };
             functions.push((name.to_string(), parameters));
         }
@@ -100,7 +107,9 @@ impl ToolUse {
                     .and_then(Value::as_str)
                     .ok_or_else(|| tool_error("`tool_choice` must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": …}}"))?;
                 if !functions.iter().any(|(n, _)| n == name) {
-                    return Err(tool_error(format!("`tool_choice` names \"{name}\", which is not in `tools`")));
+                    return Err(tool_error(format!(
+                        "`tool_choice` names \"{name}\", which is not in `tools`"
+                    )));
                 }
                 ToolMode::Named(name.to_string())
             }
@@ -139,10 +148,14 @@ impl ToolUse {
             ToolMode::Auto => return None,
             ToolMode::Named(name) => call(self.functions.iter().find(|(n, _)| n == name)?),
             ToolMode::Required if self.functions.len() == 1 => call(&self.functions[0]),
-            ToolMode::Required => json!({"anyOf": self.functions.iter().map(call).collect::<Vec<_>>()}),
+            ToolMode::Required => {
+                json!({"anyOf": self.functions.iter().map(call).collect::<Vec<_>>()})
+            }
         };
         Some(match (&self.mode, self.parallel) {
-            (ToolMode::Required, true) => json!({"anyOf": [one, {"type": "array", "items": one, "minItems": 1}]}),
+            (ToolMode::Required, true) => {
+                json!({"anyOf": [one, {"type": "array", "items": one, "minItems": 1}]})
+            }
             _ => one,
         })
     }
@@ -220,7 +233,9 @@ fn call_from_json(v: &Value) -> Option<ToolCall> {
         .cloned()
         .unwrap_or_else(|| json!({}));
     let args = match args {
-        Value::String(s) => serde_json::from_str::<Value>(&s).ok().filter(Value::is_object)?,
+        Value::String(s) => serde_json::from_str::<Value>(&s)
+            .ok()
+            .filter(Value::is_object)?,
         Value::Object(_) => args,
         _ => return None,
     };
@@ -277,7 +292,10 @@ fn parse_native(text: &str) -> Option<(String, Vec<ToolCall>)> {
     }
     if let Some((before, after)) = text.split_once("<|python_tag|>") {
         let (values, rest) = leading_json_values(after);
-        let calls = values.iter().map(call_from_json).collect::<Option<Vec<_>>>()?;
+        let calls = values
+            .iter()
+            .map(call_from_json)
+            .collect::<Option<Vec<_>>>()?;
         return Some((format!("{before}{rest}"), calls));
     }
     // A bare JSON call (Llama 3.x without the tag, TGI's format, Hermes without tags): the whole
@@ -293,7 +311,12 @@ fn mistral_calls(after: &str) -> Option<Vec<ToolCall>> {
         let mut calls = Vec::new();
         for v in values {
             match v {
-                Value::Array(items) => calls.extend(items.iter().map(call_from_json).collect::<Option<Vec<_>>>()?),
+                Value::Array(items) => calls.extend(
+                    items
+                        .iter()
+                        .map(call_from_json)
+                        .collect::<Option<Vec<_>>>()?,
+                ),
                 one => calls.push(call_from_json(&one)?),
             }
         }
@@ -322,7 +345,10 @@ pub fn template_messages(messages: Vec<Value>) -> Vec<Value> {
             if let Some(calls) = m.get_mut("tool_calls").and_then(Value::as_array_mut) {
                 for call in calls {
                     if let Some(args) = call.pointer_mut("/function/arguments") {
-                        if let Some(parsed) = args.as_str().and_then(|s| serde_json::from_str::<Value>(s).ok()) {
+                        if let Some(parsed) = args
+                            .as_str()
+                            .and_then(|s| serde_json::from_str::<Value>(s).ok())
+                        {
                             *args = parsed;
                         }
                     }

@@ -13,8 +13,8 @@
 use crate::api::{GenerateParameters, GrammarParam};
 use crate::error::{Result, RouterError};
 use std::sync::{Arc, OnceLock};
-use tessera_formats::grammar::{Grammar, GrammarCompiler, GrammarKind};
 use std::time::Instant;
+use tessera_formats::grammar::{Grammar, GrammarCompiler, GrammarKind};
 use tessera_proto::v3;
 use tokenizers::{Encoding, Tokenizer};
 use tokio::sync::Semaphore;
@@ -341,8 +341,11 @@ fn grammar_text(g: &GrammarParam) -> Result<(v3::GrammarType, String)> {
     let schema = match g {
         GrammarParam::Regex(r) => return Ok((v3::GrammarType::Regex, r.clone())),
         // TGI accepts the schema as an object or as a string holding one.
-        GrammarParam::Json(serde_json::Value::String(text)) => serde_json::from_str(text)
-            .map_err(|e| RouterError::InvalidGrammar(format!("the JSON schema is not JSON: {e}")))?,
+        GrammarParam::Json(serde_json::Value::String(text)) => {
+            serde_json::from_str(text).map_err(|e| {
+                RouterError::InvalidGrammar(format!("the JSON schema is not JSON: {e}"))
+            })?
+        }
         GrammarParam::Json(schema) => schema.clone(),
         GrammarParam::JsonSchema(config) => config.schema.clone(),
     };
@@ -569,7 +572,8 @@ mod tests {
             grammar: Some(serde_json::from_value(g).unwrap()),
             ..Default::default()
         };
-        let schema = serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let schema =
+            serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}}});
         for g in [
             serde_json::json!({"type": "json", "value": schema}),
             serde_json::json!({"type": "json", "value": schema.to_string()}),
@@ -580,9 +584,12 @@ mod tests {
             assert_eq!(valid.parameters.grammar_type, v3::GrammarType::Json as i32);
             assert_eq!(valid.parameters.grammar, schema.to_string());
         }
-        let valid = check(with(serde_json::json!({"type": "regex", "value": "[ab]+"})), "x")
-            .await
-            .unwrap();
+        let valid = check(
+            with(serde_json::json!({"type": "regex", "value": "[ab]+"})),
+            "x",
+        )
+        .await
+        .unwrap();
         assert_eq!(valid.parameters.grammar_type, v3::GrammarType::Regex as i32);
         for bad in [
             serde_json::json!({"type": "regex", "value": "(a"}),

@@ -20,6 +20,7 @@ use tessera_router::api::{CompatGenerateRequest, GenerateParameters, GenerateReq
 use tessera_router::error::{Result, RouterError};
 use tessera_router::openai::{chat_parameters, choices_count, parameters};
 use tessera_router::openai_types::{ChatRequest, CompletionRequest};
+use tessera_router::tools::ToolUse;
 use tessera_router::validation::Limits;
 use tessera_shard::sampling::SamplingParams;
 use tessera_shard::stopping::StopParams;
@@ -314,7 +315,15 @@ fn run(case: &Case) -> bool {
         Route::GenerateStream => parse::<GenerateRequest>(&bytes)
             .is_some_and(|r| validate(&r.parameters, false, prompt_len)),
         Route::Chat => parse::<ChatRequest>(&bytes).is_some_and(|r| {
-            match choices_count(MAX_CLIENT_BATCH_SIZE, r.sampling.n).and(chat_parameters(&r)) {
+            let tools = ToolUse::from_request(
+                r.tools.as_ref(),
+                r.tool_choice.as_ref(),
+                r.parallel_tool_calls,
+            );
+            let mapped = choices_count(MAX_CLIENT_BATCH_SIZE, r.sampling.n)
+                .and(tools)
+                .and_then(|t| chat_parameters(&r, t.as_ref()));
+            match mapped {
                 Ok(p) => validate(&p, false, prompt_len),
                 Err(e) => {
                     assert_refusal(&e);
@@ -400,8 +409,11 @@ fn known_bad_bodies_are_refused() {
             Route::Generate => {
                 parse::<GenerateRequest>(&bytes).is_some_and(|r| validate(&r.parameters, true, 5))
             }
-            Route::Chat => parse::<ChatRequest>(&bytes)
-                .is_some_and(|r| chat_parameters(&r).is_ok_and(|p| validate(&p, false, 5))),
+            Route::Chat => parse::<ChatRequest>(&bytes).is_some_and(|r| {
+                ToolUse::from_request(r.tools.as_ref(), r.tool_choice.as_ref(), None)
+                    .and_then(|t| chat_parameters(&r, t.as_ref()))
+                    .is_ok_and(|p| validate(&p, false, 5))
+            }),
             _ => parse::<CompletionRequest>(&bytes)
                 .is_some_and(|r| choices_count(MAX_CLIENT_BATCH_SIZE, r.sampling.n).is_ok()),
         };

@@ -11,7 +11,13 @@ use tessera_proto::v3 as pb;
 
 const EOS: u32 = 2;
 
-fn constrained(id: u64, text: &str, kind: pb::GrammarType, grammar: &str, blocks: &mut Blocks) -> pb::Request {
+fn constrained(
+    id: u64,
+    text: &str,
+    kind: pb::GrammarType,
+    grammar: &str,
+    blocks: &mut Blocks,
+) -> pb::Request {
     let mut r = request(id, text, 64, blocks);
     r.stopping_parameters.as_mut().unwrap().ignore_eos_token = false;
     let p = r.parameters.as_mut().unwrap();
@@ -40,8 +46,20 @@ async fn grammars_shape_their_requests_and_leave_neighbours_alone() {
 
     let mut blocks = Blocks::new();
     let requests = vec![
-        constrained(1, "A person, as JSON:", pb::GrammarType::Json, &schema.to_string(), &mut blocks),
-        constrained(2, "The year Paris was founded:", pb::GrammarType::Regex, "[0-9]{1,4}( BC| AD)?", &mut blocks),
+        constrained(
+            1,
+            "A person, as JSON:",
+            pb::GrammarType::Json,
+            &schema.to_string(),
+            &mut blocks,
+        ),
+        constrained(
+            2,
+            "The year Paris was founded:",
+            pb::GrammarType::Regex,
+            "[0-9]{1,4}( BC| AD)?",
+            &mut blocks,
+        ),
         {
             let mut free = free.clone();
             let b = blocks.take(64);
@@ -53,12 +71,23 @@ async fn grammars_shape_their_requests_and_leave_neighbours_alone() {
     let out = generate(c, batch(2, requests)).await;
 
     let person = finished(&out[&1]);
-    assert_eq!(person.finish_reason, pb::FinishReason::EosToken as i32, "{person:?}");
+    assert_eq!(
+        person.finish_reason,
+        pb::FinishReason::EosToken as i32,
+        "{person:?}"
+    );
     let text = person.text.trim_end_matches("<|endoftext|>");
     let value: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
-    assert!(value["name"].as_str().is_some_and(|n| n.chars().count() <= 16), "{value}");
+    assert!(
+        value["name"]
+            .as_str()
+            .is_some_and(|n| n.chars().count() <= 16),
+        "{value}"
+    );
     assert!(value["age"].as_u64().is_some_and(|a| a <= 120), "{value}");
-    assert!(value["pets"].as_array().is_some_and(|p| p.iter().all(|x| x == "cat" || x == "dog")));
+    assert!(value["pets"]
+        .as_array()
+        .is_some_and(|p| p.iter().all(|x| x == "cat" || x == "dog")));
     assert_eq!(value.as_object().unwrap().len(), 3);
     assert_eq!(*ids(&out[&1]).last().unwrap(), EOS);
 
@@ -67,7 +96,14 @@ async fn grammars_shape_their_requests_and_leave_neighbours_alone() {
     let year = year.text.trim_end_matches("<|endoftext|>").to_string();
     let digits: String = year.chars().take_while(char::is_ascii_digit).collect();
     assert!((1..=4).contains(&digits.len()), "{year:?}");
-    assert!(["", " BC", " AD"].contains(&&year[digits.len()..]), "{year:?}");
+    assert!(
+        ["", " BC", " AD"].contains(&&year[digits.len()..]),
+        "{year:?}"
+    );
 
-    assert_eq!(ids(&out[&3]), ids(&alone[&3]), "the unconstrained neighbour is unchanged");
+    assert_eq!(
+        ids(&out[&3]),
+        ids(&alone[&3]),
+        "the unconstrained neighbour is unchanged"
+    );
 }

@@ -31,6 +31,10 @@ struct Args {
     /// Tokens each request generates (greedy).
     #[arg(long, default_value_t = 64)]
     max_new_tokens: u32,
+    /// A TGI `grammar` parameter (JSON) every request carries, e.g.
+    /// `{"type": "json", "value": {"type": "object", …}}`, to measure constrained decoding.
+    #[arg(long, value_parser = parse_json)]
+    grammar: Option<serde_json::Value>,
     /// Bearer token, when the router has `--api-key`.
     #[arg(long, env)]
     api_key: Option<String>,
@@ -57,6 +61,10 @@ const PROMPTS: [&str; 8] = [
     "The three laws of thermodynamics are",
 ];
 
+fn parse_json(text: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(text).map_err(|e| e.to_string())
+}
+
 /// What one request measured.
 #[derive(Default)]
 struct Sample {
@@ -67,7 +75,10 @@ struct Sample {
 }
 
 async fn one_request(client: &reqwest::Client, args: &Args, prompt: &str) -> Sample {
-    let body = json!({"inputs": prompt, "parameters": {"max_new_tokens": args.max_new_tokens}});
+    let mut body = json!({"inputs": prompt, "parameters": {"max_new_tokens": args.max_new_tokens}});
+    if let Some(grammar) = &args.grammar {
+        body["parameters"]["grammar"] = grammar.clone();
+    }
     let mut request = client
         .post(format!("{}/generate_stream", args.url))
         .json(&body);

@@ -30,13 +30,23 @@ fn tool_choice_modes_and_their_errors() {
     let named = json!({"type": "function", "function": {"name": "get_time"}});
     assert_eq!(tool_use(named).mode, ToolMode::Named("get_time".into()));
     let tools = weather_tools();
-    assert!(ToolUse::from_request(Some(&tools), Some(&json!("none")), None).unwrap().is_none());
+    assert!(
+        ToolUse::from_request(Some(&tools), Some(&json!("none")), None)
+            .unwrap()
+            .is_none()
+    );
     assert!(ToolUse::from_request(None, None, None).unwrap().is_none());
     for (tools, choice) in [
-        (Some(weather_tools()), json!({"type": "function", "function": {"name": "nope"}})),
+        (
+            Some(weather_tools()),
+            json!({"type": "function", "function": {"name": "nope"}}),
+        ),
         (Some(weather_tools()), json!("sometimes")),
         (None, json!("required")),
-        (Some(json!([{"type": "function", "function": {}}])), json!("auto")),
+        (
+            Some(json!([{"type": "function", "function": {}}])),
+            json!("auto"),
+        ),
         (Some(json!({"not": "a list"})), json!("auto")),
     ] {
         let e = ToolUse::from_request(tools.as_ref(), Some(&choice), None).unwrap_err();
@@ -50,13 +60,20 @@ fn required_and_named_choices_constrain_to_a_call() {
     let named = tool_use(json!({"type": "function", "function": {"name": "get_weather"}}));
     let schema = named.grammar().unwrap();
     assert_eq!(schema["properties"]["name"]["const"], "get_weather");
-    assert_eq!(schema["properties"]["arguments"]["required"], json!(["city"]));
-    assert_eq!(schema["properties"]["arguments"]["additionalProperties"], json!(false));
+    assert_eq!(
+        schema["properties"]["arguments"]["required"],
+        json!(["city"])
+    );
+    assert_eq!(
+        schema["properties"]["arguments"]["additionalProperties"],
+        json!(false)
+    );
     let required = tool_use(json!("required")).grammar().unwrap();
     assert_eq!(required["anyOf"].as_array().unwrap().len(), 2);
-    let parallel = ToolUse::from_request(Some(&weather_tools()), Some(&json!("required")), Some(true))
-        .unwrap()
-        .unwrap();
+    let parallel =
+        ToolUse::from_request(Some(&weather_tools()), Some(&json!("required")), Some(true))
+            .unwrap()
+            .unwrap();
     assert_eq!(parallel.grammar().unwrap()["anyOf"][1]["type"], "array");
 }
 
@@ -128,7 +145,10 @@ fn history_arguments_become_objects_and_calls_can_become_content() {
         json!({"role": "tool", "tool_call_id": "abcdefghi", "content": "sunny"}),
     ];
     let mut messages = template_messages(messages);
-    assert_eq!(messages[1]["tool_calls"][0]["function"]["arguments"], json!({"city": "Paris"}));
+    assert_eq!(
+        messages[1]["tool_calls"][0]["function"]["arguments"],
+        json!({"city": "Paris"})
+    );
     calls_as_content(&mut messages);
     assert_eq!(
         messages[1]["content"],

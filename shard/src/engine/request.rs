@@ -203,7 +203,10 @@ impl Seq {
         let constrained = self.sampler.grammar_failure().is_none();
         let choice = self.sampler.choose(last)?;
         if let (true, Some(reason)) = (constrained, self.sampler.grammar_failure()) {
-            tracing::warn!(request_id = self.id, "grammar failed, ending the request: {reason}");
+            tracing::warn!(
+                request_id = self.id,
+                "grammar failed, ending the request: {reason}"
+            );
         }
         self.tokens.push(choice.id);
         let text = self.detok.push(&ctx.tokenizer, choice.id)?;

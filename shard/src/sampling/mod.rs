@@ -113,10 +113,16 @@ impl SamplingParams {
             source: p.grammar.clone(),
         });
         if !(0.0..=1.0).contains(&p.min_p) {
-            return Err(invalid("min_p", format!("must be in [0, 1], got {}", p.min_p)));
+            return Err(invalid(
+                "min_p",
+                format!("must be in [0, 1], got {}", p.min_p),
+            ));
         }
         let mut logit_bias: Vec<(u32, f32)> = p.logit_bias.iter().map(|(&t, &b)| (t, b)).collect();
-        if let Some((t, b)) = logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+        if let Some((t, b)) = logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
             return Err(invalid(
                 "logit_bias",
                 format!("the bias of token {t} must be in [-100, 100], got {b}"),

@@ -253,9 +253,16 @@ fn min_p_keeps_tokens_near_the_most_likely() {
         p.seed = 7;
     })
     .unwrap();
-    assert!(p.is_sampling(), "min_p is a warper: it samples, as the others do");
+    assert!(
+        p.is_sampling(),
+        "min_p is a warper: it samples, as the others do"
+    );
     let mut s = sampler(p);
     for _ in 0..50 {
-        assert_eq!(s.choose(&[5.0, 4.0, 0.0]).unwrap().id, 0, "only token 0 is within half of itself");
+        assert_eq!(
+            s.choose(&[5.0, 4.0, 0.0]).unwrap().id,
+            0,
+            "only token 0 is within half of itself"
+        );
     }
 }
