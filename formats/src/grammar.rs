@@ -38,8 +38,15 @@ pub struct Grammar {
 #[error("{0}")]
 pub struct GrammarError(pub String);
 
+/// llguidance's reason on one line (its messages may span several; ours go into logs and HTTP bodies).
 fn err(e: impl std::fmt::Display) -> GrammarError {
-    GrammarError(e.to_string())
+    let text = e.to_string();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    GrammarError(lines.join("; "))
 }
 
 /// Compiles grammars for one tokenizer; shared by all requests of a process.
@@ -228,7 +235,7 @@ impl Constraint {
         self.mask = None;
         if self.failure.is_none() {
             if let Err(e) = self.matcher.consume_token(token) {
-                self.failure = Some(e.to_string());
+                self.failure = Some(err(e).0);
             }
         }
     }

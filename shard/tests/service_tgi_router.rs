@@ -369,9 +369,9 @@ async fn a_refused_request_is_logged_and_its_batch_goes_on() {
     ];
     let reference = generate(c, batch(1, good.clone())).await;
 
-    // A grammar (which this shard cannot apply) between the two.
+    // A grammar that does not compile between the two.
     let mut grammar = request(102, "Tom and his dog", 8, &mut blocks);
-    grammar.parameters.as_mut().unwrap().grammar = "[a-z]+".into();
+    grammar.parameters.as_mut().unwrap().grammar = "[a-z+".into();
     grammar.parameters.as_mut().unwrap().grammar_type = pb::GrammarType::Regex as i32;
     let mixed = vec![good[0].clone(), grammar.clone(), good[1].clone()];
     let first = prefill(
