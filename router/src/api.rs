@@ -47,6 +47,10 @@ pub struct GenerateParameters {
     pub seed: Option<u64>,
     #[serde(default)]
     pub top_n_tokens: Option<u32>,
+    /// Admission priority under `--scheduling-policy priority`: lower runs first (vLLM's convention;
+    /// a Tessera extension on this route). Ignored under `fcfs`.
+    #[serde(default)]
+    pub priority: Option<i32>,
     /// Min-p sampling in [0, 1] (a Tessera extension, as vLLM's `min_p`); 0 is off.
     #[serde(default)]
     pub min_p: Option<f32>,

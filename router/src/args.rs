@@ -1,7 +1,8 @@
 //! The router's command line: clap-derive groups (TGI's router flags), public so the launcher can build
 //! the router's argv from the same structs (`RouterArgs::to_argv`, round-trip tested).
 
-use clap::{Args, Parser, Subcommand};
+use crate::scheduler::SchedulingPolicy;
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 /// Tessera router: TGI and OpenAI HTTP APIs in front of the shards.
@@ -138,6 +139,10 @@ pub struct BatchingArgs {
     /// Hard cap on requests per batch.
     #[arg(long, env)]
     pub max_batch_size: Option<usize>,
+    /// Admission order: `fcfs` (arrival) or `priority` (the requests' `priority`, lower first, then
+    /// arrival).
+    #[arg(long, env, value_enum, default_value_t = SchedulingPolicy::Fcfs, hide_possible_values = true)]
+    pub scheduling_policy: SchedulingPolicy,
     /// Seconds any shard RPC may take before its requests fail and `/health` turns 503. Default: ten
     /// times the Warmup (one forward of the whole prefill budget, so it scales with the model, the
     /// device and `--max-batch-prefill-tokens`), at least 60.
@@ -207,6 +212,9 @@ impl RouterArgs {
         push("max-waiting-tokens", b.max_waiting_tokens.to_string());
         if let Some(n) = b.max_batch_size {
             push("max-batch-size", n.to_string());
+        }
+        if let Some(policy) = b.scheduling_policy.to_possible_value() {
+            push("scheduling-policy", policy.get_name().to_string());
         }
         if let Some(secs) = b.shard_rpc_timeout {
             push("shard-rpc-timeout", secs.to_string());

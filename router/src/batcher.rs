@@ -104,6 +104,8 @@ struct Tracked {
     started: Option<Instant>,
     last_token: Option<Instant>,
     input_length: u32,
+    /// Admission priority (label of the per-priority queue time).
+    priority: i32,
     span: tracing::Span,
 }
 
@@ -369,6 +371,7 @@ impl Batcher {
             started: None,
             last_token: None,
             input_length: request.input_ids.len() as u32,
+            priority: request.priority,
             span,
         };
         self.requests.insert(id, tracked);
@@ -482,6 +485,8 @@ impl Batcher {
         for (id, waited) in admitted {
             if let Some(tracked) = self.requests.get_mut(id) {
                 tracked.started = Some(now);
+                metrics::histogram!(m::QUEUE_DURATION_BY_PRIORITY, "priority" => tracked.priority.to_string())
+                    .record(waited.as_secs_f64());
             }
             metrics::histogram!(m::REQUEST_QUEUE_DURATION).record(waited.as_secs_f64());
         }
@@ -658,6 +663,7 @@ fn new_request(id: RequestId, r: ValidRequest) -> NewRequest {
         input_ids: r.input_ids,
         max_new_tokens: r.stopping.max_new_tokens,
         prefill_logprobs: r.decoder_input_details,
+        priority: r.priority,
         request,
     }
 }

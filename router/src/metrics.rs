@@ -39,6 +39,7 @@ pub const KV_BLOCKS_USED: &str = "tessera_kv_blocks_used";
 pub const KV_BLOCKS_FREE: &str = "tessera_kv_blocks_free";
 pub const PREFIX_CACHE_HIT_TOKENS: &str = "tessera_prefix_cache_hit_tokens_total";
 pub const PREFIX_CACHE_PROMPT_TOKENS: &str = "tessera_prefix_cache_prompt_tokens_total";
+pub const QUEUE_DURATION_BY_PRIORITY: &str = "tessera_request_queue_duration_seconds";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -227,6 +228,16 @@ pub const CATALOG: &[Metric] = &[
             TIME_TO_FIRST_TOKEN,
             Kind::Histogram(Buckets::Durations),
             "Request arrival to its first generated token",
+        )
+    },
+    Metric {
+        unit: Some(Unit::Seconds),
+        // Priority 0 (every request's default) is registered up front; others appear when used.
+        label: Some(("priority", &["0"])),
+        ..metric(
+            QUEUE_DURATION_BY_PRIORITY,
+            Kind::Histogram(Buckets::Durations),
+            "Time spent waiting for admission, by the request's `priority`",
         )
     },
     Metric {

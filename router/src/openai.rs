@@ -173,6 +173,7 @@ pub fn parameters(
         top_n_tokens: top_n,
         details: true,
         min_p: s.min_p,
+        priority: s.priority,
         logit_bias,
         grammar,
         ..Default::default()

@@ -69,6 +69,8 @@ pub struct Sampling {
     pub logit_bias: Option<BTreeMap<String, f32>>,
     /// Min-p sampling (vLLM's extension).
     pub min_p: Option<f32>,
+    /// Admission priority under `--scheduling-policy priority`, lower first (vLLM's extension).
+    pub priority: Option<i32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]

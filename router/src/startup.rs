@@ -269,6 +269,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         speculate: shard_info.speculate,
         waiting_served_ratio: batching.waiting_served_ratio,
         max_waiting_tokens: batching.max_waiting_tokens,
+        policy: batching.scheduling_policy,
     });
     let infer = Infer::spawn(
         scheduler,

@@ -42,6 +42,8 @@ pub struct ValidRequest {
     pub top_n_tokens: u32,
     pub parameters: v3::NextTokenChooserParameters,
     pub stopping: v3::StoppingCriteriaParameters,
+    /// Admission priority under `--scheduling-policy priority` (lower first).
+    pub priority: i32,
     /// When the HTTP request arrived (TTFT is measured from here).
     pub arrived: Instant,
 }
@@ -153,6 +155,7 @@ impl Validation {
             top_n_tokens,
             parameters,
             stopping,
+            priority: p.priority.unwrap_or(0),
             arrived,
         })
     }

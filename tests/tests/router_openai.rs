@@ -222,8 +222,9 @@ async fn openai_errors_have_real_statuses() {
         ),
         (
             "/v1/chat/completions",
-            json!({"messages": capital(), "response_format": {"type": "json_object"}}),
-            "grammar is not supported",
+            json!({"messages": capital(), "response_format": {"type": "json_schema",
+                   "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}}),
+            "grammar is not valid",
         ),
     ];
     for (path, body, message) in cases {

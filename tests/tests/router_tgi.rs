@@ -287,8 +287,8 @@ async fn every_validation_error_is_a_422_with_tgis_message_even_when_streaming()
             "`inputs` tokens + `max_new_tokens` must be <=",
         ),
         (
-            json!({"grammar": {"type": "regex", "value": "a+"}}),
-            "grammar is not supported",
+            json!({"grammar": {"type": "regex", "value": "(a+"}}),
+            "grammar is not valid",
         ),
         (
             json!({"best_of": 3, "do_sample": true}),

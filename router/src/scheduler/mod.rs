@@ -4,7 +4,10 @@
 //!
 //! Invariants: every admitted request holds its KV blocks until it finishes, fails or is cancelled;
 //! the shards' batches never hold a request the scheduler has dropped when a forward runs (Filter and
-//! Clear steps come first); requests are admitted FIFO under a token budget, chunking the last one.
+//! Clear steps come first); requests are admitted in queue order (arrival, or priority then arrival)
+//! under a token budget, chunking the last one. A head whose KV does not fit yet lets later requests
+//! that fit go first at most `MAX_BYPASS` times, then waits alone: small requests are not held behind
+//! a large one, and the large one is not starved.
 
 mod blocks;
 mod queue;
@@ -13,11 +16,16 @@ mod radix;
 mod tests;
 
 pub use blocks::{Allocation, BlockAllocator, BlockId, BlockPool, KvBlock};
-pub use queue::NewRequest;
+pub use queue::{NewRequest, SchedulingPolicy};
 pub use radix::{PrefixCache, PrefixLease};
 
 use crate::error::RouterError;
 use queue::{Queue, Waiting};
+
+/// How many admissions may pass over a head request whose KV blocks are not free yet.
+pub const MAX_BYPASS: u32 = 16;
+/// How deep into the queue an admission looks for a request that fits, past the head.
+const BYPASS_WINDOW: usize = 64;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tessera_proto::v3::{Batch, CachedBatch, Generation};
@@ -39,6 +47,7 @@ pub struct SchedulerConfig {
     /// Non-chunking only: see TGI's `waiting_served_ratio` / `max_waiting_tokens`.
     pub waiting_served_ratio: f32,
     pub max_waiting_tokens: usize,
+    pub policy: SchedulingPolicy,
 }
 
 /// The next shard RPC.
@@ -139,8 +148,8 @@ impl Scheduler {
         let allocator =
             BlockAllocator::new(config.num_blocks, config.block_size, config.prefix_caching);
         Scheduler {
+            queue: Queue::new(config.policy),
             config,
-            queue: Queue::default(),
             allocator,
             running: HashMap::new(),
             batches: Vec::new(),
@@ -319,17 +328,11 @@ impl Scheduler {
         let mut max_tokens = 0;
         let mut max_blocks = 0;
         while requests.len() < max_size && budget > 0 {
-            let Some(waiting) = self.queue.pop() else {
+            let Some((index, waiting, allocation)) = self.take_fitting() else {
                 break;
             };
             let request = &waiting.request;
             let total = request.total_tokens(self.config.speculate);
-            let prompt = (!request.prefill_logprobs).then_some(request.input_ids.as_slice());
-            // Out of KV blocks: the head waits (FIFO, no skipping) until running requests free some.
-            let Some(allocation) = self.allocator.allocate(prompt, total) else {
-                self.queue.push_front(waiting);
-                break;
-            };
             // The prefix cache never leases a whole prompt, so this is at least 1.
             let to_compute = request.input_length().saturating_sub(allocation.prefix_len);
             let chunk_len = if to_compute <= budget {
@@ -342,13 +345,14 @@ impl Scheduler {
                 None
             } else {
                 self.allocator.release(allocation, None);
-                self.queue.push_front(waiting);
+                self.queue.put_back(index, waiting);
                 break;
             };
             budget = budget.saturating_sub(chunk_len.unwrap_or(to_compute));
             let Waiting {
                 request,
                 enqueued_at,
+                ..
             } = waiting;
             let mut shard_request = request.request.clone();
             shard_request.blocks = allocation.blocks.clone();
@@ -358,6 +362,11 @@ impl Scheduler {
             max_tokens = total.saturating_add(max_tokens);
             max_blocks = max_blocks.max(u32::try_from(allocation.blocks.len()).unwrap_or(u32::MAX));
             admitted.push((request.id, now.saturating_duration_since(enqueued_at)));
+            if index > 0 {
+                if let Some(head) = self.queue.head_mut() {
+                    head.bypassed += 1;
+                }
+            }
             requests.push(shard_request);
             self.running.insert(
                 request.id,
@@ -394,6 +403,23 @@ impl Scheduler {
             cached,
             admitted,
         })
+    }
+
+    /// The first waiting request whose KV blocks can be allocated now, with its queue index: the
+    /// head, or a later one while the head has been passed over fewer than `MAX_BYPASS` times.
+    fn take_fitting(&mut self) -> Option<(usize, Waiting, Allocation)> {
+        for index in 0..self.queue.len().min(BYPASS_WINDOW + 1) {
+            let request = &self.queue.get(index)?.request;
+            let prompt = (!request.prefill_logprobs).then_some(request.input_ids.as_slice());
+            let total = request.total_tokens(self.config.speculate);
+            if let Some(allocation) = self.allocator.allocate(prompt, total) {
+                return Some((index, self.queue.take(index)?, allocation));
+            }
+            if index == 0 && self.queue.get(0)?.bypassed >= MAX_BYPASS {
+                return None;
+            }
+        }
+        None
     }
 
     /// Take the outcome of the last scheduled step.

@@ -1,4 +1,5 @@
-//! The FIFO of requests waiting for admission, and the request record the scheduler keeps.
+//! The queue of requests waiting for admission (arrival order, or priority then arrival), and the
+//! request record the scheduler keeps.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -16,6 +17,8 @@ pub struct NewRequest {
     pub max_new_tokens: u32,
     /// Prompt logprobs need logits for every prompt token, so such a request reuses no cached prefix.
     pub prefill_logprobs: bool,
+    /// Lower runs first (vLLM's convention); only the `priority` policy reads it.
+    pub priority: i32,
     /// The shard request without its memory fields (`blocks`, `slots`, `cache_len`, `chunk_len`).
     pub request: v3::Request,
 }
@@ -37,34 +40,75 @@ impl NewRequest {
     }
 }
 
+/// How waiting requests are ordered for admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SchedulingPolicy {
+    // First come, first served (TGI's order); a request's `priority` is ignored. (Plain comments:
+    // clap would show doc comments as per-value help and switch the whole --help layout.)
+    #[default]
+    Fcfs,
+    // Lowest `priority` first, arrival order among equals.
+    Priority,
+}
+
 /// A waiting request.
 #[derive(Debug)]
 pub struct Waiting {
     pub request: NewRequest,
     pub enqueued_at: Instant,
+    /// Admissions that passed over this request while it was at the head and did not fit.
+    pub bypassed: u32,
 }
 
-/// Waiting requests in arrival order.
+/// Waiting requests in admission order.
 #[derive(Debug, Default)]
 pub struct Queue {
     entries: VecDeque<Waiting>,
+    policy: SchedulingPolicy,
 }
 
 impl Queue {
+    pub fn new(policy: SchedulingPolicy) -> Self {
+        Queue {
+            entries: VecDeque::new(),
+            policy,
+        }
+    }
+
     pub fn push(&mut self, request: NewRequest, now: Instant) {
-        self.entries.push_back(Waiting {
+        let at = match self.policy {
+            SchedulingPolicy::Fcfs => self.entries.len(),
+            SchedulingPolicy::Priority => self
+                .entries
+                .iter()
+                .position(|w| w.request.priority > request.priority)
+                .unwrap_or(self.entries.len()),
+        };
+        let waiting = Waiting {
             request,
             enqueued_at: now,
-        });
+            bypassed: 0,
+        };
+        self.entries.insert(at, waiting);
     }
 
-    pub fn pop(&mut self) -> Option<Waiting> {
-        self.entries.pop_front()
+    /// The request at `index` in admission order.
+    pub fn get(&self, index: usize) -> Option<&Waiting> {
+        self.entries.get(index)
     }
 
-    /// Put back a request that could not be admitted; it keeps its place at the head.
-    pub fn push_front(&mut self, waiting: Waiting) {
-        self.entries.push_front(waiting);
+    pub fn head_mut(&mut self) -> Option<&mut Waiting> {
+        self.entries.front_mut()
+    }
+
+    /// Take the request at `index` out of the queue.
+    pub fn take(&mut self, index: usize) -> Option<Waiting> {
+        self.entries.remove(index)
+    }
+
+    /// Put back a request that could not be admitted, at the place it was taken from.
+    pub fn put_back(&mut self, index: usize, waiting: Waiting) {
+        self.entries.insert(index.min(self.entries.len()), waiting);
     }
 
     /// Remove a waiting request; false when it is not waiting.

@@ -154,6 +154,7 @@ fn config(chunking: bool) -> SchedulerConfig {
         speculate: 0,
         waiting_served_ratio: 0.0,
         max_waiting_tokens: 20,
+        policy: SchedulingPolicy::Fcfs,
     }
 }
 
@@ -165,6 +166,7 @@ fn request(id: u64, prompt: &[u32], max_new: u32) -> NewRequest {
         input_ids: prompt.to_vec(),
         max_new_tokens: max_new,
         prefill_logprobs: false,
+        priority: 0,
         request: v3::Request {
             id,
             inputs: "p".repeat(prompt.len()),
@@ -515,5 +517,136 @@ fn a_request_the_shard_refuses_fails_alone_and_frees_its_blocks() {
         s.stats().blocks_used,
         0,
         "refused requests' blocks are back"
+    );
+}
+
+/// Request ids in the order prefill steps admitted them.
+fn admission_order(steps: &[Step]) -> Vec<u64> {
+    steps
+        .iter()
+        .flat_map(|step| match step {
+            Step::Prefill { admitted, .. } => admitted.iter().map(|(id, _)| id.0).collect(),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+fn prioritized(id: u64, priority: i32) -> NewRequest {
+    NewRequest {
+        priority,
+        ..request(id, &prompt(100 * id as u32, 3), 2)
+    }
+}
+
+#[test]
+fn the_priority_policy_admits_lower_values_first_and_fcfs_ignores_them() {
+    for (policy, want) in [
+        (SchedulingPolicy::Priority, vec![0, 3, 5, 4, 1, 2]),
+        (SchedulingPolicy::Fcfs, vec![0, 1, 2, 3, 4, 5]),
+    ] {
+        let mut cfg = config(true);
+        cfg.max_batch_size = Some(1);
+        cfg.policy = policy;
+        let mut s = Scheduler::new(cfg);
+        let now = Instant::now();
+        // 0 runs first; the rest arrive while it does.
+        s.enqueue(prioritized(0, 10), now);
+        let mut shard = FakeShard::default();
+        let first = s.schedule(now).unwrap();
+        s.update(shard.run(&first));
+        for (id, priority) in [(1, 10), (2, 10), (3, -1), (4, 5), (5, -1)] {
+            s.enqueue(prioritized(id, priority), now);
+        }
+        let (steps, _) = drive(&mut s, &mut shard);
+        let mut order = admission_order(std::slice::from_ref(&first));
+        order.extend(admission_order(&steps));
+        assert_eq!(order, want, "{policy:?}");
+    }
+}
+
+#[test]
+fn small_requests_pass_a_head_that_does_not_fit_a_bounded_number_of_times() {
+    let mut cfg = config(true);
+    cfg.num_blocks = 16; // 15 usable: 60 tokens
+    let mut s = Scheduler::new(cfg);
+    let mut shard = FakeShard::default();
+    let now = Instant::now();
+    // 0 holds 12 blocks for its 40 new tokens; 1 needs 10 and must wait for it.
+    s.enqueue(request(0, &prompt(0, 8), 40), now);
+    let first = s.schedule(now).unwrap();
+    s.update(shard.run(&first));
+    s.enqueue(request(1, &prompt(1000, 8), 32), now);
+    let small: Vec<u64> = (2..42).collect();
+    for &id in &small {
+        s.enqueue(request(id, &prompt(100 * id as u32, 2), 2), now);
+    }
+    let (steps, events) = drive(&mut s, &mut shard);
+    let order = admission_order(&steps);
+    let head_at = order.iter().position(|&id| id == 1).unwrap();
+    assert_eq!(
+        head_at, MAX_BYPASS as usize,
+        "small requests went first exactly MAX_BYPASS times: {order:?}"
+    );
+    assert!(order[..head_at].iter().all(|id| small.contains(id)));
+    let mut done = finished(&events);
+    done.sort();
+    assert_eq!(done, (0..42).collect::<Vec<_>>(), "nothing starves");
+}
+
+#[test]
+fn under_saturation_priority_zero_waits_flat_while_priority_ten_queues() {
+    let mut cfg = config(true);
+    cfg.max_batch_size = Some(4);
+    cfg.policy = SchedulingPolicy::Priority;
+    let mut s = Scheduler::new(cfg);
+    let mut shard = FakeShard::default();
+    let start = Instant::now();
+    let mut now = start;
+    let mut next_id = 0;
+    let mut waits: HashMap<i32, Vec<Duration>> = HashMap::new();
+    let mut priority_of = HashMap::new();
+    // Each 10 ms step: two priority-10 requests arrive (more than the batch can serve), and one
+    // priority-0 request every fifth step.
+    for step in 0..400 {
+        let arrivals: &[i32] = if step % 5 == 0 {
+            &[10, 10, 0]
+        } else {
+            &[10, 10]
+        };
+        for &priority in arrivals {
+            s.enqueue(prioritized(next_id, priority), now);
+            priority_of.insert(next_id, priority);
+            next_id += 1;
+        }
+        if let Some(step) = s.schedule(now) {
+            if let Step::Prefill { admitted, .. } = &step {
+                for (id, waited) in admitted {
+                    waits.entry(priority_of[&id.0]).or_default().push(*waited);
+                }
+            }
+            s.update(shard.run(&step));
+        }
+        now += Duration::from_millis(10);
+    }
+    let worst = |p: i32| waits[&p].iter().max().copied().unwrap();
+    let late_mean = |p: i32| {
+        let w = &waits[&p];
+        let late = &w[w.len() / 2..];
+        late.iter().sum::<Duration>() / late.len() as u32
+    };
+    println!(
+        "priority 0: worst wait {:?}; priority 10: mean wait of the later half {:?}",
+        worst(0),
+        late_mean(10)
+    );
+    assert!(
+        worst(0) <= Duration::from_millis(100),
+        "priority 0 waited {:?}",
+        worst(0)
+    );
+    assert!(
+        late_mean(10) > Duration::from_millis(500),
+        "priority 10 should queue behind the saturation: {:?}",
+        late_mean(10)
     );
 }

@@ -208,6 +208,7 @@ fn assert_shard_accepts(request: &v3::Request, p: &GenerateParameters, ids: &[u3
         input_ids: ids.to_vec(),
         max_new_tokens: stop.max_new_tokens,
         prefill_logprobs: false,
+        priority: 0,
         request: request.clone(),
     };
     assert_eq!(scheduled.total_tokens(0) as usize, positions);
@@ -366,6 +367,7 @@ proptest! {
             input_ids: vec![0; prompt_len],
             max_new_tokens: max_new,
             prefill_logprobs: false,
+            priority: 0,
             request: v3::Request::default(),
         };
         let exact = prompt_len as u64 + max_new as u64 + speculate as u64;
