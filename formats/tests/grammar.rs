@@ -150,8 +150,57 @@ fn bad_grammars_name_their_problem() {
         let e = compiler.check(&grammar).unwrap_err();
         assert!(!e.0.is_empty() && !e.0.contains('\n'), "{grammar:?}: {e}");
     }
+    // Past llguidance's size budget (a 1.2 MB schema, under the router's 2 MB body limit): refused
+    // at once, not compiled for ever.
+    let mut props = serde_json::Map::new();
+    for i in 0..20_000 {
+        props.insert(
+            format!("p{i}"),
+            serde_json::json!({"type": "string", "pattern": "[a-z]{3,9}[0-9]+"}),
+        );
+    }
+    let required: Vec<&String> = props.keys().collect();
+    let huge =
+        json(serde_json::json!({"type": "object", "properties": props, "required": required}));
+    let t = std::time::Instant::now();
+    let e = compiler.check(&huge).unwrap_err();
+    assert!(e.0.contains("too large"), "{e}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
     // The cache keeps compiling the same source to the same answer.
     let ok = regex("a+");
     compiler.check(&ok).unwrap();
     compiler.check(&ok).unwrap();
+}
+
+#[test]
+fn tgi_routers_schema_regexes_compile() {
+    // TGI's router turns a JSON schema into a regex (outlines-core) and sends GRAMMAR_TYPE_REGEX: the
+    // shard must take that dialect (escaped braces, `[ ]?`, control-character classes, `(?:…)`).
+    let (tokenizer, compiler) = smollm2();
+    let outlines = regex(
+        r#"\{[ ]?"name"[ ]?:[ ]?"([^"\\\x00-\x1F\x7F-\x9F]|\\["\\])*"[ ]?,[ ]?"age"[ ]?:[ ]?(-)?(0|[1-9][0-9]*)(?:[ ]?,[ ]?"tags"[ ]?:[ ]?\[[ ]?(("([^"\\\x00-\x1F\x7F-\x9F]|\\["\\])*")(,[ ]?("([^"\\\x00-\x1F\x7F-\x9F]|\\["\\])*")){0,})?[ ]?\])?[ ]?\}"#,
+    );
+    compiler.check(&outlines).unwrap();
+    assert!(accepts(
+        &compiler,
+        &tokenizer,
+        &outlines,
+        r#"{"name": "Ada", "age": 36}"#
+    ));
+    assert!(accepts(
+        &compiler,
+        &tokenizer,
+        &outlines,
+        r#"{"name":"Ada","age":-1,"tags":["x", "y"]}"#
+    ));
+    assert!(!accepts(
+        &compiler,
+        &tokenizer,
+        &outlines,
+        r#"{"name": "Ada", "age": 036}"#
+    ));
 }

@@ -179,6 +179,7 @@ impl Engine {
             vocab_size: config.vocab_size,
             grammars: Default::default(),
         };
+        ctx.prepare_grammars();
         tracing::info!(rank = opts.rank, num_blocks, "engine ready");
         Ok(Engine {
             model: loaded.model,
