@@ -112,12 +112,6 @@ pub const TGI_FLAGS: &[TgiFlag] = &[
         Action::Ignore("weights come from --model-id (a local folder, a .gguf file, or the Hub cache); pass that folder as --model-id"),
     ),
     flag(
-        "disable-grammar-support",
-        false,
-        Some("DISABLE_GRAMMAR_SUPPORT"),
-        Action::Ignore("grammars stay on: llguidance compiles each within fuel limits in the router (a bad one is a 422) and bounds every step's mask, so one cannot stall the server"),
-    ),
-    flag(
         "enable-prefill-logprobs",
         false,
         Some("ENABLE_PREFILL_LOGPROBS"),

@@ -119,6 +119,10 @@ pub struct LimitArgs {
     /// Most prompts in one /v1/completions call; also the largest OpenAI `n`.
     #[arg(long, env, default_value_t = 4)]
     pub max_client_batch_size: usize,
+    /// Refuse requests with a grammar (`grammar`, `response_format` other than text, `tool_choice`
+    /// required or named) with TGI's 422 "grammar is not supported".
+    #[arg(long, env)]
+    pub disable_grammar_support: bool,
 }
 
 /// Continuous batching knobs.
@@ -221,6 +225,9 @@ impl RouterArgs {
         }
         if v.json_output {
             argv.push("--json-output".into());
+        }
+        if self.limits.disable_grammar_support {
+            argv.push("--disable-grammar-support".into());
         }
         argv
     }

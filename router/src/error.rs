@@ -52,6 +52,8 @@ pub enum RouterError {
     MaxTotalTokens(u32, u32, u32),
     #[error("Input validation error: `inputs` must have less than {0} tokens. Given: {1}")]
     InputLength(u32, u32),
+    #[error("Input validation error: grammar is not supported")]
+    GrammarDisabled,
     #[error("Input validation error: grammar is not valid: {0}")]
     InvalidGrammar(String),
     #[error("Input validation error: `min_p` must be >= 0.0 and <= 1.0")]

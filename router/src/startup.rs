@@ -286,6 +286,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
             max_top_n_tokens: args.limits.max_top_n_tokens,
             max_input_tokens: limits.max_input_tokens,
             max_total_tokens: limits.max_total_tokens,
+            grammar_support: !args.limits.disable_grammar_support,
         },
     );
     let info = model_info(&args, &limits, &shard_info, client.world_size());

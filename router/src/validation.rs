@@ -28,6 +28,8 @@ pub struct Limits {
     pub max_top_n_tokens: u32,
     pub max_input_tokens: u32,
     pub max_total_tokens: u32,
+    /// Requests may carry a grammar (not `--disable-grammar-support`).
+    pub grammar_support: bool,
 }
 
 /// A request that passed validation: what the batcher schedules.
@@ -253,6 +255,7 @@ impl Limits {
             return Err(RouterError::LogitBias);
         }
         let (grammar_type, grammar) = match &p.grammar {
+            Some(_) if !self.grammar_support => return Err(RouterError::GrammarDisabled),
             Some(g) => grammar_text(g)?,
             None => (v3::GrammarType::None, String::new()),
         };
@@ -395,6 +398,7 @@ mod tests {
             max_top_n_tokens: 5,
             max_input_tokens: 10,
             max_total_tokens: 20,
+            grammar_support: true,
         };
         Validation::new(tokenizer, 1, limits)
     }

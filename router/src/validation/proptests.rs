@@ -23,6 +23,7 @@ const LIMITS: Limits = Limits {
     max_top_n_tokens: 5,
     max_input_tokens: 4095,
     max_total_tokens: 4096,
+    grammar_support: true,
 };
 const MAX_CLIENT_BATCH_SIZE: usize = 4;
 
