@@ -132,12 +132,24 @@ impl StopBuffer {
 
 /// A choice's text on its way to tool calls: shown as content until a call may have begun (a
 /// model's call marker with `auto`, or a JSON value opening the output; everything with `required`
-/// or a named function), then held and parsed once the choice ends.
+/// or a named function), then held. Each call is streamed as OpenAI does once its name (one of the
+/// request's functions) is read: a piece with its index, id, type and name, then its arguments' raw
+/// JSON as it grows. A call only readable whole (arguments as a string, Mistral's `[ARGS]`, TGI's
+/// format) comes when the choice ends.
 pub struct CallBuffer {
     tools: ToolUse,
     markers: StopBuffer,
     held: Option<String>,
     shown_any: bool,
+    /// Per call already announced: its id and the bytes of its arguments sent.
+    streamed: Vec<(String, usize)>,
+}
+
+/// What a choice shows for one piece of text: content, and tool-call pieces (`delta.tool_calls[0]`).
+#[derive(Debug, Default, PartialEq)]
+pub struct Shown {
+    pub content: String,
+    pub calls: Vec<Value>,
 }
 
 impl CallBuffer {
@@ -148,11 +160,21 @@ impl CallBuffer {
             markers: StopBuffer::new(CALL_MARKERS.iter().map(|m| m.to_string()).collect()),
             held,
             shown_any: false,
+            streamed: Vec::new(),
         }
     }
 
-    /// Add text; returns the content that can be shown now.
-    pub fn push(&mut self, text: &str) -> String {
+    /// Add text; returns what can be shown now.
+    pub fn push(&mut self, text: &str) -> Shown {
+        let content = self.hold(text);
+        Shown {
+            content,
+            calls: self.stream_calls(),
+        }
+    }
+
+    /// Adds `text`; returns the content to show (nothing once a call may have begun).
+    fn hold(&mut self, text: &str) -> String {
         if let Some(held) = &mut self.held {
             held.push_str(text);
             return String::new();
@@ -170,24 +192,62 @@ impl CallBuffer {
         shown
     }
 
-    /// The rest of the content and the calls, once the choice has ended.
-    pub fn finish(&mut self, rest: &str) -> (String, Vec<crate::tools::ToolCall>) {
-        let mut shown = self.push(rest);
-        match self.held.take() {
-            Some(held) => {
-                let (content, calls) = self.tools.parse(&held);
-                match calls.is_empty() {
-                    // Not a call after all: the held text is content.
-                    true => shown.push_str(&held),
-                    false => shown.push_str(&content.unwrap_or_default()),
-                }
-                (shown, calls)
+    /// Pieces of the calls read so far that were not sent yet, in call order.
+    fn stream_calls(&mut self) -> Vec<Value> {
+        let Some(held) = &self.held else {
+            return Vec::new();
+        };
+        let mut pieces = Vec::new();
+        for (index, call) in crate::tools::partial_calls(held).into_iter().enumerate() {
+            let Some(name) = call.name.filter(|n| self.tools.has_function(n)) else {
+                break;
+            };
+            if index == self.streamed.len() {
+                let id = crate::tools::call_id();
+                pieces.push(json!({"index": index, "id": id, "type": "function",
+                                   "function": {"name": name, "arguments": ""}}));
+                self.streamed.push((id, 0));
             }
-            None => {
-                shown.push_str(&self.markers.finish());
-                (shown, Vec::new())
+            let Some(range) = call.arguments else { break };
+            let sent = &mut self.streamed[index].1;
+            let from = range.start + *sent;
+            if range.end > from {
+                pieces.push(
+                    json!({"index": index, "function": {"arguments": &held[from..range.end]}}),
+                );
+                *sent = range.end - range.start;
             }
         }
+        pieces
+    }
+
+    /// The rest, once the choice has ended, and whether it made tool calls.
+    pub fn finish(&mut self, rest: &str) -> (Shown, bool) {
+        let mut shown = self.push(rest);
+        let Some(held) = self.held.take() else {
+            shown.content.push_str(&self.markers.finish());
+            return (shown, false);
+        };
+        let (content, calls) = self.tools.parse(&held);
+        if calls.is_empty() && self.streamed.is_empty() {
+            // Not a call after all: the held text is content.
+            shown.content.push_str(&held);
+            return (shown, false);
+        }
+        shown.content.push_str(&content.unwrap_or_default());
+        // What the stream could not follow comes whole: unannounced calls, and arguments not sent.
+        for (index, call) in calls.iter().enumerate() {
+            if index >= self.streamed.len() {
+                let mut head = call.to_openai(Some(index));
+                head["function"]["arguments"] = json!("");
+                shown.calls.push(head);
+            } else if self.streamed[index].1 > 0 {
+                continue;
+            }
+            let rest = json!({"index": index, "function": {"arguments": call.arguments}});
+            shown.calls.push(rest);
+        }
+        (shown, !calls.is_empty())
     }
 }
 
@@ -281,39 +341,40 @@ where
         while let Some((index, event)) = events.next().await {
             match event {
                 InferEvent::Token { token, top_tokens, .. } => {
-                    let mut text = if token.special { String::new() } else { buffers[index].push(&token.text) };
-                    if let Some(c) = &mut calls[index] {
-                        text = c.push(&text);
+                    let text = if token.special { String::new() } else { buffers[index].push(&token.text) };
+                    let shown = match &mut calls[index] {
+                        Some(c) => c.push(&text),
+                        None => Shown { content: text, calls: Vec::new() },
+                    };
+                    // A token that only adds to a tool call is sent as that call's piece.
+                    if !shown.content.is_empty() || shown.calls.is_empty() {
+                        let delta = Delta { index, text: shown.content, token: Some((&token, &top_tokens)), tool_call: None, finish_reason: None };
+                        yield envelope(json!([shape(delta)]), None);
                     }
-                    let delta = Delta { index, text, token: Some((&token, &top_tokens)), tool_call: None, finish_reason: None };
-                    yield envelope(json!([shape(delta)]), None);
+                    for piece in shown.calls {
+                        let delta = Delta { index, text: String::new(), token: None, tool_call: Some(piece), finish_reason: None };
+                        yield envelope(json!([shape(delta)]), None);
+                    }
                 }
                 InferEvent::End(end) => {
                     let rest = buffers[index].finish();
-                    let (text, found) = match &mut calls[index] {
+                    let (shown, called) = match &mut calls[index] {
                         Some(c) => c.finish(&rest),
-                        None => (rest, Vec::new()),
+                        None => (Shown { content: rest, calls: Vec::new() }, false),
                     };
                     completion_tokens += end.generated_tokens;
-                    let finish_reason = match found.is_empty() {
-                        true => end.finish_reason.openai(),
-                        false => "tool_calls",
-                    };
-                    let text = if !found.is_empty() && !text.is_empty() {
-                        let delta = Delta { index, text, token: None, tool_call: None, finish_reason: None };
+                    let finish_reason = if called { "tool_calls" } else { end.finish_reason.openai() };
+                    let has_calls = !shown.calls.is_empty();
+                    let text = if has_calls && !shown.content.is_empty() {
+                        let delta = Delta { index, text: shown.content, token: None, tool_call: None, finish_reason: None };
                         yield envelope(json!([shape(delta)]), None);
                         String::new()
                     } else {
-                        text
+                        shown.content
                     };
-                    // Each call as OpenAI streams one: id and name first, then its arguments.
-                    for (i, call) in found.iter().enumerate() {
-                        let mut head = call.to_openai(Some(i));
-                        head["function"]["arguments"] = json!("");
-                        for piece in [head, json!({"index": i, "function": {"arguments": call.arguments}})] {
-                            let delta = Delta { index, text: String::new(), token: None, tool_call: Some(piece), finish_reason: None };
-                            yield envelope(json!([shape(delta)]), None);
-                        }
+                    for piece in shown.calls {
+                        let delta = Delta { index, text: String::new(), token: None, tool_call: Some(piece), finish_reason: None };
+                        yield envelope(json!([shape(delta)]), None);
                     }
                     let delta = Delta { index, text, token: None, tool_call: None, finish_reason: Some(finish_reason) };
                     yield envelope(json!([shape(delta)]), None);
@@ -534,36 +595,81 @@ mod tests {
             .unwrap()
     }
 
-    /// Streams `pieces` through a call buffer: (content shown, calls).
-    fn through_calls(choice: Value, pieces: &[&str]) -> (String, Vec<crate::tools::ToolCall>) {
+    /// Streams `pieces` through a call buffer: (content shown, call pieces, made calls).
+    fn through_calls(choice: Value, pieces: &[&str]) -> (String, Vec<Value>, bool) {
         let mut b = CallBuffer::new(tools(choice));
-        let mut shown: String = pieces.iter().map(|p| b.push(p)).collect();
-        let (rest, calls) = b.finish("");
-        shown.push_str(&rest);
-        (shown, calls)
+        let (mut content, mut calls) = (String::new(), Vec::new());
+        for p in pieces {
+            let shown = b.push(p);
+            content.push_str(&shown.content);
+            calls.extend(shown.calls);
+        }
+        let (rest, called) = b.finish("");
+        content.push_str(&rest.content);
+        calls.extend(rest.calls);
+        (content, calls, called)
+    }
+
+    /// The arguments the pieces of call `index` add up to (what the SDK reassembles).
+    fn arguments(pieces: &[Value], index: u64) -> String {
+        pieces
+            .iter()
+            .filter(|p| p["index"] == index)
+            .filter_map(|p| p["function"]["arguments"].as_str())
+            .collect()
     }
 
     #[test]
-    fn call_buffer_shows_text_and_holds_calls() {
-        let (shown, calls) = through_calls(json!("auto"), &["It is", " sunny."]);
-        assert_eq!((shown.as_str(), calls.len()), ("It is sunny.", 0));
-        let (shown, calls) = through_calls(
+    fn call_buffer_shows_text_and_streams_calls() {
+        let (shown, calls, called) = through_calls(json!("auto"), &["It is", " sunny."]);
+        assert_eq!(
+            (shown.as_str(), calls.len(), called),
+            ("It is sunny.", 0, false)
+        );
+        let (shown, calls, called) = through_calls(
             json!("auto"),
             &[
                 "Checking. <tool",
                 "_call>{\"name\": \"get_weather\", ",
-                "\"arguments\": {\"city\": \"Oslo\"}}</tool_call>",
+                "\"arguments\": {\"city\"",
+                ": \"Oslo\"}}</tool_call>",
             ],
         );
         assert_eq!(shown, "Checking. ");
-        assert_eq!(calls[0].arguments, r#"{"city":"Oslo"}"#);
-        let (shown, calls) = through_calls(
+        assert!(called);
+        assert_eq!(calls[0]["function"]["name"], "get_weather");
+        assert_eq!(calls[0]["id"].as_str().unwrap().len(), 9);
+        assert!(
+            calls.len() > 2,
+            "the arguments come in pieces as written: {calls:?}"
+        );
+        assert_eq!(arguments(&calls, 0), r#"{"city": "Oslo"}"#);
+        let (shown, calls, called) = through_calls(
             json!("required"),
             &["{\"name\": \"get_weather\", \"arguments\": {}}"],
         );
-        assert_eq!((shown.as_str(), calls.len()), ("", 1));
-        // JSON that is no call is content after all.
-        let (shown, calls) = through_calls(json!("auto"), &["{\"city\"", ": 1}"]);
+        assert_eq!(
+            (shown.as_str(), arguments(&calls, 0).as_str(), called),
+            ("", "{}", true)
+        );
+        // A list of calls; the second writes its arguments as a string, so it comes whole at the end.
+        let (_, calls, _) = through_calls(
+            json!("required"),
+            &[
+                "[{\"name\": \"get_weather\", \"arguments\": {\"city\": \"A\"}}, ",
+                "{\"name\": \"get_weather\", \"arguments\": \"{}\"}]",
+            ],
+        );
+        assert_eq!(arguments(&calls, 0), r#"{"city": "A"}"#);
+        assert_eq!(arguments(&calls, 1), "{}");
+        // JSON that is no call is content after all, and so is a "call" of no declared function.
+        let (shown, calls, _) = through_calls(json!("auto"), &["{\"city\"", ": 1}"]);
         assert_eq!((shown.as_str(), calls.len()), ("{\"city\": 1}", 0));
+        let not_a_tool = "{\"name\": \"Paris\", \"arguments\": {}}";
+        let (shown, calls, called) = through_calls(json!("auto"), &[not_a_tool]);
+        assert_eq!(
+            (shown.as_str(), calls.len(), called),
+            (not_a_tool, 0, false)
+        );
     }
 }

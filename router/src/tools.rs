@@ -160,6 +160,11 @@ impl ToolUse {
         })
     }
 
+    /// Whether `name` is one of the request's functions.
+    pub fn has_function(&self, name: &str) -> bool {
+        self.functions.iter().any(|(n, _)| n == name)
+    }
+
     /// Reads the calls out of a finished output: `(content, calls)`. Text that holds no call in a
     /// known format stays content.
     pub fn parse(&self, text: &str) -> (Option<String>, Vec<ToolCall>) {
@@ -167,6 +172,8 @@ impl ToolUse {
             ToolMode::Auto => parse_native(text),
             _ => parse_json_calls(text.trim()).map(|calls| (String::new(), calls)),
         };
+        // A call to a function the request did not declare is no call: the text stays content.
+        let calls = calls.filter(|(_, calls)| calls.iter().all(|c| self.has_function(&c.name)));
         match calls {
             Some((content, calls)) if !calls.is_empty() => {
                 let content = Some(content.trim().to_string()).filter(|c| !c.is_empty());
@@ -199,7 +206,7 @@ impl ToolCall {
     }
 }
 
-fn call_id() -> String {
+pub fn call_id() -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
     let mut rng = rand::thread_rng();
@@ -334,6 +341,93 @@ fn mistral_calls(after: &str) -> Option<Vec<ToolCall>> {
             })
         })
         .collect()
+}
+
+/// What a stream has shown of one call so far: its name once the string is closed, and the byte
+/// range of its arguments' raw JSON (up to the end of the text while it is still being written).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartialCall {
+    pub name: Option<String>,
+    pub arguments: Option<std::ops::Range<usize>>,
+}
+
+/// The `{"name": …, "arguments"|"parameters": {…}}` objects being written in `text`, read as far as
+/// it goes: objects outside any JSON value or directly in a top-level list (Hermes blocks, a JSON
+/// call, Mistral's and Llama's lists); other text between them is skipped. Arguments written as a
+/// JSON string are not followed (the finished call carries them).
+pub fn partial_calls(text: &str) -> Vec<PartialCall> {
+    let mut calls: Vec<PartialCall> = Vec::new();
+    // Open containers, `true` for an object; the depth of the call object being read, if any.
+    let mut stack: Vec<bool> = Vec::new();
+    let mut call_depth: Option<usize> = None;
+    let (mut in_string, mut escaped, mut string_start) = (false, false, 0);
+    // At the call's own level: the last key read, and whether its value comes next.
+    let (mut key, mut in_value) = (String::new(), false);
+    let mut arguments_from: Option<usize> = None;
+    for (i, c) in text.char_indices() {
+        let at_call = call_depth == Some(stack.len());
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => {
+                    in_string = false;
+                    let raw = &text[string_start..=i];
+                    match (at_call, in_value) {
+                        (true, false) => key = serde_json::from_str(raw).unwrap_or_default(),
+                        (true, true) if key == "name" => {
+                            if let Some(call) = calls.last_mut() {
+                                call.name = serde_json::from_str(raw).ok();
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => (in_string, string_start) = (true, i),
+            ':' if at_call => in_value = true,
+            ',' if at_call => in_value = false,
+            '{' | '[' => {
+                if c == '{' && call_depth.is_none() && (stack.is_empty() || stack == [false]) {
+                    calls.push(PartialCall {
+                        name: None,
+                        arguments: None,
+                    });
+                    call_depth = Some(stack.len() + 1);
+                    (key, in_value) = (String::new(), false);
+                } else if at_call
+                    && in_value
+                    && c == '{'
+                    && (key == "arguments" || key == "parameters")
+                {
+                    arguments_from = Some(i);
+                }
+                stack.push(c == '{');
+            }
+            '}' | ']' => {
+                stack.pop();
+                if let (Some(from), true) = (arguments_from, call_depth == Some(stack.len())) {
+                    if let Some(call) = calls.last_mut() {
+                        call.arguments = Some(from..i + 1);
+                    }
+                    arguments_from = None;
+                }
+                if call_depth.is_some_and(|d| stack.len() < d) {
+                    call_depth = None;
+                }
+            }
+            _ => {}
+        }
+    }
+    // Arguments still being written run to the end of the text.
+    if let (Some(from), Some(call)) = (arguments_from, calls.last_mut()) {
+        call.arguments = Some(from..text.len());
+    }
+    calls
 }
 
 /// Messages as templates want them: an assistant's `tool_calls[].function.arguments` as an object

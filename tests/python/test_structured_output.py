@@ -97,13 +97,21 @@ def test_tools_round_trip(oai, base_url):
 
 def test_streamed_tool_calls_reassemble_in_the_sdk(oai):
     _, call = _call_of(oai, tool_choice="required")
+    raw = list(oai.chat.completions.create(model="tgi", messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
+                                           temperature=0, max_tokens=60, stream=True))
+    pieces = [c.choices[0].delta.tool_calls[0] for c in raw if c.choices and c.choices[0].delta.tool_calls]
+    assert pieces[0].id and pieces[0].function.name == call.function.name
+    assert len(pieces) > 2, "the arguments stream in pieces"
+    assert raw[-1].choices[0].finish_reason == "tool_calls"
     chat = oai.chat.completions if hasattr(oai.chat.completions, "stream") else oai.beta.chat.completions
     with chat.stream(model="tgi", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", temperature=0,
                      max_tokens=60) as stream:
         final = stream.get_final_completion()
     streamed = final.choices[0].message.tool_calls[0]
     assert final.choices[0].finish_reason == "tool_calls"
-    assert (streamed.function.name, streamed.function.arguments) == (call.function.name, call.function.arguments)
+    assert streamed.function.name == call.function.name
+    # Streamed arguments are the model's own JSON text, piece by piece; the same value as the non-streamed call.
+    assert json.loads(streamed.function.arguments) == json.loads(call.function.arguments)
 
 
 def test_hub_text_generation_with_grammars(hub):
