@@ -160,3 +160,30 @@ fn history_arguments_become_objects_and_calls_can_become_content() {
     assert!(content.starts_with("Weather?\n\nGiven the functions available"));
     assert!(content.contains("get_weather"));
 }
+
+#[test]
+fn partial_calls_follow_text_being_written() {
+    let text = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Pa";
+    let calls = partial_calls(text);
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].name.as_deref(), Some("get_weather"));
+    let args = calls[0].arguments.clone().unwrap();
+    assert_eq!(&text[args], "{\"city\": \"Pa");
+    // Braces and quotes inside strings do not end anything; the value ends with its own brace.
+    let text = r#"[{"name": "a", "arguments": {"s": "}\"{"}}, {"arguments": {"x": [1, {"y": 2}]}, "name": "b"}]"#;
+    let calls = partial_calls(text);
+    let spans: Vec<(Option<&str>, &str)> = calls
+        .iter()
+        .map(|c| (c.name.as_deref(), &text[c.arguments.clone().unwrap()]))
+        .collect();
+    assert_eq!(
+        spans,
+        vec![
+            (Some("a"), r#"{"s": "}\"{"}"#),
+            (Some("b"), r#"{"x": [1, {"y": 2}]}"#)
+        ]
+    );
+    // Keys and names nested inside arguments are not the call's.
+    let calls = partial_calls(r#"{"arguments": {"name": "inner"}, "name": "outer"}"#);
+    assert_eq!(calls[0].name.as_deref(), Some("outer"));
+}
