@@ -85,7 +85,6 @@ fn tgi_command_line_starts_with_warnings_and_serves() {
         "ignoring TGI's --usage-stats off: ",
         "ignoring TGI's --disable-custom-kernels: ",
         "ignoring TGI's --cuda-graphs 1,2,4,8: Tessera does not capture CUDA graphs",
-        "ignoring TGI's DISABLE_GRAMMAR_SUPPORT: ",
     ] {
         let line = out.lines().find(|l| l.contains(warned));
         assert!(
@@ -97,6 +96,11 @@ fn tgi_command_line_starts_with_warnings_and_serves() {
     let info: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(info["max_input_tokens"], 200, "{info}");
     assert_eq!(generate_status(&launcher, None), 200);
+    // TGI's DISABLE_GRAMMAR_SUPPORT reaches the router: grammars get TGI's 422.
+    let grammar = r#"{"inputs":"a","parameters":{"max_new_tokens":2,"grammar":{"type":"regex","value":"a"}}}"#;
+    let (status, body) = http(launcher.port, "POST", "/generate", grammar).unwrap();
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("grammar is not supported"), "{body}");
     launcher.signal(15);
     assert!(launcher.wait_exit(Duration::from_secs(30)).success());
 }
