@@ -7,7 +7,9 @@ import tempfile
 import time
 import urllib.request
 
+import openai
 import pytest
+from huggingface_hub import InferenceClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL = ROOT / ".cache/models/smollm2-hf-float32"
@@ -56,3 +58,14 @@ def base_url():
         shard.terminate()
         router.wait(30)
         shard.wait(30)
+
+
+@pytest.fixture(scope="session")
+def oai(base_url):
+    """The official openai SDK with its strict response validation."""
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="-", _strict_response_validation=True)
+
+
+@pytest.fixture(scope="session")
+def hub(base_url):
+    return InferenceClient(base_url=base_url)

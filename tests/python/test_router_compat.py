@@ -3,20 +3,9 @@
 import huggingface_hub
 import openai
 import pytest
-from huggingface_hub import InferenceClient
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 ANSWER = "The capital of France is Paris."
-
-
-@pytest.fixture(scope="module")
-def oai(base_url):
-    return openai.OpenAI(base_url=base_url + "/v1", api_key="-", _strict_response_validation=True)
-
-
-@pytest.fixture(scope="module")
-def hub(base_url):
-    return InferenceClient(base_url=base_url)
 
 
 def test_openai_chat(oai):

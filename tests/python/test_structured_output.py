@@ -10,7 +10,6 @@ import openai
 import pydantic
 import pytest
 import requests
-from huggingface_hub import InferenceClient
 
 WEATHER = {
     "type": "function",
@@ -33,16 +32,6 @@ class City(pydantic.BaseModel):
     name: str = pydantic.Field(max_length=24)
     country: str = pydantic.Field(max_length=24)
     population: int = pydantic.Field(ge=0, le=100_000_000)
-
-
-@pytest.fixture(scope="module")
-def oai(base_url):
-    return openai.OpenAI(base_url=base_url + "/v1", api_key="-", _strict_response_validation=True)
-
-
-@pytest.fixture(scope="module")
-def hub(base_url):
-    return InferenceClient(base_url=base_url)
 
 
 def test_parse_with_a_pydantic_model(oai):
