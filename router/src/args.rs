@@ -1,7 +1,7 @@
 //! The router's command line: clap-derive groups (TGI's router flags), public so the launcher can build
 //! the router's argv from the same structs (`RouterArgs::to_argv`, round-trip tested).
 
-use crate::scheduler::SchedulingPolicy;
+use crate::scheduler::{KvAllocation, SchedulingPolicy};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -147,6 +147,12 @@ pub struct BatchingArgs {
     /// arrival).
     #[arg(long, env, value_enum, default_value_t = SchedulingPolicy::Fcfs, hide_possible_values = true)]
     pub scheduling_policy: SchedulingPolicy,
+    /// When a request's KV blocks are reserved: `on-demand` (for what it has computed plus the next
+    /// step, grown as it generates; when the cache is full the least important running request is
+    /// preempted and later resumed where it stopped) or `up-front` (prompt + max_new_tokens at
+    /// admission, as TGI).
+    #[arg(long, env, value_enum, default_value_t = KvAllocation::OnDemand, hide_possible_values = true)]
+    pub kv_allocation: KvAllocation,
     /// Seconds any shard RPC may take before its requests fail and `/health` turns 503. Default: ten
     /// times the Warmup (one forward of the whole prefill budget, so it scales with the model, the
     /// device and `--max-batch-prefill-tokens`), at least 60.
@@ -219,6 +225,9 @@ impl RouterArgs {
         }
         if let Some(policy) = b.scheduling_policy.to_possible_value() {
             push("scheduling-policy", policy.get_name().to_string());
+        }
+        if let Some(allocation) = b.kv_allocation.to_possible_value() {
+            push("kv-allocation", allocation.get_name().to_string());
         }
         if let Some(secs) = b.shard_rpc_timeout {
             push("shard-rpc-timeout", secs.to_string());

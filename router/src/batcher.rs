@@ -584,6 +584,7 @@ impl Batcher {
         metrics::gauge!(m::BATCH_CURRENT_MAX_TOKENS).set(stats.max_tokens as f64);
         metrics::gauge!(m::KV_BLOCKS_USED).set(stats.blocks_used as f64);
         metrics::gauge!(m::KV_BLOCKS_FREE).set(stats.blocks_free as f64);
+        metrics::counter!(m::PREEMPTIONS).absolute(stats.preemptions);
     }
 }
 
@@ -664,6 +665,8 @@ fn new_request(id: RequestId, r: ValidRequest) -> NewRequest {
         max_new_tokens: r.stopping.max_new_tokens,
         prefill_logprobs: r.decoder_input_details,
         priority: r.priority,
+        generated: Vec::new(),
+        preemptions: 0,
         request,
     }
 }

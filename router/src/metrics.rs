@@ -40,6 +40,7 @@ pub const KV_BLOCKS_FREE: &str = "tessera_kv_blocks_free";
 pub const PREFIX_CACHE_HIT_TOKENS: &str = "tessera_prefix_cache_hit_tokens_total";
 pub const PREFIX_CACHE_PROMPT_TOKENS: &str = "tessera_prefix_cache_prompt_tokens_total";
 pub const QUEUE_DURATION_BY_PRIORITY: &str = "tessera_request_queue_duration_seconds";
+pub const PREEMPTIONS: &str = "tessera_request_preemptions_total";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -257,6 +258,11 @@ pub const CATALOG: &[Metric] = &[
         KV_BLOCKS_FREE,
         Kind::Gauge,
         "KV-cache blocks on the free list",
+    ),
+    metric(
+        PREEMPTIONS,
+        Kind::Counter,
+        "Running requests preempted (KV blocks given back) to let others grow; each resumes later",
     ),
     metric(
         PREFIX_CACHE_HIT_TOKENS,

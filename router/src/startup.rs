@@ -270,6 +270,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         waiting_served_ratio: batching.waiting_served_ratio,
         max_waiting_tokens: batching.max_waiting_tokens,
         policy: batching.scheduling_policy,
+        kv_allocation: batching.kv_allocation,
     });
     let infer = Infer::spawn(
         scheduler,

@@ -10,8 +10,8 @@ use tessera_proto::TextGenerationService;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{
-    BatchInfo, EngineHandle, GenerationOut, NewBatch, NewRequest, Refused, StepOut, TokenOut,
-    WarmupIn,
+    BatchInfo, EngineHandle, GenerationOut, KvGrant, NewBatch, NewRequest, Refused, StepOut,
+    TokenOut, WarmupIn,
 };
 use crate::sampling::SamplingParams;
 use crate::stopping::StopParams;
@@ -143,7 +143,20 @@ fn new_request(r: pb::Request) -> Result<NewRequest, Error> {
         slots: r.slots,
         cache_len: r.cache_len,
         chunk_len: r.chunk_len,
+        generated: r.generated_ids,
     })
+}
+
+/// The KV grants the router attached to the batches of a forward.
+fn kv_grants<'a>(batches: impl IntoIterator<Item = &'a pb::CachedBatch>) -> Vec<KvGrant> {
+    batches
+        .into_iter()
+        .flat_map(|b| &b.kv_grants)
+        .map(|g| KvGrant {
+            request_id: g.request_id,
+            blocks: g.blocks.clone(),
+        })
+        .collect()
 }
 
 /// Converts a batch; a request that does not convert is carried as refused, so the engine can
@@ -175,6 +188,7 @@ fn cached_batch(b: BatchInfo) -> pb::CachedBatch {
         request_ids: b.request_ids,
         max_tokens: b.max_tokens,
         current_tokens: b.current_tokens,
+        kv_grants: Vec::new(),
     }
 }
 
@@ -289,9 +303,10 @@ impl TextGenerationService for ShardService {
         let r = request.into_inner();
         self.note_adapters(r.batch.as_ref());
         let batch = new_batch(r.batch)?;
+        let grants = kv_grants(&r.cached_batch);
         let out = self
             .engine
-            .prefill(batch, r.cached_batch.map(|c| c.id))
+            .prefill(batch, r.cached_batch.map(|c| c.id), grants)
             .await?;
         let t = out.timings;
         let (generations, batch) = step_parts(out);
@@ -309,8 +324,9 @@ impl TextGenerationService for ShardService {
         &self,
         request: Request<pb::DecodeRequest>,
     ) -> Result<Response<pb::DecodeResponse>, Status> {
-        let ids = request.into_inner().batches.iter().map(|b| b.id).collect();
-        let out = self.engine.decode(ids).await?;
+        let batches = request.into_inner().batches;
+        let ids = batches.iter().map(|b| b.id).collect();
+        let out = self.engine.decode(ids, kv_grants(&batches)).await?;
         let t = out.timings;
         let (generations, batch) = step_parts(out);
         Ok(Response::new(pb::DecodeResponse {

@@ -134,9 +134,15 @@ impl BlockAllocator {
         self.cache.len()
     }
 
-    /// Reserve room for `total_tokens` tokens. `prompt` enables a prefix-cache lookup.
-    /// `None` means the KV cache cannot hold the request right now.
-    pub fn allocate(&mut self, prompt: Option<&[u32]>, total_tokens: u32) -> Option<Allocation> {
+    /// Reserve room for `total_tokens` tokens, leaving at least `reserve` blocks obtainable for
+    /// others. `prompt` enables a prefix-cache lookup. `None` means the KV cache cannot hold the
+    /// request right now.
+    pub fn allocate(
+        &mut self,
+        prompt: Option<&[u32]>,
+        total_tokens: u32,
+        reserve: usize,
+    ) -> Option<Allocation> {
         let bs = self.block_size as usize;
         let needed = (total_tokens as usize).div_ceil(bs).max(1);
         let lease = match prompt.filter(|_| self.prefix_caching) {
@@ -145,10 +151,7 @@ impl BlockAllocator {
             _ => PrefixLease::empty(),
         };
         let own_needed = needed.saturating_sub(lease.len());
-        if self.pool.free_count() < own_needed {
-            self.cache.evict(own_needed - self.pool.free_count());
-        }
-        let Some(own) = self.pool.take(own_needed) else {
+        let Some(own) = self.take(own_needed, reserve) else {
             self.cache.release(lease, &[], Vec::new());
             return None;
         };
@@ -166,6 +169,42 @@ impl BlockAllocator {
             blocks,
             slots,
         })
+    }
+
+    /// `n` blocks while `reserve` more stay obtainable (free or evictable), evicting cached
+    /// prefixes only as far as `n` needs.
+    fn take(&mut self, n: usize, reserve: usize) -> Option<Vec<KvBlock>> {
+        let free = self.pool.free_count();
+        if free < n.saturating_add(reserve) {
+            if free + self.cache.evictable() < n.saturating_add(reserve) {
+                return None;
+            }
+            self.cache.evict(n.saturating_sub(free));
+        }
+        self.pool.take(n)
+    }
+
+    /// Grow an allocation to hold `total_tokens` tokens (KV on demand); false when the blocks are
+    /// not there, with the allocation unchanged.
+    pub fn grow(&mut self, allocation: &mut Allocation, total_tokens: u32) -> bool {
+        let bs = self.block_size as usize;
+        let needed = (total_tokens as usize)
+            .div_ceil(bs)
+            .saturating_sub(allocation.blocks.len());
+        if needed > 0 {
+            let Some(more) = self.take(needed, 0) else {
+                return false;
+            };
+            allocation.blocks.extend(more.iter().map(|b| b.id().0));
+            allocation.own.extend(more);
+        }
+        let blocks = &allocation.blocks;
+        let from = allocation.slots.len();
+        allocation.slots.extend(
+            (from..(total_tokens as usize).max(from))
+                .map(|t| blocks[t / bs] * self.block_size + (t % bs) as u32),
+        );
+        true
     }
 
     /// Return an allocation. `prefilled_prompt` is the prompt whose KV the blocks now hold (the request
@@ -197,7 +236,7 @@ mod tests {
     #[test]
     fn slots_follow_blocks() {
         let mut alloc = BlockAllocator::new(10, 4, false);
-        let a = alloc.allocate(None, 6).unwrap();
+        let a = alloc.allocate(None, 6, 0).unwrap();
         assert_eq!(a.blocks.len(), 2);
         assert_eq!(a.slots.len(), 6);
         assert_eq!(a.slots[0], a.blocks[0] * 4);
@@ -205,5 +244,24 @@ mod tests {
         assert_eq!(alloc.used_blocks(), 2);
         alloc.release(a, None);
         assert_eq!(alloc.used_blocks(), 0);
+    }
+
+    #[test]
+    fn an_allocation_grows_block_by_block_and_a_reserve_is_kept() {
+        let mut alloc = BlockAllocator::new(6, 4, false);
+        let mut a = alloc.allocate(None, 3, 0).unwrap();
+        assert_eq!((a.blocks.len(), a.slots.len()), (1, 3));
+        assert!(alloc.grow(&mut a, 4));
+        assert_eq!((a.blocks.len(), a.slots.len()), (1, 4));
+        assert!(alloc.grow(&mut a, 9));
+        assert_eq!((a.blocks.len(), a.slots.len()), (3, 9));
+        assert_eq!(a.slots[8], a.blocks[2] * 4);
+        // Two blocks are free: a 5-token request fits only when nothing need stay free.
+        assert!(alloc.allocate(None, 5, 1).is_none());
+        let b = alloc.allocate(None, 5, 0).unwrap();
+        assert!(!alloc.grow(&mut a, 13), "no block left");
+        assert_eq!(a.blocks.len(), 3);
+        alloc.release(b, None);
+        assert!(alloc.grow(&mut a, 13));
     }
 }

@@ -2,12 +2,19 @@
 //! executor, TGI v3's batching rules). `schedule(now)` says which shard RPC to run next; `update(outcome)`
 //! takes its result and returns per-request events. No tokio, no gRPC, no clock inside.
 //!
-//! Invariants: every admitted request holds its KV blocks until it finishes, fails or is cancelled;
-//! the shards' batches never hold a request the scheduler has dropped when a forward runs (Filter and
-//! Clear steps come first); requests are admitted in queue order (arrival, or priority then arrival)
-//! under a token budget, chunking the last one. A head whose KV does not fit yet lets later requests
-//! that fit go first at most `MAX_BYPASS` times, then waits alone: small requests are not held behind
-//! a large one, and the large one is not starved.
+//! Invariants: every running request holds KV blocks for every token the next forward feeds it
+//! (`KvAllocation::OnDemand`: what it has computed plus the next step, grown before each forward and
+//! granted to the shards with it; `UpFront`: prompt + max_new_tokens, as TGI) until it finishes,
+//! fails, is cancelled or is preempted; the shards' batches never hold a request the scheduler has
+//! dropped when a forward runs (Filter and Clear steps come first); requests are admitted in queue
+//! order (arrival, or priority then arrival) under a token budget, chunking the last one. A head whose
+//! KV does not fit yet lets later requests that fit go first at most `MAX_BYPASS` times, then waits
+//! alone: small requests are not held behind a large one, and the large one is not starved.
+//!
+//! Preemption: when a running request cannot grow, the least important running request (highest
+//! priority value under the priority policy, then latest arrival) gives its blocks back — its
+//! computed KV into the prefix cache — and returns to the queue at its arrival place with the tokens
+//! it generated; readmitted, the shards recompute its context and continue where it stopped.
 
 mod blocks;
 mod queue;
@@ -16,7 +23,7 @@ mod radix;
 mod tests;
 
 pub use blocks::{Allocation, BlockAllocator, BlockId, BlockPool, KvBlock};
-pub use queue::{NewRequest, SchedulingPolicy};
+pub use queue::{KvAllocation, NewRequest, SchedulingPolicy};
 pub use radix::{PrefixCache, PrefixLease};
 
 use crate::error::RouterError;
@@ -28,7 +35,7 @@ pub const MAX_BYPASS: u32 = 16;
 const BYPASS_WINDOW: usize = 64;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
-use tessera_proto::v3::{Batch, CachedBatch, Generation};
+use tessera_proto::v3::{Batch, CachedBatch, Generation, KvGrant};
 use tessera_proto::RequestId;
 
 /// What the scheduler needs to know about the shards and the limits.
@@ -48,6 +55,7 @@ pub struct SchedulerConfig {
     pub waiting_served_ratio: f32,
     pub max_waiting_tokens: usize,
     pub policy: SchedulingPolicy,
+    pub kv_allocation: KvAllocation,
 }
 
 /// The next shard RPC.
@@ -106,6 +114,8 @@ pub struct Stats {
     pub blocks_used: usize,
     pub blocks_free: usize,
     pub max_tokens: u32,
+    /// Running requests preempted since start.
+    pub preemptions: u64,
 }
 
 #[derive(Debug)]
@@ -114,6 +124,10 @@ struct Running {
     allocation: Allocation,
     /// The shard has computed the whole prompt (a token came back), so its KV is cacheable.
     prefilled: bool,
+    /// Every token generated so far, those of earlier runs included.
+    generated: Vec<u32>,
+    /// Leading blocks of `allocation` the shards hold; the rest go with the next forward.
+    granted: usize,
 }
 
 /// The step whose outcome `update` is waiting for.
@@ -141,6 +155,7 @@ pub struct Scheduler {
     next_batch_id: u64,
     /// Decode steps since the last admission (non-chunking fairness rule).
     waiting_steps: usize,
+    preemptions: u64,
 }
 
 impl Scheduler {
@@ -156,6 +171,7 @@ impl Scheduler {
             pending: None,
             next_batch_id: 0,
             waiting_steps: 0,
+            preemptions: 0,
         }
     }
 
@@ -175,6 +191,7 @@ impl Scheduler {
             blocks_used: self.allocator.used_blocks(),
             blocks_free: self.allocator.free_blocks(),
             max_tokens: self.batches.iter().map(|b| b.max_tokens).sum(),
+            preemptions: self.preemptions,
         }
     }
 
@@ -191,11 +208,129 @@ impl Scheduler {
         let Some(running) = self.running.remove(&id) else {
             return false;
         };
-        let prompt = running
-            .prefilled
-            .then_some(running.request.input_ids.as_slice());
-        self.allocator.release(running.allocation, prompt);
+        self.release(running);
         true
+    }
+
+    /// Frees a request's blocks; the KV the shards computed goes into the prefix cache: the
+    /// prompt and every generated token but the last (never fed back). Returns the request with
+    /// what it generated.
+    fn release(&mut self, running: Running) -> NewRequest {
+        let Running {
+            mut request,
+            allocation,
+            prefilled,
+            generated,
+            ..
+        } = running;
+        request.generated = generated;
+        let context = request.context();
+        let fed = context.len() - usize::from(!request.generated.is_empty());
+        let computed = prefilled.then_some(&context[..fed]);
+        self.allocator.release(allocation, computed);
+        request
+    }
+
+    /// Gives a running request's blocks back and queues it to resume with what it generated.
+    fn preempt(&mut self, id: RequestId, now: Instant) {
+        let Some(running) = self.running.remove(&id) else {
+            return;
+        };
+        let mut request = self.release(running);
+        request.preemptions += 1;
+        request.request.generated_ids = request.generated.clone();
+        if !request.generated.is_empty() {
+            // The prompt's logprobs went out with the first token.
+            request.prefill_logprobs = false;
+            request.request.prefill_logprobs = false;
+        }
+        self.preemptions += 1;
+        self.queue.push(request, now);
+    }
+
+    /// KV tokens a request needs for the next forward: with `generated` tokens so far, the shard
+    /// feeds positions up to `input + generated - 1 + speculate`. Up front: the whole request.
+    fn kv_target(&self, request: &NewRequest, generated: usize) -> u32 {
+        let total = request.total_tokens(self.config.speculate);
+        match self.config.kv_allocation {
+            KvAllocation::UpFront => total,
+            KvAllocation::OnDemand => {
+                let next = request.input_ids.len() + generated + self.config.speculate as usize;
+                total.min(u32::try_from(next).unwrap_or(u32::MAX))
+            }
+        }
+    }
+
+    /// Grows every running request to its next forward's needs, most important first; when blocks
+    /// run out, preempts the least important running request (possibly the one growing).
+    fn grow_running(&mut self, now: Instant) {
+        if self.config.kv_allocation == KvAllocation::UpFront {
+            return;
+        }
+        let mut order: Vec<(i32, RequestId)> = self
+            .running
+            .values()
+            .map(|r| self.queue.key(&r.request))
+            .collect();
+        order.sort_unstable();
+        for &(_, id) in &order {
+            loop {
+                let Some(running) = self.running.get(&id) else {
+                    break;
+                };
+                let target = self.kv_target(&running.request, running.generated.len());
+                let running = self.running.get_mut(&id).expect("looked up above");
+                if self.allocator.grow(&mut running.allocation, target) {
+                    break;
+                }
+                let victim = order
+                    .iter()
+                    .rev()
+                    .map(|&(_, v)| v)
+                    .find(|v| self.running.contains_key(v))
+                    .expect("the growing request is running");
+                self.preempt(victim, now);
+            }
+        }
+    }
+
+    /// Running requests that will ask for more blocks (on demand, before reaching their total).
+    fn growing(&self) -> usize {
+        match self.config.kv_allocation {
+            KvAllocation::UpFront => 0,
+            KvAllocation::OnDemand => self
+                .running
+                .values()
+                .filter(|r| {
+                    let total = r.request.total_tokens(self.config.speculate) as usize;
+                    r.allocation.slots.len() < total
+                })
+                .count(),
+        }
+    }
+
+    /// The batches of a forward, each carrying the blocks its requests gained since the last one.
+    fn with_grants(&mut self, batches: &[CachedBatch]) -> Vec<CachedBatch> {
+        batches
+            .iter()
+            .map(|batch| {
+                let mut batch = batch.clone();
+                for &id in &batch.request_ids {
+                    let Some(running) = self.running.get_mut(&RequestId(id)) else {
+                        continue;
+                    };
+                    let blocks = &running.allocation.blocks;
+                    if blocks.len() > running.granted {
+                        batch.kv_grants.push(KvGrant {
+                            request_id: id,
+                            blocks: blocks[running.granted..].to_vec(),
+                        });
+                        running.granted = blocks.len();
+                    }
+                }
+                batch
+            })
+            .collect()
     }
 
     /// The next RPC to run, or `None` when there is nothing to do.
@@ -204,6 +339,7 @@ impl Scheduler {
             self.pending.is_none(),
             "schedule() called before update() of the previous step"
         );
+        self.grow_running(now);
         let step = self
             .cleanup_step()
             .or_else(|| self.admit(now))
@@ -239,8 +375,9 @@ impl Scheduler {
             return None;
         }
         self.waiting_steps += 1;
+        let batches = self.batches.clone();
         Some(Step::Decode {
-            batches: self.batches.clone(),
+            batches: self.with_grants(&batches),
         })
     }
 
@@ -323,18 +460,23 @@ impl Scheduler {
             .unwrap_or(usize::MAX)
             .saturating_sub(self.running.len());
         let mut budget = self.prefill_budget();
+        // Blocks kept obtainable for the running requests' next growth, so an admission is not
+        // undone by a preemption at the next step.
+        let mut reserve = self.growing();
         let mut requests = Vec::new();
         let mut admitted = Vec::new();
         let mut max_tokens = 0;
         let mut max_blocks = 0;
         while requests.len() < max_size && budget > 0 {
-            let Some((index, waiting, allocation)) = self.take_fitting() else {
+            let Some((index, waiting, allocation)) = self.take_fitting(reserve) else {
                 break;
             };
             let request = &waiting.request;
             let total = request.total_tokens(self.config.speculate);
-            // The prefix cache never leases a whole prompt, so this is at least 1.
-            let to_compute = request.input_length().saturating_sub(allocation.prefix_len);
+            // The prefix cache never leases a whole context, so this is at least 1.
+            let to_compute = request
+                .context_length()
+                .saturating_sub(allocation.prefix_len);
             let chunk_len = if to_compute <= budget {
                 None
             } else if self.config.support_chunking {
@@ -361,7 +503,12 @@ impl Scheduler {
             shard_request.chunk_len = chunk_len;
             max_tokens = total.saturating_add(max_tokens);
             max_blocks = max_blocks.max(u32::try_from(allocation.blocks.len()).unwrap_or(u32::MAX));
-            admitted.push((request.id, now.saturating_duration_since(enqueued_at)));
+            if request.preemptions == 0 {
+                admitted.push((request.id, now.saturating_duration_since(enqueued_at)));
+            }
+            if (allocation.slots.len() as u32) < total {
+                reserve += 1;
+            }
             if index > 0 {
                 if let Some(head) = self.queue.head_mut() {
                     head.bypassed += 1;
@@ -371,6 +518,8 @@ impl Scheduler {
             self.running.insert(
                 request.id,
                 Running {
+                    granted: allocation.blocks.len(),
+                    generated: request.generated.clone(),
                     request,
                     allocation,
                     prefilled: false,
@@ -393,11 +542,11 @@ impl Scheduler {
             max_tokens,
             max_blocks,
         };
-        let cached = if self.config.support_chunking {
-            self.batches.first().cloned()
-        } else {
-            None
+        let cached = match self.config.support_chunking {
+            true => self.with_grants(&self.batches[..self.batches.len().min(1)].to_vec()),
+            false => Vec::new(),
         };
+        let cached = cached.into_iter().next();
         Some(Step::Prefill {
             batch,
             cached,
@@ -407,12 +556,14 @@ impl Scheduler {
 
     /// The first waiting request whose KV blocks can be allocated now, with its queue index: the
     /// head, or a later one while the head has been passed over fewer than `MAX_BYPASS` times.
-    fn take_fitting(&mut self) -> Option<(usize, Waiting, Allocation)> {
+    /// `reserve` blocks must stay obtainable after the allocation.
+    fn take_fitting(&mut self, reserve: usize) -> Option<(usize, Waiting, Allocation)> {
         for index in 0..self.queue.len().min(BYPASS_WINDOW + 1) {
             let request = &self.queue.get(index)?.request;
-            let prompt = (!request.prefill_logprobs).then_some(request.input_ids.as_slice());
-            let total = request.total_tokens(self.config.speculate);
-            if let Some(allocation) = self.allocator.allocate(prompt, total) {
+            let context = request.context();
+            let prompt = (!request.prefill_logprobs).then_some(context.as_ref());
+            let target = self.kv_target(request, request.generated.len());
+            if let Some(allocation) = self.allocator.allocate(prompt, target, reserve) {
                 return Some((index, self.queue.take(index)?, allocation));
             }
             if index == 0 && self.queue.get(0)?.bypassed >= MAX_BYPASS {
@@ -455,6 +606,9 @@ impl Scheduler {
                 continue;
             };
             running.prefilled = true;
+            if let Some(tokens) = &generation.tokens {
+                running.generated.extend_from_slice(&tokens.ids);
+            }
             if generation.generated_text.is_some() {
                 finished.insert(id);
                 self.finish(id);

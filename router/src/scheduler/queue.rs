@@ -19,6 +19,10 @@ pub struct NewRequest {
     pub prefill_logprobs: bool,
     /// Lower runs first (vLLM's convention); only the `priority` policy reads it.
     pub priority: i32,
+    /// Tokens generated before a preemption, resumed after the prompt (empty for a new request).
+    pub generated: Vec<u32>,
+    /// Times this request was preempted (a resumed request is not admitted a second time).
+    pub preemptions: u32,
     /// The shard request without its memory fields (`blocks`, `slots`, `cache_len`, `chunk_len`).
     pub request: v3::Request,
 }
@@ -27,6 +31,20 @@ impl NewRequest {
     /// Saturating: validation keeps prompts far below u32::MAX.
     pub fn input_length(&self) -> u32 {
         u32::try_from(self.input_ids.len()).unwrap_or(u32::MAX)
+    }
+
+    /// What the shard computes on (re)admission: the prompt, then the tokens generated so far.
+    /// Its length is the context length, its blocks the prefix-cache key.
+    pub fn context(&self) -> std::borrow::Cow<'_, [u32]> {
+        match self.generated.is_empty() {
+            true => self.input_ids.as_slice().into(),
+            false => [self.input_ids.as_slice(), &self.generated].concat().into(),
+        }
+    }
+
+    /// Prompt plus generated tokens; saturating.
+    pub fn context_length(&self) -> u32 {
+        u32::try_from(self.input_ids.len() + self.generated.len()).unwrap_or(u32::MAX)
     }
 
     /// KV slots the whole sequence needs: every prompt token and every generated token but the
@@ -38,6 +56,17 @@ impl NewRequest {
             .saturating_add(speculate)
             .saturating_sub(1)
     }
+}
+
+/// When a request's KV blocks are reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum KvAllocation {
+    // Blocks for what the request has computed plus the next step, granted as it grows; when they
+    // run out the least important running request is preempted and later resumed.
+    #[default]
+    OnDemand,
+    // TGI's rule: blocks for prompt + max_new_tokens at admission, held to the end.
+    UpFront,
 }
 
 /// How waiting requests are ordered for admission.
@@ -75,15 +104,18 @@ impl Queue {
         }
     }
 
+    /// The admission order key: (priority under the priority policy, arrival). Request ids are
+    /// given in arrival order, so a preempted request goes back to the place it arrived at.
+    pub fn key(&self, request: &NewRequest) -> (i32, RequestId) {
+        match self.policy {
+            SchedulingPolicy::Fcfs => (0, request.id),
+            SchedulingPolicy::Priority => (request.priority, request.id),
+        }
+    }
+
     pub fn push(&mut self, request: NewRequest, now: Instant) {
-        let at = match self.policy {
-            SchedulingPolicy::Fcfs => self.entries.len(),
-            SchedulingPolicy::Priority => self
-                .entries
-                .iter()
-                .position(|w| w.request.priority > request.priority)
-                .unwrap_or(self.entries.len()),
-        };
+        let key = self.key(&request);
+        let at = self.entries.partition_point(|w| self.key(&w.request) < key);
         let waiting = Waiting {
             request,
             enqueued_at: now,

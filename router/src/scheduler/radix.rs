@@ -170,6 +170,16 @@ impl PrefixCache {
         index
     }
 
+    /// Blocks eviction could free now: every unleased node (a leased node's ancestors are leased).
+    pub fn evictable(&self) -> usize {
+        self.nodes
+            .iter()
+            .skip(1)
+            .flatten()
+            .filter(|node| node.refs == 0)
+            .count()
+    }
+
     /// Free up to `n` blocks, least recently used unleased leaves first. Returns how many were freed.
     pub fn evict(&mut self, n: usize) -> usize {
         let mut freed = 0;

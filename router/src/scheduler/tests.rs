@@ -1,5 +1,5 @@
 //! Scheduler unit tests driven by a fabricated shard: budgets, chunking, prefix reuse, eviction,
-//! filter/clear, cancellation, failures and long generations.
+//! filter/clear, cancellation, failures, long generations, KV on demand and preemption.
 
 use super::*;
 use std::collections::BTreeMap;
@@ -15,18 +15,31 @@ struct FakeShard {
     refuse: HashSet<u64>,
 }
 
+/// Tokens per KV block in these tests (`config`).
+const BLOCK: u32 = 4;
+
 #[derive(Clone)]
 struct Seq {
     id: u64,
     to_prefill: u32,
     generated: u32,
     max_new: u32,
+    /// Positions whose KV is computed, and the KV slots the router gave (blocks × BLOCK).
+    fed: u32,
+    capacity: u32,
+}
+
+/// The token a fake shard generates as a request's `index`-th: resumed requests must go on
+/// with the next index.
+fn token(id: u64, index: u32) -> u32 {
+    id as u32 * 1000 + index
 }
 
 impl FakeShard {
     fn run(&mut self, step: &Step) -> Outcome {
         match step {
             Step::Prefill { batch, cached, .. } => {
+                self.grant(cached.as_slice());
                 let mut seqs = cached
                     .as_ref()
                     .map(|c| self.batches.remove(&c.id).unwrap())
@@ -35,11 +48,18 @@ impl FakeShard {
                     .requests
                     .iter()
                     .filter(|r| !self.refuse.contains(&r.id))
-                    .map(|r| Seq {
-                        id: r.id,
-                        to_prefill: r.inputs.len() as u32 - r.cache_len,
-                        generated: 0,
-                        max_new: r.stopping_parameters.as_ref().unwrap().max_new_tokens,
+                    .map(|r| {
+                        let generated = r.generated_ids.len() as u32;
+                        let replayed = (0..generated).map(|i| token(r.id, i)).collect::<Vec<_>>();
+                        assert_eq!(r.generated_ids, replayed, "resumed with what it generated");
+                        Seq {
+                            id: r.id,
+                            to_prefill: r.inputs.len() as u32 + generated - r.cache_len,
+                            generated,
+                            max_new: r.stopping_parameters.as_ref().unwrap().max_new_tokens,
+                            fed: r.cache_len,
+                            capacity: r.blocks.len() as u32 * BLOCK,
+                        }
                     })
                     .collect();
                 let chunks: HashMap<u64, u32> = batch
@@ -55,6 +75,7 @@ impl FakeShard {
                 self.forward(id, seqs, &chunks)
             }
             Step::Decode { batches } => {
+                self.grant(batches);
                 let seqs = batches
                     .iter()
                     .flat_map(|b| self.batches.remove(&b.id).unwrap())
@@ -78,6 +99,19 @@ impl FakeShard {
         }
     }
 
+    /// KV blocks the router grants before a forward.
+    fn grant(&mut self, batches: &[CachedBatch]) {
+        for grant in batches.iter().flat_map(|b| &b.kv_grants) {
+            let seq = self
+                .batches
+                .values_mut()
+                .flatten()
+                .find(|s| s.id == grant.request_id)
+                .expect("a grant names a held request");
+            seq.capacity += grant.blocks.len() as u32 * BLOCK;
+        }
+    }
+
     fn forward(&mut self, id: u64, mut seqs: Vec<Seq>, chunks: &HashMap<u64, u32>) -> Outcome {
         let mut generations = Vec::new();
         for seq in seqs.iter_mut().filter(|s| s.generated < s.max_new) {
@@ -87,17 +121,28 @@ impl FakeShard {
                 } else {
                     u32::MAX
                 });
-                seq.to_prefill = seq.to_prefill.saturating_sub(step);
-                if seq.to_prefill > 0 {
-                    continue;
-                }
+                let n = step.min(seq.to_prefill);
+                seq.to_prefill -= n;
+                seq.fed += n;
+            } else {
+                seq.fed += 1;
+            }
+            assert!(
+                seq.fed <= seq.capacity,
+                "request {} fed {} positions into {} KV slots",
+                seq.id,
+                seq.fed,
+                seq.capacity
+            );
+            if seq.to_prefill > 0 {
+                continue;
             }
             seq.generated += 1;
             let done = seq.generated == seq.max_new;
             generations.push(Generation {
                 request_id: seq.id,
                 tokens: Some(Tokens {
-                    ids: vec![7],
+                    ids: vec![token(seq.id, seq.generated - 1)],
                     logprobs: vec![-0.5],
                     texts: vec!["x".into()],
                     is_special: vec![false],
@@ -139,6 +184,7 @@ impl FakeShard {
             size: seqs.len() as u32,
             max_tokens: 0,
             current_tokens: current.sum(),
+            kv_grants: Vec::new(),
         }
     }
 }
@@ -155,7 +201,14 @@ fn config(chunking: bool) -> SchedulerConfig {
         waiting_served_ratio: 0.0,
         max_waiting_tokens: 20,
         policy: SchedulingPolicy::Fcfs,
+        kv_allocation: KvAllocation::OnDemand,
     }
+}
+
+/// The reservation tests count TGI's up-front blocks.
+fn up_front(mut cfg: SchedulerConfig) -> SchedulerConfig {
+    cfg.kv_allocation = KvAllocation::UpFront;
+    cfg
 }
 
 /// A request whose prompt ids are `prompt`; `inputs` carries one char per token so the fake shard
@@ -167,6 +220,8 @@ fn request(id: u64, prompt: &[u32], max_new: u32) -> NewRequest {
         max_new_tokens: max_new,
         prefill_logprobs: false,
         priority: 0,
+        generated: Vec::new(),
+        preemptions: 0,
         request: v3::Request {
             id,
             inputs: "p".repeat(prompt.len()),
@@ -293,7 +348,7 @@ fn non_chunking_prefills_separately_then_decodes_both_batches() {
 
 #[test]
 fn a_shared_prefix_reuses_cached_blocks() {
-    let mut s = Scheduler::new(config(true));
+    let mut s = Scheduler::new(up_front(config(true)));
     let mut shard = FakeShard::default();
     let system = prompt(0, 9);
     s.enqueue(request(0, &system, 2), Instant::now());
@@ -335,7 +390,7 @@ fn a_fully_cached_prompt_still_computes_its_last_block() {
 fn cached_prefixes_are_evicted_lru_when_blocks_run_out() {
     let mut cfg = config(true);
     cfg.num_blocks = 5; // 4 usable
-    let mut s = Scheduler::new(cfg);
+    let mut s = Scheduler::new(up_front(cfg));
     let mut shard = FakeShard::default();
     s.enqueue(request(0, &prompt(0, 8), 1), Instant::now());
     drive(&mut s, &mut shard);
@@ -352,7 +407,7 @@ fn cached_prefixes_are_evicted_lru_when_blocks_run_out() {
 fn without_free_blocks_the_head_waits_for_a_finish() {
     let mut cfg = config(true);
     cfg.num_blocks = 4; // 3 usable
-    let mut s = Scheduler::new(cfg);
+    let mut s = Scheduler::new(up_front(cfg));
     let mut shard = FakeShard::default();
     s.enqueue(request(0, &prompt(0, 4), 5), Instant::now());
     s.enqueue(request(1, &prompt(50, 4), 5), Instant::now());
@@ -568,7 +623,7 @@ fn the_priority_policy_admits_lower_values_first_and_fcfs_ignores_them() {
 fn small_requests_pass_a_head_that_does_not_fit_a_bounded_number_of_times() {
     let mut cfg = config(true);
     cfg.num_blocks = 16; // 15 usable: 60 tokens
-    let mut s = Scheduler::new(cfg);
+    let mut s = Scheduler::new(up_front(cfg));
     let mut shard = FakeShard::default();
     let now = Instant::now();
     // 0 holds 12 blocks for its 40 new tokens; 1 needs 10 and must wait for it.
@@ -649,4 +704,150 @@ fn under_saturation_priority_zero_waits_flat_while_priority_ten_queues() {
         "priority 10 should queue behind the saturation: {:?}",
         late_mean(10)
     );
+}
+
+/// Every token each request received, in order.
+fn tokens_by_request(events: &[Event]) -> BTreeMap<u64, Vec<u32>> {
+    let mut by = BTreeMap::<u64, Vec<u32>>::new();
+    for e in events {
+        if let Event::Generation(g) = e {
+            let ids = g.tokens.as_ref().map(|t| t.ids.clone()).unwrap_or_default();
+            by.entry(g.request_id).or_default().extend(ids);
+        }
+    }
+    by
+}
+
+#[test]
+fn on_demand_a_request_holds_blocks_for_its_context_and_is_granted_more_as_it_grows() {
+    let mut s = Scheduler::new(config(true));
+    let mut shard = FakeShard::default();
+    s.enqueue(request(0, &prompt(0, 6), 20), Instant::now());
+    let first = s.schedule(Instant::now()).unwrap();
+    let Step::Prefill { batch, .. } = &first else {
+        panic!("prefill")
+    };
+    assert_eq!(
+        batch.requests[0].blocks.len(),
+        2,
+        "6 prompt tokens: 2 blocks, not 7"
+    );
+    let mut events = s.update(shard.run(&first));
+    let (steps, rest) = drive(&mut s, &mut shard);
+    events.extend(rest);
+    let granted: usize = steps
+        .iter()
+        .filter_map(|step| match step {
+            Step::Decode { batches } => Some(batches),
+            _ => None,
+        })
+        .flatten()
+        .flat_map(|b| &b.kv_grants)
+        .map(|g| g.blocks.len())
+        .sum();
+    // 6 + 20 - 1 = 25 positions: 7 blocks in all, 5 of them granted along the way.
+    assert_eq!(granted, 5);
+    assert_eq!(
+        tokens_by_request(&events)[&0],
+        (0..20).map(|i| token(0, i)).collect::<Vec<_>>()
+    );
+    assert_eq!(s.stats().preemptions, 0);
+    assert_eq!(s.stats().running, 0);
+}
+
+/// Runs `requests` (prompt length 4, `max_new` each) on a cache of `usable` blocks.
+fn run_all(
+    cfg: SchedulerConfig,
+    usable: u32,
+    ids: &[u64],
+    max_new: u32,
+) -> (Scheduler, Vec<Step>, Vec<Event>) {
+    let mut cfg = cfg;
+    cfg.num_blocks = usable + 1;
+    let mut s = Scheduler::new(cfg);
+    let mut shard = FakeShard::default();
+    for &id in ids {
+        s.enqueue(
+            request(id, &prompt(100 * id as u32, 4), max_new),
+            Instant::now(),
+        );
+    }
+    let (steps, events) = drive(&mut s, &mut shard);
+    (s, steps, events)
+}
+
+#[test]
+fn when_blocks_run_out_the_latest_request_is_preempted_and_resumes_where_it_stopped() {
+    // 4 requests of 4 + 16 tokens (5 blocks each) on 12 blocks: up front, two at a time.
+    let ids = [0, 1, 2, 3];
+    let (s, steps, events) = run_all(config(true), 12, &ids, 16);
+    assert!(
+        s.stats().preemptions > 0,
+        "the cache is too small for all four"
+    );
+    let resumed: Vec<&v3::Request> = steps
+        .iter()
+        .filter_map(|step| match step {
+            Step::Prefill { batch, .. } => Some(&batch.requests),
+            _ => None,
+        })
+        .flatten()
+        .filter(|r| !r.generated_ids.is_empty())
+        .collect();
+    assert!(!resumed.is_empty());
+    // The fake shard checked each resume carried exactly the tokens generated so far; each
+    // request's stream is whole and in order.
+    let tokens = tokens_by_request(&events);
+    for id in ids {
+        assert_eq!(
+            tokens[&id],
+            (0..16).map(|i| token(id, i)).collect::<Vec<_>>(),
+            "request {id}"
+        );
+    }
+    let mut done = finished(&events);
+    done.sort();
+    assert_eq!(done, ids);
+    assert_eq!((s.stats().running, s.stats().queued), (0, 0));
+
+    let (up_front_s, up_front_steps, _) = run_all(up_front(config(true)), 12, &ids, 16);
+    assert_eq!(up_front_s.stats().preemptions, 0);
+    println!(
+        "forwards: on demand {} ({} preemptions), up front {}",
+        steps.len(),
+        s.stats().preemptions,
+        up_front_steps.len()
+    );
+}
+
+#[test]
+fn the_victim_is_the_least_important_running_request() {
+    let mut cfg = config(true);
+    cfg.policy = SchedulingPolicy::Priority;
+    cfg.num_blocks = 7; // 6 usable
+    let mut s = Scheduler::new(cfg);
+    let mut shard = FakeShard::default();
+    // Request 0 arrives first with the least important priority; 1 and 2 are more important.
+    let mut first = request(0, &prompt(0, 4), 12);
+    first.priority = 5;
+    s.enqueue(first, Instant::now());
+    for id in [1, 2] {
+        s.enqueue(request(id, &prompt(100 * id as u32, 4), 12), Instant::now());
+    }
+    let mut preempted_first = None;
+    while let Some(step) = s.schedule(Instant::now()) {
+        if let (Step::Filter { request_ids, .. }, None) = (&step, preempted_first) {
+            preempted_first = [0u64, 1, 2]
+                .into_iter()
+                .find(|id| !request_ids.contains(id));
+        }
+        let outcome = shard.run(&step);
+        s.update(outcome);
+    }
+    assert_eq!(
+        preempted_first,
+        Some(0),
+        "priority 5 goes before 0s that arrived later"
+    );
+    assert!(s.stats().preemptions > 0);
 }

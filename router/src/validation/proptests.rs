@@ -210,6 +210,8 @@ fn assert_shard_accepts(request: &v3::Request, p: &GenerateParameters, ids: &[u3
         max_new_tokens: stop.max_new_tokens,
         prefill_logprobs: false,
         priority: 0,
+        generated: Vec::new(),
+        preemptions: 0,
         request: request.clone(),
     };
     assert_eq!(scheduled.total_tokens(0) as usize, positions);
@@ -369,6 +371,8 @@ proptest! {
             max_new_tokens: max_new,
             prefill_logprobs: false,
             priority: 0,
+            generated: Vec::new(),
+            preemptions: 0,
             request: v3::Request::default(),
         };
         let exact = prompt_len as u64 + max_new as u64 + speculate as u64;

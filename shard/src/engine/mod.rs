@@ -46,8 +46,8 @@ enum Command {
     ClearCache(Option<u64>, Reply<()>),
     Filter(u64, Vec<u64>, Reply<BatchInfo>),
     Warmup(Box<WarmupIn>, Reply<WarmupOut>),
-    Prefill(NewBatch, Option<u64>, Reply<StepOut>),
-    Decode(Vec<u64>, Reply<StepOut>),
+    Prefill(NewBatch, Option<u64>, Vec<KvGrant>, Reply<StepOut>),
+    Decode(Vec<u64>, Vec<KvGrant>, Reply<StepOut>),
 }
 
 /// The async side's handle: cheap to clone, one per gRPC service.
@@ -112,12 +112,25 @@ impl EngineHandle {
         self.call(|r| Command::Warmup(Box::new(warmup), r)).await
     }
 
-    pub async fn prefill(&self, batch: NewBatch, cached: Option<u64>) -> Result<StepOut, Error> {
-        self.call(|r| Command::Prefill(batch, cached, r)).await
+    /// Prefill `batch`, merged with the `cached` batch when given; `grants` extend the KV of
+    /// requests of the cached batch first.
+    pub async fn prefill(
+        &self,
+        batch: NewBatch,
+        cached: Option<u64>,
+        grants: Vec<KvGrant>,
+    ) -> Result<StepOut, Error> {
+        self.call(|r| Command::Prefill(batch, cached, grants, r))
+            .await
     }
 
-    pub async fn decode(&self, batch_ids: Vec<u64>) -> Result<StepOut, Error> {
-        self.call(|r| Command::Decode(batch_ids, r)).await
+    /// One decode step over the held batches; `grants` extend their requests' KV first.
+    pub async fn decode(
+        &self,
+        batch_ids: Vec<u64>,
+        grants: Vec<KvGrant>,
+    ) -> Result<StepOut, Error> {
+        self.call(|r| Command::Decode(batch_ids, grants, r)).await
     }
 }
 
@@ -203,8 +216,8 @@ impl Engine {
                 }),
                 Command::Filter(id, keep, r) => answer(r, || self.filter(id, &keep)),
                 Command::Warmup(w, r) => answer(r, || self.warmup(*w)),
-                Command::Prefill(b, cached, r) => answer(r, || self.prefill(b, cached)),
-                Command::Decode(ids, r) => answer(r, || self.decode(&ids)),
+                Command::Prefill(b, cached, g, r) => answer(r, || self.prefill(b, cached, g)),
+                Command::Decode(ids, g, r) => answer(r, || self.decode(&ids, g)),
             }
         }
     }

@@ -81,13 +81,15 @@ fn invalid(field: &str, reason: String) -> Error {
     }
 }
 
-/// A request in a batch. Invariant: `computed <= tokens.len()`, and every position below
-/// `prompt_len + max_new_tokens - 1` has a slot inside its block.
+/// A request in a batch. Invariant: `computed <= tokens.len()`, and every slot lies inside the
+/// block of its position (the router grants more blocks as the request grows; a forward checks
+/// that its tokens have slots).
 #[derive(Debug)]
 pub(super) struct Seq {
     pub id: u64,
     /// Prompt followed by generated tokens.
     tokens: Vec<u32>,
+    /// Tokens the prefill computes: the prompt, and the generated tokens of a resumed request.
     prompt_len: usize,
     /// Tokens whose KV is in the cache.
     computed: usize,
@@ -109,41 +111,51 @@ impl Seq {
     /// prompt and length rules mirror `router/src/validation.rs` (the single source of request
     /// validity); block, slot and chunk rules check the router's own placement.
     pub fn new(req: NewRequest, ctx: &Ctx) -> Result<Seq, Error> {
-        let tokens = tokenize(&req, &ctx.tokenizer)?;
-        let prompt_len = tokens.len();
+        let prompt = tokenize(&req, &ctx.tokenizer)?;
         let max_new = req.stop.max_new_tokens as usize;
         // The last generated token is never fed back, so it needs no position and no slot.
         // Saturating: `max_new_tokens` comes off the wire.
-        let positions = prompt_len.saturating_add(max_new).saturating_sub(1);
+        let positions = prompt.len().saturating_add(max_new).saturating_sub(1);
         if positions > ctx.max_positions {
             return Err(invalid(
                 "stopping_parameters.max_new_tokens",
-                format!("{prompt_len} prompt tokens + {max_new} new tokens exceed the model's {} positions", ctx.max_positions),
+                format!(
+                    "{} prompt tokens + {max_new} new tokens exceed the model's {} positions",
+                    prompt.len(),
+                    ctx.max_positions
+                ),
             ));
         }
-        let slots = placement(&req.blocks, &req.slots, positions, ctx)?;
+        // A resumed request computes its generated tokens with the prompt.
+        let tokens: Vec<u32> = prompt.iter().chain(&req.generated).copied().collect();
+        // The router may reserve KV up front (TGI) or grant it as the request grows: the
+        // slots must cover at least what the prefill computes.
+        let slots = placement(&req.blocks, &req.slots, tokens.len(), ctx)?;
         let cache_len = req.cache_len as usize;
-        if cache_len >= prompt_len {
+        if cache_len >= tokens.len() {
             return Err(invalid(
                 "cache_len",
-                format!("{cache_len} cached tokens leave nothing to compute of a {prompt_len}-token prompt"),
+                format!(
+                    "{cache_len} cached tokens leave nothing to compute of a {}-token prompt",
+                    tokens.len()
+                ),
             ));
         }
         if req.chunk_len == Some(0) {
             return Err(invalid("chunk_len", "must be at least 1".into()));
         }
         let constraint = ctx.constraint(&req)?;
-        let uncached = prompt_len - cache_len;
+        let uncached = tokens.len() - cache_len;
         let first = req
             .chunk_len
             .map_or(uncached, |c| (c as usize).min(uncached));
-        Ok(Seq {
+        let mut seq = Seq {
             id: req.id,
-            sampler: Sampler::new(req.sampling, &tokens, req.top_n_tokens as usize, constraint),
+            sampler: Sampler::new(req.sampling, &prompt, req.top_n_tokens as usize, constraint),
             stopper: StoppingCriteria::new(req.stop, &ctx.eos_token_ids),
-            detok: Detokenizer::new(&tokens),
+            detok: Detokenizer::new(&prompt),
+            prompt_len: tokens.len(),
             tokens,
-            prompt_len,
             computed: cache_len,
             blocks: req.blocks,
             slots,
@@ -151,7 +163,47 @@ impl Seq {
             prefill_logprobs: req.prefill_logprobs,
             prefill_out: Vec::new(),
             carried_logprob: f32::NAN,
-        })
+        };
+        seq.replay(&req.generated, ctx)?;
+        Ok(seq)
+    }
+
+    /// Brings sampler, stop criteria and detokenizer to where they stood after generating
+    /// `generated`, as if this shard had chosen each token.
+    fn replay(&mut self, generated: &[u32], ctx: &Ctx) -> Result<(), Error> {
+        for (i, &id) in generated.iter().enumerate() {
+            if id as usize >= ctx.vocab_size {
+                return Err(invalid(
+                    "generated_ids",
+                    format!("token {id} is past the vocabulary ({})", ctx.vocab_size),
+                ));
+            }
+            self.sampler.replay(id);
+            let text = self.detok.push(&ctx.tokenizer, id)?;
+            if let Some(reason) = self.stopper.check(id, &text) {
+                return Err(invalid(
+                    "generated_ids",
+                    format!("the request already finished at token {i} ({reason:?})"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends granted blocks to the block table; their slots follow it.
+    pub fn grant(&mut self, blocks: &[u32], block_size: usize) {
+        self.blocks.extend_from_slice(blocks);
+        let end = self.blocks.len() * block_size;
+        let start = self.slots.len();
+        self.slots
+            .extend((start..end).map(|p| {
+                self.blocks[p / block_size] * block_size as u32 + (p % block_size) as u32
+            }));
+    }
+
+    /// Whether the next `n` tokens have KV slots.
+    pub fn has_slots(&self, n: usize) -> bool {
+        self.computed + n <= self.slots.len()
     }
 
     /// KV capacity reserved for this request.
@@ -363,7 +415,7 @@ fn placement(
         return Err(invalid(
             "slots",
             format!(
-                "{} slots for {positions} positions (prompt + max_new_tokens - 1)",
+                "{} slots for the {positions} positions of the prompt",
                 slots.len()
             ),
         ));

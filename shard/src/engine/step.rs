@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use super::request::Seq;
-use super::types::{NewBatch, Refused, StepOut, Timings};
+use super::types::{KvGrant, NewBatch, Refused, StepOut, Timings};
 use super::Engine;
 use crate::forward::ForwardBatch;
 use crate::Error;
@@ -32,10 +32,12 @@ impl Engine {
         &mut self,
         batch: NewBatch,
         cached: Option<u64>,
+        grants: Vec<KvGrant>,
     ) -> Result<StepOut, Error> {
         let start = Instant::now();
         let id = batch.id;
         let (new, refused) = self.admit(batch, cached)?;
+        self.grant(cached.as_slice(), grants)?;
         for r in &refused {
             tracing::warn!(
                 request_id = r.id,
@@ -117,7 +119,7 @@ impl Engine {
     }
 
     /// One decode step over one or more held batches, concatenated under the first id.
-    pub(super) fn decode(&mut self, ids: &[u64]) -> Result<StepOut, Error> {
+    pub(super) fn decode(&mut self, ids: &[u64], grants: Vec<KvGrant>) -> Result<StepOut, Error> {
         let start = Instant::now();
         let Some(&first) = ids.first() else {
             return Err(Error::InvalidArgument {
@@ -134,6 +136,7 @@ impl Engine {
                 reason: format!("batch {dup} appears twice"),
             });
         }
+        self.grant(ids, grants)?;
         let concat = Instant::now();
         let mut seqs = Vec::new();
         for id in ids {
@@ -141,6 +144,57 @@ impl Engine {
         }
         let concat_ns = (ids.len() > 1).then(|| elapsed_ns(concat));
         self.step(first, seqs, concat_ns, start)
+    }
+
+    /// Appends granted KV blocks to requests of the held batches `ids`. Every grant is checked
+    /// before any is applied, so a bad one leaves the batches as they were.
+    fn grant(&mut self, ids: &[u64], grants: Vec<KvGrant>) -> Result<(), Error> {
+        let holds = |request_id: u64| {
+            ids.iter()
+                .filter_map(|id| self.batches.get(id))
+                .flatten()
+                .any(|s| s.id == request_id)
+        };
+        for (i, g) in grants.iter().enumerate() {
+            let field = |what: &str| format!("kv_grants[{i}].{what}");
+            if !holds(g.request_id) {
+                let reason = format!(
+                    "request {} is not in the batches of this forward",
+                    g.request_id
+                );
+                return Err(Error::InvalidArgument {
+                    field: field("request_id"),
+                    reason,
+                });
+            }
+            if let Some(&b) = g
+                .blocks
+                .iter()
+                .find(|&&b| b as usize >= self.ctx.num_blocks)
+            {
+                let reason = format!(
+                    "block {b} is past the KV cache ({} blocks)",
+                    self.ctx.num_blocks
+                );
+                return Err(Error::InvalidArgument {
+                    field: field("blocks"),
+                    reason,
+                });
+            }
+        }
+        let block_size = self.ctx.block_size;
+        for (id, seqs) in self.batches.iter_mut() {
+            if !ids.contains(id) {
+                continue;
+            }
+            for seq in seqs.iter_mut() {
+                let id = seq.id;
+                for g in grants.iter().filter(|g| g.request_id == id) {
+                    seq.grant(&g.blocks, block_size);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs one forward over `seqs` and keeps the unfinished ones as batch `id`. On error the
@@ -154,6 +208,12 @@ impl Engine {
     ) -> Result<StepOut, Error> {
         let mut budget = self.opts.max_prefill_tokens;
         let plan: Vec<usize> = seqs.iter().map(|s| s.next_len(&mut budget)).collect();
+        if let Some((seq, &n)) = seqs.iter().zip(&plan).find(|(s, &n)| !s.has_slots(n)) {
+            return Err(Error::InvalidBatch(format!(
+                "request {} has no KV slot for the {n} tokens of this forward (the router grants blocks first)",
+                seq.id
+            )));
+        }
         let forward = ForwardBatch {
             seqs: seqs
                 .iter()

@@ -27,6 +27,17 @@ pub struct NewRequest {
     pub cache_len: u32,
     /// Tokens to compute in the first forward (chunked prefill); `None`: the whole prompt.
     pub chunk_len: Option<u32>,
+    /// Tokens already generated, when the router resumes the request (after a preemption or a
+    /// shard restart): computed after the prompt, and replayed through sampler, stop criteria and
+    /// detokenizer so the next token is the one an undisturbed run would choose.
+    pub generated: Vec<u32>,
+}
+
+/// More KV blocks for a held request (KV on demand), appended to its block table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvGrant {
+    pub request_id: u64,
+    pub blocks: Vec<u32>,
 }
 
 /// A request of a new batch that the shard will not serve, and why. Within a Prefill the rest of

@@ -274,13 +274,26 @@ impl Sampler {
             logprob: logprobs[id as usize],
             top: top_n(&logprobs, self.top_n),
         };
+        self.record(id);
+        Ok(choice)
+    }
+
+    /// Records `id` as generated without choosing it (a resumed request's earlier tokens): the
+    /// RNG draws what `choose` would have, so a seeded request continues as if never paused.
+    pub fn replay(&mut self, id: u32) {
+        if self.sampling {
+            let _: f64 = self.rng.gen();
+        }
+        self.record(id);
+    }
+
+    fn record(&mut self, id: u32) {
         if let Some(c) = &mut self.constraint {
             c.commit(id);
         }
         self.seen.insert(id);
         *self.counts.entry(id).or_insert(0) += 1;
         self.last = Some(id);
-        Ok(choice)
     }
 
     fn apply_processors(&self, scores: &mut [f32]) {
