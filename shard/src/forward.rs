@@ -25,6 +25,10 @@ pub struct SeqInput {
     /// Blocks covering positions `0..start_pos + tokens.len()`.
     pub block_table: Vec<u32>,
     pub logits: LogitsWanted,
+    /// Position from which tokens are attended one query per tile, as a decode step attends: the
+    /// generated tokens of a resumed request, so their recomputed KV is bit-identical to what
+    /// decode computed (a tile of many queries sums in another order). `None`: no such tokens.
+    pub decoded_from: Option<usize>,
 }
 
 /// All sequences of one forward.
@@ -46,6 +50,9 @@ pub struct BatchPlan {
     pub seq_slots: Vec<Vec<usize>>,
     /// Per sequence: its tokens' flat indices (sequences are contiguous).
     pub seq_tokens: Vec<std::ops::Range<usize>>,
+    /// Per sequence: the flat index from which its tokens are attended one per tile
+    /// ([`SeqInput::decoded_from`]; the range's end when none).
+    pub seq_decoded_from: Vec<usize>,
     /// Flat indices of the tokens whose logits are returned, grouped by sequence in order.
     pub logit_rows: Vec<usize>,
     /// How many of `logit_rows` belong to each sequence.
@@ -68,6 +75,7 @@ impl BatchPlan {
             slots: Vec::new(),
             seq_slots: Vec::new(),
             seq_tokens: Vec::new(),
+            seq_decoded_from: Vec::new(),
             logit_rows: Vec::new(),
             logit_counts: Vec::new(),
         };
@@ -97,6 +105,10 @@ impl BatchPlan {
             plan.logit_rows.extend(rows);
             plan.seq_slots.push(seq_slots);
             plan.seq_tokens.push(base..plan.tokens.len());
+            let decoded = seq.decoded_from.map_or(seq.tokens.len(), |p| {
+                p.saturating_sub(seq.start_pos).min(seq.tokens.len())
+            });
+            plan.seq_decoded_from.push(base + decoded);
         }
         Ok(plan)
     }
@@ -163,6 +175,7 @@ mod tests {
             slots,
             block_table: blocks,
             logits: LogitsWanted::Last,
+            decoded_from: None,
         }
     }
 

@@ -67,6 +67,7 @@ fn next_input(r: &SeqRun, chunk: usize, steps: usize) -> Option<SeqInput> {
         slots,
         block_table: r.blocks.clone(),
         logits,
+        decoded_from: None,
     })
 }
 

@@ -194,6 +194,7 @@ fn invalid_batches_are_errors() {
             slots,
             block_table: blocks,
             logits: LogitsWanted::Last,
+            decoded_from: None,
         }],
     };
     let cases = [

@@ -39,6 +39,7 @@ fn run(model: &Model, prompts: &[Vec<u32>], steps: usize) -> Vec<Vec<Vec<f32>>> 
         start_pos: start,
         block_table: table(s),
         logits,
+        decoded_from: None,
     };
     let mut batch = ForwardBatch {
         seqs: prompts
@@ -207,6 +208,7 @@ fn shapes(model: &Model) -> Forwards {
                         start_pos: start,
                         block_table: ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect(),
                         logits,
+                        decoded_from: Option::None,
                     }
                 })
                 .collect();

@@ -111,6 +111,7 @@ fn decode(model: &Model, prompts: &[&[u32]], steps: usize) -> (Vec<Vec<Vec<f32>>
         start_pos: start,
         block_table: ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect(),
         logits: LogitsWanted::Last,
+        decoded_from: None,
     };
     let mut batch = ForwardBatch {
         seqs: (0..prompts.len())

@@ -97,6 +97,7 @@ fn tgi_warmup(
             slots: vec![],
             cache_len: 0,
             chunk_len: None,
+            generated_ids: Vec::new(),
             parameters: Some(pb::NextTokenChooserParameters {
                 temperature: 0.9,
                 top_k: 10,

@@ -91,6 +91,8 @@ pub(super) struct Seq {
     tokens: Vec<u32>,
     /// Tokens the prefill computes: the prompt, and the generated tokens of a resumed request.
     prompt_len: usize,
+    /// Position of the first generated token (the prompt's length).
+    generated_from: usize,
     /// Tokens whose KV is in the cache.
     computed: usize,
     blocks: Vec<u32>,
@@ -155,6 +157,7 @@ impl Seq {
             stopper: StoppingCriteria::new(req.stop, &ctx.eos_token_ids),
             detok: Detokenizer::new(&prompt),
             prompt_len: tokens.len(),
+            generated_from: prompt.len(),
             tokens,
             computed: cache_len,
             blocks: req.blocks,
@@ -242,6 +245,7 @@ impl Seq {
             slots: self.slots[self.computed..end].to_vec(),
             block_table: self.blocks.clone(),
             logits,
+            decoded_from: Some(self.generated_from),
         }
     }
 

@@ -212,6 +212,7 @@ impl Engine {
         }
         let input = SeqInput {
             logits: LogitsWanted::Last,
+            decoded_from: None,
             ..first.input(n)
         };
         let rows = self
@@ -265,6 +266,7 @@ impl Engine {
                 slots: vec![0],
                 block_table: vec![0],
                 logits: LogitsWanted::Last,
+                decoded_from: None,
             }],
         };
         let rows = self.model.forward(&batch, &mut self.cache)?;

@@ -192,6 +192,7 @@ mod tests {
                     slots: blocks[start..].to_vec(),
                     block_table: blocks,
                     logits: LogitsWanted::None,
+                    decoded_from: None,
                 }
             })
             .collect();

@@ -266,3 +266,34 @@ fn min_p_keeps_tokens_near_the_most_likely() {
         );
     }
 }
+
+#[test]
+fn a_replayed_sampler_continues_as_the_one_that_chose() {
+    let p = params(|p| {
+        p.do_sample = true;
+        p.temperature = 0.9;
+        p.top_k = 5;
+        p.seed = 77;
+        p.repetition_penalty = 1.3;
+        p.frequency_penalty = 0.2;
+    })
+    .unwrap();
+    let rows: Vec<Vec<f32>> = (0..12)
+        .map(|step| {
+            (0..16)
+                .map(|t| ((t * 7 + step * 3) % 11) as f32 * 0.3)
+                .collect()
+        })
+        .collect();
+    let mut chooser = Sampler::new(p.clone(), &[1, 2], 0, None);
+    let chosen: Vec<u32> = rows.iter().map(|r| chooser.choose(r).unwrap().id).collect();
+    let mut resumed = Sampler::new(p, &[1, 2], 0, None);
+    for &id in &chosen[..5] {
+        resumed.replay(id);
+    }
+    let rest: Vec<u32> = rows[5..]
+        .iter()
+        .map(|r| resumed.choose(r).unwrap().id)
+        .collect();
+    assert_eq!(rest, chosen[5..]);
+}

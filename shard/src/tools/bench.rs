@@ -83,6 +83,7 @@ fn seq_input(tokens: Vec<u32>, start: usize, blocks: &[u32], bs: usize) -> SeqIn
         slots,
         block_table: blocks.to_vec(),
         logits: LogitsWanted::Last,
+        decoded_from: None,
     }
 }
 

@@ -73,6 +73,7 @@ pub fn greedy(model: &Model, prompt: &[u32], max_new: usize, eos: &[u32]) -> Res
         start_pos: start,
         block_table: blocks.clone(),
         logits: LogitsWanted::Last,
+        decoded_from: None,
     };
     let mut logits = model
         .forward(

@@ -110,12 +110,16 @@ fn attention<T: KvElem>(
 ) -> Vec<f32> {
     let mut tiles = Vec::new();
     for (seq, range) in plan.seq_tokens.iter().enumerate() {
+        let decoded = plan.seq_decoded_from[seq];
         for kv_head in 0..h.num_kv_heads {
-            for t0 in range.clone().step_by(QUERY_BLOCK) {
+            let blocks = (range.start..decoded).step_by(QUERY_BLOCK);
+            let blocks = blocks.map(|t0| t0..(t0 + QUERY_BLOCK).min(decoded));
+            let alone = (decoded..range.end).map(|t| t..t + 1);
+            for tokens in blocks.chain(alone) {
                 tiles.push(Tile {
                     seq,
                     kv_head,
-                    tokens: t0..(t0 + QUERY_BLOCK).min(range.end),
+                    tokens,
                 });
             }
         }
@@ -390,6 +394,7 @@ mod tests {
                 slots,
                 block_table: blocks,
                 logits: LogitsWanted::None,
+                decoded_from: None,
             }],
         };
         let plan = BatchPlan::new(&batch, 1, num_blocks, 4).unwrap();

@@ -125,6 +125,7 @@ mod tests {
                 .collect(),
             block_table: blocks,
             logits,
+            decoded_from: None,
         }
     }
 

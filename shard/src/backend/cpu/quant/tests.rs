@@ -164,3 +164,26 @@ fn avx2_levels_equal_the_scalar_ones() {
         assert_eq!(a, b);
     }
 }
+
+#[test]
+fn a_token_row_does_not_depend_on_the_others() {
+    let (m, k) = (70, 256);
+    for (group, bits) in [(32, 4), (32, 5), (32, 8), (16, 2), (16, 3), (16, 6)] {
+        let a = affine(m, k, group, bits, 11);
+        let packed = QuantPanels::pack(m, k, &a).unwrap();
+        let x = activations(19, k);
+        for kernels in Kernels::supported() {
+            let mut all = vec![0f32; 19 * m];
+            matmul_with(&x, 19, &packed, &mut all, kernels);
+            for t in [0, 7, 8, 18] {
+                let mut one = vec![0f32; m];
+                matmul_with(&x[t * k..(t + 1) * k], 1, &packed, &mut one, kernels);
+                assert_eq!(
+                    one,
+                    all[t * m..(t + 1) * m],
+                    "{kernels:?} g{group} b{bits} token {t}"
+                );
+            }
+        }
+    }
+}
