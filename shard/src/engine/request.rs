@@ -167,6 +167,9 @@ impl Seq {
             prefill_out: Vec::new(),
             carried_logprob: f32::NAN,
         };
+        // Positions past the router's slots but inside its blocks are held too (KV on demand
+        // grows into them before granting another block).
+        seq.grant(&[], ctx.block_size);
         seq.replay(&req.generated, ctx)?;
         Ok(seq)
     }

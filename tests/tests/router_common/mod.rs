@@ -21,7 +21,13 @@ pub struct Server {
 /// The processes are spawned by a thread that lives as long as the test binary, with
 /// PR_SET_PDEATHSIG, so they die with it even though a static `Server` is never dropped.
 pub fn start(name: &str, router_args: &[&str]) -> Server {
+    start_with(name, &["--kv-cache-memory", "300000000"], router_args)
+}
+
+/// [`start`] with the shard's flags given too.
+pub fn start_with(name: &str, shard_args: &[&str], router_args: &[&str]) -> Server {
     let router_args: Vec<String> = router_args.iter().map(|s| s.to_string()).collect();
+    let shard_args: Vec<String> = shard_args.iter().map(|s| s.to_string()).collect();
     let logs = std::env::temp_dir().join(format!("tessera-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&logs).unwrap();
     let port = free_port();
@@ -36,7 +42,7 @@ pub fn start(name: &str, router_args: &[&str]) -> Server {
                 .arg(&model)
                 .arg("--uds-path")
                 .arg(&uds)
-                .args(["--kv-cache-memory", "300000000"]),
+                .args(&shard_args),
             &thread_logs.join("shard.log"),
         );
         let mut router = spawn(
