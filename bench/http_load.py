@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Neutral streaming load generator for any OpenAI-compatible `/v1/completions` server.
+"""Neutral streaming load generator for any OpenAI-compatible server (`/v1/completions`, or `/v1/chat/completions` with --chat).
 
 N clients send streaming completions back to back for a fixed time (greedy, `max_tokens` new
 tokens, the same prompts for every server) and the run reports aggregate output tokens/s, TTFT
@@ -24,6 +24,18 @@ PROMPTS = [
     "The history of the Roman Empire begins with",
     "Here is a list of ten interesting facts about the ocean:\n1.",
     "Rainbows form when sunlight",
+]
+
+
+# Chat questions, sampled at the default temperature (--chat): answers end (EOS) at lengths of
+# their own.
+QUESTIONS = [
+    "Write a short poem about the sea.",
+    "What is the capital of France? Explain briefly.",
+    "Give me three tips for learning a new language.",
+    "Explain in two sentences why the sky is blue.",
+    "Describe your ideal weekend.",
+    "What are the benefits of regular exercise?",
 ]
 
 
@@ -61,21 +73,27 @@ async def read_body(reader, headers):
             yield data
 
 
-async def one_request(url, prompt, max_tokens, api_key):
+async def one_request(url, prompt, max_tokens, api_key, chat=False):
     """One streaming completion: (ok, output tokens, ttft s, [inter-token gaps s], error)."""
     u = urlsplit(url)
-    body = json.dumps(
-        {
-            "model": "default",
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    ).encode()
+    route = "/v1/chat/completions" if chat else "/v1/completions"
+    request = {
+        "model": "default",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if chat:
+        # As a chat client sends it: the API's default temperature (1), so answers end at lengths
+        # of their own.
+        request["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        request["prompt"] = prompt
+        request["temperature"] = 0
+    if max_tokens > 0:
+        request["max_tokens"] = max_tokens
+    body = json.dumps(request).encode()
     head = [
-        f"POST {u.path.rstrip('/')}/v1/completions HTTP/1.1",
+        f"POST {u.path.rstrip('/')}{route} HTTP/1.1",
         f"Host: {u.netloc}",
         "Content-Type: application/json",
         "Accept: text/event-stream",
@@ -129,7 +147,8 @@ async def one_request(url, prompt, max_tokens, api_key):
 async def run(args):
     ok, failed, tokens, ttft, itl, errors = 0, 0, 0, [], [], {}
     # One request first so a lazily initialised server is not charged to the first clients.
-    warm = await one_request(args.url, PROMPTS[0], 4, args.api_key)
+    prompts = QUESTIONS if args.chat else PROMPTS
+    warm = await one_request(args.url, prompts[0], 4, args.api_key, args.chat)
     if not warm[0]:
         print(f"warm-up request failed: {warm[4]}", file=sys.stderr)
         return 1
@@ -140,7 +159,8 @@ async def run(args):
         nonlocal ok, failed, tokens
         n = i
         while time.perf_counter() < deadline:
-            r = await one_request(args.url, PROMPTS[n % len(PROMPTS)], args.max_tokens, args.api_key)
+            prompt = prompts[n % len(prompts)]
+            r = await one_request(args.url, prompt, args.max_tokens, args.api_key, args.chat)
             n += args.clients
             if r[0]:
                 ok += 1
@@ -178,8 +198,9 @@ def main():
     p.add_argument("--url", default="http://127.0.0.1:3000")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64, help="0: send none (the server's limit)")
     p.add_argument("--api-key")
+    p.add_argument("--chat", action="store_true", help="chat questions on /v1/chat/completions")
     p.add_argument("--label", default="")
     args = p.parse_args()
     host = urlsplit(args.url).hostname or ""

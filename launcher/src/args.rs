@@ -93,6 +93,11 @@ pub struct LifecycleArgs {
     /// Seconds the router may drain in-flight requests after SIGTERM before it is killed.
     #[arg(long, short = 'g', env, default_value_t = 90)]
     pub graceful_termination_timeout: u64,
+    /// Shard-group restarts allowed within ten minutes: when a shard process dies, every shard is
+    /// restarted (after 1, 2, 4… s) while the router holds the in-flight requests and resumes them
+    /// where they stopped. Past the limit, or with 0, a dying shard stops everything (as TGI).
+    #[arg(long, env, default_value_t = 3)]
+    pub shard_restart_limit: u32,
 }
 
 /// Quantization methods TGI accepts that tessera does not implement (named so the error can say so).

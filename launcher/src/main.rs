@@ -130,6 +130,7 @@ fn launch(mut args: LauncherArgs) -> anyhow::Result<()> {
         api_key: args.server.api_key.is_some(),
         startup_timeout: Duration::from_secs(args.lifecycle.startup_timeout),
         graceful_timeout: Duration::from_secs(args.lifecycle.graceful_termination_timeout),
+        shard_restart_limit: args.lifecycle.shard_restart_limit,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1,5 +1,8 @@
 //! The lifecycle: start every shard, wait until each answers Health, start the router, wait for /health 200,
-//! then supervise. Any child exiting stops the rest (non-zero exit naming it); SIGINT/SIGTERM drains the
+//! then supervise. A shard dying restarts the whole shard group (its ranks share collectives) with a
+//! backoff, while the router holds its requests and resumes them once the shards are back; past
+//! `shard_restart_limit` restarts in `RESTART_WINDOW`, and for the router or any child during startup,
+//! a child exiting stops the rest (non-zero exit naming it); SIGINT/SIGTERM drains the
 //! router within the graceful timeout, then stops the shards (exit 0). Polling every 100 ms keeps every
 //! failure visible within a fraction of a second and no wait unbounded.
 //!
@@ -27,6 +30,8 @@ const HEALTH_PROBE: Duration = Duration::from_secs(1);
 /// How long `/health` may answer 503 before the launcher gives up on the deployment. The router
 /// re-checks a failed shard every second, so a passing failure clears well within this.
 const UNHEALTHY_EXIT: Duration = Duration::from_secs(10);
+/// The window in which shard-group restarts count toward the limit.
+const RESTART_WINDOW: Duration = Duration::from_secs(600);
 
 /// Everything the supervisor runs, already validated.
 pub struct Plan {
@@ -39,6 +44,26 @@ pub struct Plan {
     pub api_key: bool,
     pub startup_timeout: Duration,
     pub graceful_timeout: Duration,
+    /// Shard-group restarts allowed within `RESTART_WINDOW` (0: a dead shard stops everything).
+    pub shard_restart_limit: u32,
+}
+
+/// The crash-loop guard: restarts within the window, and the backoff before the next one.
+struct Restarts {
+    limit: u32,
+    recent: Vec<Instant>,
+}
+
+impl Restarts {
+    /// The wait before one more restart, or `None` past the limit.
+    fn next(&mut self) -> Option<Duration> {
+        self.recent.retain(|t| t.elapsed() < RESTART_WINDOW);
+        if self.recent.len() >= self.limit as usize {
+            return None;
+        }
+        self.recent.push(Instant::now());
+        Some(Duration::from_secs(1 << (self.recent.len() - 1).min(5)))
+    }
 }
 
 /// Why the launcher stopped with an error; each names the process at fault.
@@ -370,10 +395,31 @@ async fn supervise(
     let (host, port) = &plan.router_addr;
     let mut probed = Instant::now();
     let mut unhealthy_since: Option<Instant> = None;
+    let mut restarts = Restarts {
+        limit: plan.shard_restart_limit,
+        recent: Vec::new(),
+    };
     loop {
-        let children = std::iter::once(&mut *router).chain(shards.iter_mut());
-        if let Some(e) = first_exit(children, false).await {
+        if let Some(e) = first_exit(std::iter::once(&mut *router), false).await {
             return Interrupt::Failed(e);
+        }
+        if let Some(e) = first_exit(shards.iter_mut(), false).await {
+            let Some(backoff) = restarts.next() else {
+                return Interrupt::Failed(e);
+            };
+            tracing::warn!(
+                "{}; restarting the shard group in {} s (restart {} of at most {} in {} min); the router holds its requests",
+                e.summary(),
+                backoff.as_secs(),
+                restarts.recent.len(),
+                restarts.limit,
+                RESTART_WINDOW.as_secs() / 60
+            );
+            if let Some(stop) = restart_shards(shards, plan, signals, backoff).await {
+                return stop;
+            }
+            unhealthy_since = None;
+            continue;
         }
         if probed.elapsed() >= HEALTH_PROBE {
             probed = Instant::now();
@@ -394,6 +440,34 @@ async fn supervise(
             return Interrupt::Signal(sig);
         }
     }
+}
+
+/// Stops what is left of the shard group, waits `backoff`, starts every rank again and waits until
+/// all answer Health; `Some` when the launcher must stop instead.
+async fn restart_shards(
+    shards: &mut [Child],
+    plan: &Plan,
+    signals: &mut Signals,
+    backoff: Duration,
+) -> Option<Interrupt> {
+    let started = Instant::now();
+    stop_all(shards, STOP_GRACE).await;
+    tokio::select! {
+        sig = signals.recv() => return Some(Interrupt::Signal(sig)),
+        _ = tokio::time::sleep(backoff) => {}
+    }
+    for (child, (spec, socket)) in shards.iter_mut().zip(&plan.shards) {
+        let _ = std::fs::remove_file(socket);
+        match spawn(spec) {
+            Ok(fresh) => *child = fresh,
+            Err(e) => return Some(Interrupt::Failed(e)),
+        }
+    }
+    let stop = wait_shards(shards, plan, signals).await;
+    if stop.is_none() {
+        tracing::info!("shard group restarted in {:.1} s", secs(started));
+    }
+    stop
 }
 
 /// The error for a deployment whose `/health` stayed 503: the first shard that does not answer `Info`

@@ -2,6 +2,10 @@
 //! delivers each request's events on its own channel (tokens, then exactly one end). `Infer` is the
 //! handle the HTTP side uses: admission (429), submission, health.
 //!
+//! When the shard processes die (the launcher restarts them), every request is held — put back in the
+//! queue with what it generated — until the restarted shards answer Warmup (`rejoin.rs`); then each
+//! resumes where it stopped. Requests held past the RPC deadline fail instead.
+//!
 //! Health is the batcher's own record (`health.rs`), read by `/health` without touching the shards: the
 //! last forward or Health RPC succeeded, no step has run past its deadline, the loop is alive, and the
 //! server is not draining. The real check (the Health RPC, a tiny forward) runs here, between steps, when
@@ -12,6 +16,7 @@ use crate::client::{ForwardResult, ShardedClient};
 use crate::error::{Result, RouterError};
 use crate::health::{Health, IDLE_HEALTH_INTERVAL, UNHEALTHY_RETRY};
 use crate::metrics as m;
+use crate::rejoin::{shards_lost, Rejoin};
 use crate::scheduler::{Event, NewRequest, Outcome, Scheduler, Step};
 use crate::validation::ValidRequest;
 use std::collections::HashMap;
@@ -125,6 +130,7 @@ impl Infer {
         client: ShardedClient,
         max_concurrent_requests: usize,
         kv_capacity: KvCapacity,
+        rejoin: Rejoin,
     ) -> Self {
         let (commands, rx) = unbounded_channel();
         // A step may take the RPC deadline and a FilterBatch or ClearCache after it; past twice that, the
@@ -142,6 +148,7 @@ impl Infer {
             health: health.clone(),
             kv_capacity,
             last_check: Instant::now(),
+            rejoin,
         };
         tokio::spawn(batcher.run());
         Infer {
@@ -257,6 +264,7 @@ struct Batcher {
     kv_capacity: KvCapacity,
     /// When the shards last proved healthy or were last checked (a forward or the Health RPC).
     last_check: Instant,
+    rejoin: Rejoin,
 }
 
 impl Batcher {
@@ -283,13 +291,24 @@ impl Batcher {
                 // 5. Run it on every shard, in a span the shards continue.
                 let span = self.step_span(&step);
                 self.health.step_started(step_name(&step));
-                let outcome = self.execute(&step).instrument(span).await;
+                let outcome = match self.execute(&step).instrument(span).await {
+                    Outcome::Failed(e) if shards_lost(&e) => {
+                        tracing::error!("{} failed: {e}", step_name(&step));
+                        Outcome::ShardsLost
+                    }
+                    outcome => outcome,
+                };
                 self.health.step_finished();
                 self.record_health(&step, &outcome);
                 // 6. Feed the result back; deliver each request's events.
                 let delivering = Instant::now();
+                let lost = matches!(outcome, Outcome::ShardsLost);
                 for event in self.scheduler.update(outcome) {
                     self.deliver(event);
+                }
+                // 7. Shards gone: hold every request until they are back.
+                if lost {
+                    self.await_shards().await;
                 }
                 let method = match step {
                     Step::Prefill { .. } => Some("prefill"),
@@ -301,7 +320,7 @@ impl Batcher {
                         .record(delivering.elapsed().as_secs_f64());
                 }
             }
-            // 7. Publish the gauges.
+            // 8. Publish the gauges.
             self.publish_gauges();
         }
     }
@@ -327,7 +346,59 @@ impl Batcher {
         let outcome = self.client.health().await;
         self.health.step_finished();
         self.last_check = Instant::now();
+        let lost = outcome.as_ref().is_err_and(shards_lost);
         self.health.record(outcome.map_err(|e| e.to_string()));
+        if lost {
+            self.scheduler.update_idle_loss();
+            self.await_shards().await;
+        }
+    }
+
+    /// Holds every request (the scheduler has queued the running ones again) until the restarted
+    /// shards are connected and warmed up, taking new requests and cancellations meanwhile. Held
+    /// requests fail when the shards stay away longer than `rejoin.patience`.
+    async fn await_shards(&mut self) {
+        let since = Instant::now();
+        let mut held_since = since;
+        tracing::warn!(
+            held = self.requests.len(),
+            "the shards are gone; holding every request until they are back"
+        );
+        self.health.record(Err(
+            "the shards are gone; waiting for them to restart".into()
+        ));
+        loop {
+            while let Ok(command) = self.commands.try_recv() {
+                self.enqueue(command);
+            }
+            self.cancel_disconnected();
+            self.publish_gauges();
+            if held_since.elapsed() > self.rejoin.patience {
+                let secs = self.rejoin.patience.as_secs();
+                let error = RouterError::Generation(format!(
+                    "the shards did not come back within {secs} s"
+                ));
+                for event in self.scheduler.fail_all(&error) {
+                    self.deliver(event);
+                }
+                held_since = Instant::now();
+            }
+            match self.rejoin.connect().await {
+                Ok(client) => {
+                    self.client = client;
+                    self.last_check = Instant::now();
+                    self.health.record(Ok(()));
+                    tracing::info!(
+                        resuming = self.requests.len(),
+                        "the shards are back after {:.1} s",
+                        since.elapsed().as_secs_f64()
+                    );
+                    return;
+                }
+                Err(e) => tracing::debug!("the shards are not back yet: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// A forward that succeeded proves the shards healthy; any failed step but a request's own invalid

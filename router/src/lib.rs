@@ -13,6 +13,7 @@ pub mod openai;
 pub mod openai_stream;
 pub mod openai_types;
 pub mod openapi;
+pub mod rejoin;
 pub mod sagemaker;
 pub mod scheduler;
 pub mod server;

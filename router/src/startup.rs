@@ -7,6 +7,7 @@ use crate::args::RouterArgs;
 use crate::batcher::{Infer, KvCapacity};
 use crate::client::ShardedClient;
 use crate::error::{Result, RouterError};
+use crate::rejoin::Rejoin;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::server::{router, serve, AppState, ConnectionLimits};
 use crate::validation::{Limits, Validation};
@@ -223,20 +224,19 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     let block_size = shard_info.block_size.max(1);
     let batching = &args.batching;
     let warming = std::time::Instant::now();
-    let warmup = client
-        .warmup(v3::WarmupRequest {
-            batch: Some(warmup_batch(
-                &tokenizer,
-                batching.max_batch_prefill_tokens,
-                args.limits.max_input_tokens,
-                batching.max_batch_size,
-                block_size,
-            )?),
-            max_input_tokens: args.limits.max_input_tokens,
-            max_prefill_tokens: batching.max_batch_prefill_tokens,
-            max_total_tokens: args.limits.max_total_tokens,
-        })
-        .await?;
+    let warmup_request = v3::WarmupRequest {
+        batch: Some(warmup_batch(
+            &tokenizer,
+            batching.max_batch_prefill_tokens,
+            args.limits.max_input_tokens,
+            batching.max_batch_size,
+            block_size,
+        )?),
+        max_input_tokens: args.limits.max_input_tokens,
+        max_prefill_tokens: batching.max_batch_prefill_tokens,
+        max_total_tokens: args.limits.max_total_tokens,
+    };
+    let warmup = client.warmup(warmup_request.clone()).await?;
     let limits = derive_limits(&args, &warmup, &shard_info)?;
     let rpc_timeout = rpc_timeout(batching.shard_rpc_timeout, warming.elapsed());
     let client = client.with_rpc_timeout(rpc_timeout);
@@ -277,6 +277,13 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         client.clone(),
         args.limits.max_concurrent_requests,
         kv_capacity(limits.max_batch_total_tokens, &shard_info),
+        Rejoin {
+            master: args.shard.master_shard_uds_path.clone(),
+            warmup: warmup_request,
+            max_batch_total_tokens: limits.max_batch_total_tokens,
+            rpc_timeout,
+            patience: rpc_timeout,
+        },
     );
     let validation = Validation::new(
         tokenizer,

@@ -1,5 +1,6 @@
-//! Supervision faults with the real shard and router: a shard killed with SIGKILL brings the launcher
-//! down within seconds, naming it, with no process left; a SIGKILLed launcher takes its children with it
+//! Supervision faults with the real shard and router: with restarts off, a shard killed with SIGKILL
+//! brings the launcher down within seconds, naming it, with no process left (restarts:
+//! launcher_restart.rs); a SIGKILLed launcher takes its children with it
 //! (PR_SET_PDEATHSIG).
 
 mod launcher_support;
@@ -12,6 +13,8 @@ const READY: Duration = Duration::from_secs(240);
 fn ready_launcher(num_shard: &str) -> Launcher {
     let model = model_arg("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let args = [
+        "--shard-restart-limit",
+        "0",
         "--model-id",
         &model,
         "--num-shard",

@@ -207,6 +207,11 @@ impl BlockAllocator {
         true
     }
 
+    /// Drops every cached prefix that no request holds (the shards that computed them are gone).
+    pub fn forget_cached(&mut self) {
+        self.cache.evict(usize::MAX);
+    }
+
     /// Return an allocation. `prefilled_prompt` is the prompt whose KV the blocks now hold (the request
     /// finished its prefill); its full blocks go into the prefix cache, everything else is freed.
     pub fn release(&mut self, allocation: Allocation, prefilled_prompt: Option<&[u32]>) {

@@ -93,6 +93,10 @@ pub enum Outcome {
     Cleared,
     /// The RPC failed; the error goes to every request it involved.
     Failed(RouterError),
+    /// The shards are gone (a process died): every running request goes back to the queue with what
+    /// it generated, to resume once the shards are back; nothing they held (batches, cached
+    /// prefixes) exists any more.
+    ShardsLost,
 }
 
 /// What happened to one request.
@@ -274,10 +278,7 @@ impl Scheduler {
             .collect();
         order.sort_unstable();
         for &(_, id) in &order {
-            loop {
-                let Some(running) = self.running.get(&id) else {
-                    break;
-                };
+            while let Some(running) = self.running.get(&id) {
                 let target = self.kv_target(&running.request, running.generated.len());
                 let running = self.running.get_mut(&id).expect("looked up above");
                 if self.allocator.grow(&mut running.allocation, target) {
@@ -310,11 +311,10 @@ impl Scheduler {
     }
 
     /// The batches of a forward, each carrying the blocks its requests gained since the last one.
-    fn with_grants(&mut self, batches: &[CachedBatch]) -> Vec<CachedBatch> {
+    fn with_grants(&mut self, batches: Vec<CachedBatch>) -> Vec<CachedBatch> {
         batches
-            .iter()
-            .map(|batch| {
-                let mut batch = batch.clone();
+            .into_iter()
+            .map(|mut batch| {
                 for &id in &batch.request_ids {
                     let Some(running) = self.running.get_mut(&RequestId(id)) else {
                         continue;
@@ -375,9 +375,8 @@ impl Scheduler {
             return None;
         }
         self.waiting_steps += 1;
-        let batches = self.batches.clone();
         Some(Step::Decode {
-            batches: self.with_grants(&batches),
+            batches: self.with_grants(self.batches.clone()),
         })
     }
 
@@ -542,11 +541,10 @@ impl Scheduler {
             max_tokens,
             max_blocks,
         };
-        let cached = match self.config.support_chunking {
-            true => self.with_grants(&self.batches[..self.batches.len().min(1)].to_vec()),
-            false => Vec::new(),
+        let cached = match (self.config.support_chunking, self.batches.first()) {
+            (true, Some(first)) => self.with_grants(vec![first.clone()]).pop(),
+            _ => None,
         };
-        let cached = cached.into_iter().next();
         Some(Step::Prefill {
             batch,
             cached,
@@ -566,7 +564,10 @@ impl Scheduler {
             if let Some(allocation) = self.allocator.allocate(prompt, target, reserve) {
                 return Some((index, self.queue.take(index)?, allocation));
             }
-            if index == 0 && self.queue.get(0)?.bypassed >= MAX_BYPASS {
+            // A preempted head is never passed: admissions behind it would take the blocks it
+            // needs to resume and overcommit the cache again (preemption thrash).
+            let head = self.queue.get(0)?;
+            if index == 0 && (head.bypassed >= MAX_BYPASS || head.request.preemptions > 0) {
                 return None;
             }
         }
@@ -589,7 +590,46 @@ impl Scheduler {
             Outcome::Cleared => Vec::new(),
             Outcome::Failed(_) if pending.is_clear => Vec::new(),
             Outcome::Failed(error) => self.on_failure(pending, error),
+            Outcome::ShardsLost => {
+                self.requeue_all(Instant::now());
+                Vec::new()
+            }
         }
+    }
+
+    /// The shards were found gone between steps (the idle Health check): as `Outcome::ShardsLost`.
+    pub fn update_idle_loss(&mut self) {
+        assert!(self.pending.is_none(), "a step is in flight");
+        self.requeue_all(Instant::now());
+    }
+
+    /// Puts every running request back in the queue to be resumed, and forgets the shards' state.
+    fn requeue_all(&mut self, now: Instant) {
+        let mut ids: Vec<RequestId> = self.running.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            self.preempt(id, now);
+        }
+        self.batches.clear();
+        self.allocator.forget_cached();
+    }
+
+    /// Fails every request, waiting or running (the shards stayed away too long). The shards'
+    /// batches are forgotten with them.
+    pub fn fail_all(&mut self, error: &RouterError) -> Vec<Event> {
+        let mut ids: Vec<RequestId> = self.running.keys().copied().collect();
+        ids.extend(self.queue.drain());
+        ids.sort_unstable();
+        for &id in &ids {
+            self.finish(id);
+        }
+        self.batches.clear();
+        ids.into_iter()
+            .map(|id| Event::Failed {
+                id,
+                error: error.clone(),
+            })
+            .collect()
     }
 
     fn on_forward(

@@ -150,6 +150,11 @@ impl Queue {
         self.entries.len() != before
     }
 
+    /// Empties the queue; the ids it held, in order.
+    pub fn drain(&mut self) -> Vec<RequestId> {
+        self.entries.drain(..).map(|w| w.request.id).collect()
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -851,3 +851,59 @@ fn the_victim_is_the_least_important_running_request() {
     );
     assert!(s.stats().preemptions > 0);
 }
+
+#[test]
+fn requests_of_lost_shards_resume_on_new_ones_where_they_stopped() {
+    let mut s = Scheduler::new(config(true));
+    let mut shard = FakeShard::default();
+    for id in 0..3 {
+        s.enqueue(request(id, &prompt(100 * id as u32, 6), 12), Instant::now());
+    }
+    let mut events = Vec::new();
+    for _ in 0..5 {
+        let step = s.schedule(Instant::now()).unwrap();
+        events.extend(s.update(shard.run(&step)));
+    }
+    // The shard process dies during the next step: its answer never comes.
+    let _lost = s.schedule(Instant::now()).unwrap();
+    assert!(s.update(Outcome::ShardsLost).is_empty(), "nobody fails");
+    assert_eq!((s.stats().running, s.stats().queued), (0, 3));
+    assert_eq!(
+        s.allocator.cached_blocks(),
+        0,
+        "the dead shard's KV is gone"
+    );
+    let mut restarted = FakeShard::default();
+    let (steps, rest) = drive(&mut s, &mut restarted);
+    events.extend(rest);
+    assert!(matches!(&steps[0], Step::Prefill { cached: None, .. }));
+    let tokens = tokens_by_request(&events);
+    for id in 0..3 {
+        assert_eq!(
+            tokens[&id],
+            (0..12).map(|i| token(id, i)).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn fail_all_ends_every_waiting_and_running_request() {
+    let mut s = Scheduler::new(config(true));
+    let mut shard = FakeShard::default();
+    for id in 0..2 {
+        s.enqueue(request(id, &prompt(100 * id as u32, 4), 8), Instant::now());
+    }
+    let step = s.schedule(Instant::now()).unwrap();
+    s.update(shard.run(&step));
+    s.enqueue(request(2, &prompt(300, 4), 8), Instant::now());
+    let failed: Vec<u64> = s
+        .fail_all(&RouterError::Generation("gone".into()))
+        .iter()
+        .map(|e| match e {
+            Event::Failed { id, .. } => id.0,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(failed, vec![0, 1, 2]);
+    assert!(s.is_idle());
+}
