@@ -418,6 +418,11 @@ async fn supervise(
             if let Some(stop) = restart_shards(shards, plan, signals, backoff).await {
                 return stop;
             }
+            // The router reconnects and warms the new group up (a big model's Warmup takes a
+            // while): its /health gets the startup timeout to turn 200 again.
+            if let Some(stop) = wait_router(router, shards, plan, signals).await {
+                return stop;
+            }
             unhealthy_since = None;
             continue;
         }

@@ -360,6 +360,7 @@ impl Batcher {
     async fn await_shards(&mut self) {
         let since = Instant::now();
         let mut held_since = since;
+        let mut last_reason = String::new();
         tracing::warn!(
             held = self.requests.len(),
             "the shards are gone; holding every request until they are back"
@@ -384,8 +385,20 @@ impl Batcher {
                 held_since = Instant::now();
             }
             match self.rejoin.connect().await {
-                Ok(client) => {
+                Ok((client, kv_tokens)) => {
                     self.client = client;
+                    let num_blocks = kv_tokens / self.kv_capacity.block_size.max(1);
+                    if num_blocks != self.kv_capacity.num_blocks {
+                        tracing::info!(
+                            before = self.kv_capacity.num_blocks,
+                            now = num_blocks,
+                            "the restarted shards measured another KV cache"
+                        );
+                        self.kv_capacity.num_blocks = num_blocks;
+                        for event in self.scheduler.resize(num_blocks) {
+                            self.deliver(event);
+                        }
+                    }
                     self.last_check = Instant::now();
                     self.health.record(Ok(()));
                     tracing::info!(
@@ -395,7 +408,13 @@ impl Batcher {
                     );
                     return;
                 }
-                Err(e) => tracing::debug!("the shards are not back yet: {e}"),
+                Err(e) => {
+                    let reason = e.to_string();
+                    if reason != last_reason {
+                        tracing::info!("the shards are not back yet: {reason}");
+                        last_reason = reason;
+                    }
+                }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

@@ -1,6 +1,7 @@
 //! Getting the shards back after their processes died (the launcher restarts the group): connect
-//! again, clear, Warmup with the startup's request, and check the cache still holds what the
-//! scheduler hands out. The batcher keeps every request meanwhile and resumes them afterwards.
+//! again, clear, Warmup with the startup's request, and learn the KV cache the new group measured (it
+//! sizes itself from free memory, so it may differ a little). The batcher keeps every request
+//! meanwhile and resumes them afterwards.
 
 use crate::client::ShardedClient;
 use crate::error::{Result, RouterError};
@@ -8,15 +9,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tessera_proto::v3;
 
-/// How long one attempt waits for rank 0's socket.
-const ATTEMPT: Duration = Duration::from_secs(2);
+/// How long one attempt may take to reach every rank (a serving shard answers in milliseconds; a
+/// restarted one whose socket exists before it serves is tried again rather than waited on).
+const ATTEMPT: Duration = Duration::from_secs(1);
 
 /// What reconnecting takes: where rank 0 listens and the startup's Warmup.
 #[derive(Debug, Clone)]
 pub struct Rejoin {
     pub master: PathBuf,
     pub warmup: v3::WarmupRequest,
-    /// KV tokens the scheduler was sized for: the restarted shards must hold at least as many.
+    /// KV tokens of the shards when the Warmup does not say (TGI's non-paged answer).
     pub max_batch_total_tokens: u32,
     pub rpc_timeout: Duration,
     /// How long requests are held while the shards are away before they fail.
@@ -24,21 +26,18 @@ pub struct Rejoin {
 }
 
 impl Rejoin {
-    /// One attempt: a warmed-up client for the restarted shards, or why not yet.
-    pub async fn connect(&self) -> Result<ShardedClient> {
-        let client = ShardedClient::connect_with_retry(&self.master, ATTEMPT).await?;
+    /// One attempt: a warmed-up client for the restarted shards and the KV tokens they hold, or why
+    /// not yet.
+    pub async fn connect(&self) -> Result<(ShardedClient, u32)> {
+        let client = tokio::time::timeout(ATTEMPT, ShardedClient::connect(&self.master))
+            .await
+            .map_err(|_| RouterError::Connect("the shards did not answer yet".into()))??;
         client.clear_cache(None).await?;
         let warmup = client.warmup(self.warmup.clone()).await?;
-        let supported = warmup
+        let tokens = warmup
             .max_supported_total_tokens
             .unwrap_or(self.max_batch_total_tokens);
-        if supported < self.max_batch_total_tokens {
-            return Err(RouterError::Config(format!(
-                "the restarted shards hold {supported} KV tokens, fewer than the {} the router was started with",
-                self.max_batch_total_tokens
-            )));
-        }
-        Ok(client.with_rpc_timeout(self.rpc_timeout))
+        Ok((client.with_rpc_timeout(self.rpc_timeout), tokens))
     }
 }
 

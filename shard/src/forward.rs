@@ -25,9 +25,11 @@ pub struct SeqInput {
     /// Blocks covering positions `0..start_pos + tokens.len()`.
     pub block_table: Vec<u32>,
     pub logits: LogitsWanted,
-    /// Position from which tokens are attended one query per tile, as a decode step attends: the
-    /// generated tokens of a resumed request, so their recomputed KV is bit-identical to what
-    /// decode computed (a tile of many queries sums in another order). `None`: no such tokens.
+    /// Position of the sequence's first generated token. Tokens from there on are attended one
+    /// query per tile, as a decode step attends them, and prompt tokens always in query tiles: so
+    /// a resumed request's recomputed KV is bit-identical to the first computation, whatever the
+    /// chunking (the two paths sum in different orders). `None` (callers that do not track it): a
+    /// one-token tile is attended as a decode step.
     pub decoded_from: Option<usize>,
 }
 
@@ -50,9 +52,9 @@ pub struct BatchPlan {
     pub seq_slots: Vec<Vec<usize>>,
     /// Per sequence: its tokens' flat indices (sequences are contiguous).
     pub seq_tokens: Vec<std::ops::Range<usize>>,
-    /// Per sequence: the flat index from which its tokens are attended one per tile
-    /// ([`SeqInput::decoded_from`]; the range's end when none).
-    pub seq_decoded_from: Vec<usize>,
+    /// Per sequence: the flat index from which its tokens are generated ones
+    /// ([`SeqInput::decoded_from`]).
+    pub seq_decoded_from: Vec<Option<usize>>,
     /// Flat indices of the tokens whose logits are returned, grouped by sequence in order.
     pub logit_rows: Vec<usize>,
     /// How many of `logit_rows` belong to each sequence.
@@ -105,10 +107,10 @@ impl BatchPlan {
             plan.logit_rows.extend(rows);
             plan.seq_slots.push(seq_slots);
             plan.seq_tokens.push(base..plan.tokens.len());
-            let decoded = seq.decoded_from.map_or(seq.tokens.len(), |p| {
-                p.saturating_sub(seq.start_pos).min(seq.tokens.len())
-            });
-            plan.seq_decoded_from.push(base + decoded);
+            let decoded = seq
+                .decoded_from
+                .map(|p| base + p.saturating_sub(seq.start_pos).min(seq.tokens.len()));
+            plan.seq_decoded_from.push(decoded);
         }
         Ok(plan)
     }

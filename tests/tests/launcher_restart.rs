@@ -10,7 +10,7 @@ use launcher_support::{model_arg, send_signal, Launcher};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-const CLIENTS: usize = 8;
+const CLIENTS: usize = 32;
 const NEW: u64 = 60;
 
 fn ready_launcher(num_shard: &str) -> Launcher {

@@ -2,7 +2,7 @@
 //! blocks to the shards with it, and giving a request's blocks back (preemption, lost shards) so it
 //! resumes later from its prompt and the tokens it generated.
 
-use super::{Event, KvAllocation, NewRequest, Running, Scheduler};
+use super::{BlockAllocator, Event, KvAllocation, NewRequest, Running, Scheduler};
 use crate::error::RouterError;
 use std::time::Instant;
 use tessera_proto::v3::{CachedBatch, KvGrant};
@@ -143,11 +143,34 @@ impl Scheduler {
         self.allocator.forget_cached();
     }
 
+    /// Sizes the KV cache anew (restarted shards measured another one); only while nothing runs.
+    /// Waiting requests that no longer fit fail.
+    pub fn resize(&mut self, num_blocks: u32) -> Vec<Event> {
+        assert!(self.running.is_empty(), "resize with requests running");
+        self.config.num_blocks = num_blocks;
+        let (bs, prefix) = (self.config.block_size, self.config.prefix_caching);
+        self.allocator = BlockAllocator::new(num_blocks, bs, prefix);
+        let usable = u64::from(num_blocks.saturating_sub(1)) * u64::from(bs.max(1));
+        let speculate = self.config.speculate;
+        let too_large = self
+            .queue
+            .take_if(|r| u64::from(r.total_tokens(speculate)) > usable);
+        too_large
+            .into_iter()
+            .map(|id| Event::Failed {
+                id,
+                error: RouterError::Generation(format!(
+                    "the restarted shards' KV cache ({usable} tokens) cannot hold this request"
+                )),
+            })
+            .collect()
+    }
+
     /// Fails every request, waiting or running (the shards stayed away too long). The shards'
     /// batches are forgotten with them.
     pub fn fail_all(&mut self, error: &RouterError) -> Vec<Event> {
         let mut ids: Vec<RequestId> = self.running.keys().copied().collect();
-        ids.extend(self.queue.drain());
+        ids.extend(self.queue.take_if(|_| true));
         ids.sort_unstable();
         for &id in &ids {
             self.finish(id);

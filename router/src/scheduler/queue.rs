@@ -150,9 +150,12 @@ impl Queue {
         self.entries.len() != before
     }
 
-    /// Empties the queue; the ids it held, in order.
-    pub fn drain(&mut self) -> Vec<RequestId> {
-        self.entries.drain(..).map(|w| w.request.id).collect()
+    /// Removes the requests `remove` picks; their ids, in order.
+    pub fn take_if(&mut self, remove: impl Fn(&NewRequest) -> bool) -> Vec<RequestId> {
+        let (gone, kept): (VecDeque<Waiting>, VecDeque<Waiting>) =
+            self.entries.drain(..).partition(|w| remove(&w.request));
+        self.entries = kept;
+        gone.into_iter().map(|w| w.request.id).collect()
     }
 
     pub fn len(&self) -> usize {

@@ -907,3 +907,31 @@ fn fail_all_ends_every_waiting_and_running_request() {
     assert_eq!(failed, vec![0, 1, 2]);
     assert!(s.is_idle());
 }
+
+#[test]
+fn restarted_shards_with_a_smaller_cache_resize_it_and_refuse_what_no_longer_fits() {
+    let mut s = Scheduler::new(config(true));
+    let mut shard = FakeShard::default();
+    s.enqueue(request(0, &prompt(0, 4), 8), Instant::now());
+    s.enqueue(request(1, &prompt(100, 4), 60), Instant::now());
+    let step = s.schedule(Instant::now()).unwrap();
+    s.update(shard.run(&step));
+    let _lost = s.schedule(Instant::now()).unwrap();
+    s.update(Outcome::ShardsLost);
+    // 16 blocks, 15 usable: 60 tokens, less than request 1's 4 + 60 - 1.
+    let failed = s.resize(16);
+    assert!(
+        matches!(
+            &failed[..],
+            [Event::Failed {
+                id: RequestId(1),
+                ..
+            }]
+        ),
+        "{failed:?}"
+    );
+    let (_, events) = drive(&mut s, &mut FakeShard::default());
+    assert_eq!(finished(&events), vec![0]);
+    let stats = s.stats();
+    assert_eq!(stats.blocks_free + stats.blocks_used, 15, "the new size");
+}

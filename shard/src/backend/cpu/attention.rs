@@ -77,6 +77,8 @@ struct Tile {
     seq: usize,
     kv_head: usize,
     tokens: std::ops::Range<usize>,
+    /// A generated token, attended as its decode step did (one query, K/V read in place).
+    decoded: bool,
 }
 
 /// `q` is `[n, heads · head_dim]`; returns the attention output of the same shape.
@@ -110,16 +112,19 @@ fn attention<T: KvElem>(
 ) -> Vec<f32> {
     let mut tiles = Vec::new();
     for (seq, range) in plan.seq_tokens.iter().enumerate() {
-        let decoded = plan.seq_decoded_from[seq];
+        let from = plan.seq_decoded_from[seq];
+        let prompt_end = from.unwrap_or(range.end);
         for kv_head in 0..h.num_kv_heads {
-            let blocks = (range.start..decoded).step_by(QUERY_BLOCK);
-            let blocks = blocks.map(|t0| t0..(t0 + QUERY_BLOCK).min(decoded));
-            let alone = (decoded..range.end).map(|t| t..t + 1);
+            let blocks = (range.start..prompt_end).step_by(QUERY_BLOCK);
+            let blocks = blocks.map(|t0| t0..(t0 + QUERY_BLOCK).min(prompt_end));
+            let alone = (prompt_end..range.end).map(|t| t..t + 1);
             for tokens in blocks.chain(alone) {
+                let decoded = from.map_or(tokens.len() == 1, |f| tokens.start >= f);
                 tiles.push(Tile {
                     seq,
                     kv_head,
                     tokens,
+                    decoded,
                 });
             }
         }
@@ -182,7 +187,7 @@ fn attend<T: KvElem, const AVX512: bool>(
     h: AttentionSpec,
     tile: &Tile,
 ) -> Vec<f32> {
-    if tile.tokens.len() == 1 {
+    if tile.decoded {
         return attend_one::<T, AVX512>(q, cache, plan, h, tile);
     }
     let (hd, group) = (h.head_dim, h.num_heads / h.num_kv_heads);
@@ -417,6 +422,48 @@ mod tests {
         let mut cache = LayerCache::new(dtype, slots, KV_DIM);
         write_kv(&mut cache, &c.k, &c.v, &c.plan.slots, KV_DIM);
         paged_attention(&c.q, &cache, &c.plan, heads(window))
+    }
+
+    /// A query's output does not depend on how its sequence was cut into forwards: prompt tokens
+    /// always go through query tiles and generated ones through the decode path, so a resumed
+    /// request recomputes bit-identical KV (see `SeqInput::decoded_from`).
+    #[test]
+    fn chunking_does_not_change_a_single_bit() {
+        let (n, generated_from) = (40, 30);
+        let whole = case(n);
+        let blocks = whole.plan.seq_slots[0]
+            .chunks(4)
+            .map(|c| (c[0] / 4) as u32)
+            .collect::<Vec<_>>();
+        let mut cache = LayerCache::new(KvCacheDtype::Bf16, n.div_ceil(4) * 4, KV_DIM);
+        write_kv(&mut cache, &whole.k, &whole.v, &whole.plan.slots, KV_DIM);
+        let forward = |range: std::ops::Range<usize>| {
+            let batch = ForwardBatch {
+                seqs: vec![SeqInput {
+                    tokens: vec![0; range.len()],
+                    start_pos: range.start,
+                    slots: whole.plan.slots[range.clone()]
+                        .iter()
+                        .map(|&s| s as u32)
+                        .collect(),
+                    block_table: blocks.clone(),
+                    logits: LogitsWanted::None,
+                    decoded_from: Some(generated_from),
+                }],
+            };
+            let plan = BatchPlan::new(&batch, 1, blocks.len(), 4).unwrap();
+            let row = HEADS * HD;
+            let q = &whole.q[range.start * row..range.end * row];
+            paged_attention(q, &cache, &plan, heads(None))
+        };
+        let all = forward(0..n);
+        let cut = [0..17, 17..18, 18..30, 30..31, 31..33, 33..40]
+            .map(|r| forward(r))
+            .concat();
+        assert!(all
+            .iter()
+            .zip(&cut)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 
     /// Every cache dtype computes exact attention over the values it stored.
