@@ -458,7 +458,7 @@ mod tests {
         };
         let all = forward(0..n);
         let cut = [0..17, 17..18, 18..30, 30..31, 31..33, 33..40]
-            .map(|r| forward(r))
+            .map(forward)
             .concat();
         assert!(all
             .iter()
