@@ -213,7 +213,7 @@ impl Scheduler {
         let Some(running) = self.running.remove(&id) else {
             return false;
         };
-        self.release(running);
+        self.release(running, false);
         true
     }
 

@@ -9,10 +9,11 @@ use tessera_proto::v3::{CachedBatch, KvGrant};
 use tessera_proto::RequestId;
 
 impl Scheduler {
-    /// Frees a request's blocks; the KV the shards computed goes into the prefix cache: the
-    /// prompt and every generated token but the last (never fed back). Returns the request with
-    /// what it generated.
-    pub(super) fn release(&mut self, running: Running) -> NewRequest {
+    /// Frees a request's blocks. Once the shards have computed its prompt, that KV goes into the
+    /// prefix cache, and with `resuming` also every generated token fed back so far (all but the
+    /// last), which the request leases again when it resumes. Returns the request with what it
+    /// generated.
+    pub(super) fn release(&mut self, running: Running, resuming: bool) -> NewRequest {
         let Running {
             mut request,
             allocation,
@@ -22,7 +23,10 @@ impl Scheduler {
         } = running;
         request.generated = generated;
         let context = request.context();
-        let fed = context.len() - usize::from(!request.generated.is_empty());
+        let fed = match resuming {
+            true => context.len() - usize::from(!request.generated.is_empty()),
+            false => request.input_ids.len(),
+        };
         let computed = prefilled.then_some(&context[..fed]);
         self.allocator.release(allocation, computed);
         request
@@ -33,7 +37,7 @@ impl Scheduler {
         let Some(running) = self.running.remove(&id) else {
             return;
         };
-        let mut request = self.release(running);
+        let mut request = self.release(running, true);
         request.preemptions += 1;
         request.request.generated_ids = request.generated.clone();
         if !request.generated.is_empty() {
