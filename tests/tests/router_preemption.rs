@@ -9,10 +9,11 @@ use router_common::{metric, start_with, Server};
 use serde_json::{json, Value};
 use std::sync::OnceLock;
 
-/// KV cache bytes: about 690 tokens of SmolLM2's bf16 K/V (23 KB a token), for 8 requests of up
-/// to 20 + 100 tokens.
-const KV_BYTES: &str = "16000000";
-const NEW: u32 = 100;
+/// KV cache bytes: as small as the shard goes with the harness's 512-token prefill budget (about
+/// 590 tokens), for 8 requests of up to 20 + 200 tokens: fewer than three fit at their full length,
+/// so preemptions happen whatever the timing.
+const KV_BYTES: &str = "6000000";
+const NEW: u32 = 200;
 const CLIENTS: usize = 8;
 
 fn server() -> &'static Server {
