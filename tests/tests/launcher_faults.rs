@@ -5,28 +5,11 @@
 
 mod launcher_support;
 
-use launcher_support::{assert_all_gone, model_arg, send_signal, Launcher};
+use launcher_support::{assert_all_gone, ready_smollm2, send_signal, Launcher};
 use std::time::{Duration, Instant};
 
-const READY: Duration = Duration::from_secs(240);
-
 fn ready_launcher(num_shard: &str) -> Launcher {
-    let model = model_arg("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let args = [
-        "--shard-restart-limit",
-        "0",
-        "--model-id",
-        &model,
-        "--num-shard",
-        num_shard,
-        "--device",
-        "cpu",
-        "--max-batch-prefill-tokens",
-        "256",
-    ];
-    let mut launcher = Launcher::start(&args, &[]);
-    launcher.wait_ready(READY);
-    launcher
+    ready_smollm2(num_shard, &["--shard-restart-limit", "0"])
 }
 
 /// (pid of the shard of `rank`, every child pid) of a ready launcher.

@@ -6,29 +6,12 @@
 mod launcher_support;
 
 use futures::StreamExt;
-use launcher_support::{model_arg, send_signal, Launcher};
+use launcher_support::{ready_smollm2, send_signal};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
 const CLIENTS: usize = 32;
 const NEW: u64 = 60;
-
-fn ready_launcher(num_shard: &str) -> Launcher {
-    let model = model_arg("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let args = [
-        "--model-id",
-        &model,
-        "--num-shard",
-        num_shard,
-        "--device",
-        "cpu",
-        "--max-batch-prefill-tokens",
-        "256",
-    ];
-    let mut launcher = Launcher::start(&args, &[]);
-    launcher.wait_ready(Duration::from_secs(240));
-    launcher
-}
 
 fn body(i: usize) -> Value {
     let mut parameters = json!({"max_new_tokens": NEW, "stop": []});
@@ -95,7 +78,7 @@ async fn run_all(
 /// Kills `rank`'s shard once the clients have received some tokens; every stream still ends
 /// with its undisturbed output.
 fn kill_while_streaming(num_shard: &str, rank: usize) {
-    let launcher = ready_launcher(num_shard);
+    let launcher = ready_smollm2(num_shard, &[]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let port = launcher.port;
     let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));

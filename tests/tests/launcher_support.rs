@@ -211,6 +211,26 @@ pub fn model_arg(relative: &str) -> String {
     tessera_tests::fetched_model(relative).display().to_string()
 }
 
+/// A launcher serving SmolLM2 Q4_1 on `num_shard` CPU ranks (prefill budget 256) with `extra` flags,
+/// ready to answer.
+pub fn ready_smollm2(num_shard: &str, extra: &[&str]) -> Launcher {
+    let model = model_arg("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let mut args = vec![
+        "--model-id",
+        &model,
+        "--num-shard",
+        num_shard,
+        "--device",
+        "cpu",
+        "--max-batch-prefill-tokens",
+        "256",
+    ];
+    args.extend_from_slice(extra);
+    let mut launcher = Launcher::start(&args, &[]);
+    launcher.wait_ready(Duration::from_secs(240));
+    launcher
+}
+
 /// The reference outputs of SmolLM2-135M-Instruct (tests/fixtures/smollm2/SOURCE.md).
 pub fn reference() -> serde_json::Value {
     let path: PathBuf =
