@@ -30,9 +30,11 @@ peer_source() {
     local sdist
     sdist=$(ls "$PEER"/llama_cpp_python-*.tar.gz 2>/dev/null | sort -V | tail -1 || true)
     if [ -z "$sdist" ]; then
+        # Reading the sdist's metadata runs scikit-build-core, which looks for cmake on PATH.
+        peer_tools
         "$py" -m pip install -q scikit-build-core >&2
-        "$py" -m pip download -q --no-deps --no-binary :all: --no-build-isolation \
-            llama-cpp-python -d "$PEER" >&2
+        PATH=$VENV/bin:$PATH "$py" -m pip download -q --no-deps --no-binary :all: \
+            --no-build-isolation llama-cpp-python -d "$PEER" >&2
         sdist=$(ls "$PEER"/llama_cpp_python-*.tar.gz | sort -V | tail -1)
     fi
     local dir=${sdist%.tar.gz}

@@ -5,11 +5,13 @@
 //! - [`chat_template`]: Hugging Face chat templates rendered as transformers does.
 //! - [`grammar`]: JSON-schema and regex grammars compiled to per-token masks (constrained decoding).
 //! - [`model_files`]: what a model path is (HF folder or GGUF file).
+//! - [`heap`]: the allocator settings of a process that loads model files.
 
 pub mod chat_template;
 pub mod error;
 pub mod gguf;
 pub mod grammar;
+pub mod heap;
 pub mod model_files;
 pub mod tokenizer;
 
@@ -20,6 +22,25 @@ pub use error::{Error, Result};
 pub enum FileBytes {
     Mapped(memmap2::Mmap),
     Owned(Vec<u8>),
+}
+
+impl FileBytes {
+    /// Drops the mapped pages of `len` bytes at `offset` from this process's resident memory, once
+    /// a reader has copied out what it needs: loading then never holds the whole file beside the
+    /// weights it became (a lower peak RSS). The page cache keeps them, and a later read of the
+    /// range maps them again. Best effort; owned bytes stay.
+    pub fn release(&self, offset: usize, len: usize) {
+        #[cfg(unix)]
+        if let FileBytes::Mapped(mmap) = self {
+            // SAFETY: the mapping is private, read-only and file-backed: dropped pages are re-read
+            // from the file on the next access, so no reference ever observes different bytes.
+            let _ = unsafe {
+                mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = (offset, len);
+    }
 }
 
 impl std::ops::Deref for FileBytes {

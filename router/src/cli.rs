@@ -12,6 +12,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    tessera_formats::heap::one_arena_per_core();
     let cli = Cli::parse_from(argv);
     if let Some(Command::PrintSchema) = cli.command {
         let schema = serde_json::to_string_pretty(&crate::openapi::document()).unwrap_or_default();

@@ -57,6 +57,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    tessera_formats::heap::one_arena_per_core();
     let cli = Cli::parse_from(argv);
     // Filter: TGI's `LOG_LEVEL` first (the launcher's children inherit it), then `RUST_LOG`.
     let otlp = match &cli.command {

@@ -83,6 +83,7 @@ pub fn load(model: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let (model_, config, dtype) = load_model(model, opts)?;
     let tokenizer = tessera_formats::tokenizer::load_tokenizer(model)?;
     let chat_template = ChatTemplate::load(model)?;
+    tessera_formats::heap::release_freed();
     Ok(Loaded {
         model: model_,
         config,

@@ -190,6 +190,15 @@ impl Gguf {
         Ok(&self.bytes[start..start + info.n_bytes()])
     }
 
+    /// Drops the tensor's mapped pages from resident memory once it has been decoded (see
+    /// [`FileBytes::release`](crate::FileBytes::release)); reading it again still works.
+    pub fn release_tensor(&self, name: &str) {
+        if let Ok(info) = self.tensor_info(name) {
+            self.bytes
+                .release(self.data_start + info.offset as usize, info.n_bytes());
+        }
+    }
+
     /// The tensor dequantized to f32, with its PyTorch-order shape.
     pub fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let info = self.tensor_info(name)?;

@@ -35,14 +35,29 @@ pub fn load_tokenizer(model: &Path) -> Result<Tokenizer> {
             msg: e.to_string(),
         });
     }
-    tokenizer_from_gguf(&Gguf::open(model)?)
+    // The file's metadata and the document are dropped before parsing: three copies of a
+    // 49k-token vocabulary at once were most of a router's peak memory.
+    let (text, path) = {
+        let gguf = Gguf::open(model)?;
+        (
+            tokenizer_json(&gguf)?.to_string(),
+            gguf.path().to_path_buf(),
+        )
+    };
+    parse(&text, &path)
 }
 
 /// Builds a tokenizer from a GGUF file's `tokenizer.ggml.*` metadata.
 pub fn tokenizer_from_gguf(gguf: &Gguf) -> Result<Tokenizer> {
-    let json = tokenizer_json(gguf)?;
-    Tokenizer::from_str(&json.to_string())
-        .map_err(|e| tok_err(gguf, format!("building tokenizer: {e}")))
+    let text = tokenizer_json(gguf)?.to_string();
+    parse(&text, gguf.path())
+}
+
+fn parse(text: &str, path: &Path) -> Result<Tokenizer> {
+    Tokenizer::from_str(text).map_err(|e| Error::Tokenizer {
+        path: path.to_path_buf(),
+        msg: format!("building tokenizer: {e}"),
+    })
 }
 
 fn tok_err(gguf: &Gguf, msg: impl Into<String>) -> Error {

@@ -115,6 +115,8 @@ impl Engine {
             .kv_blocks_for_memory(need, max.tokens)?
             .max(warmup_blocks);
         self.resize_cache(num_blocks)?;
+        // The probe's activations and the first cache are gone: return their pages.
+        tessera_formats::heap::release_freed();
         let bs = self.ctx.block_size;
         let supported = (num_blocks * bs).min(u32::MAX as usize) as u32;
         let positions = self.config.max_position_embeddings.min(u32::MAX as usize) as u32;

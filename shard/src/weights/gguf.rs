@@ -111,6 +111,7 @@ impl<'a> GgufSource<'a> {
         let info = self.gguf.tensor_info(g)?;
         let bytes = self.gguf.tensor_data(g)?;
         let data = self.decode(g, info.ggml_type, bytes, info.n_elements(), dense)?;
+        self.gguf.release_tensor(g);
         Ok((info.shape(), data))
     }
 

@@ -102,26 +102,12 @@ impl SafetensorsFile {
                 ))
             }
         };
-        self.release(self.data_start + e.start, e.end - e.start);
+        self.bytes
+            .release(self.data_start + e.start, e.end - e.start);
         Ok(HostTensor {
             shape: e.shape.clone(),
             data,
         })
-    }
-
-    /// Drops the mapped pages of a tensor already copied out, so loading does not hold the whole
-    /// file resident beside the packed weights (a lower peak RSS). Best effort.
-    fn release(&self, offset: usize, len: usize) {
-        #[cfg(unix)]
-        if let Bytes::Mapped(mmap) = &self.bytes {
-            // SAFETY: the mapping is private, read-only and file-backed: dropped pages are re-read
-            // from the file on the next access, so no reference ever observes different bytes.
-            let _ = unsafe {
-                mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
-            };
-        }
-        #[cfg(not(unix))]
-        let _ = (offset, len);
     }
 }
 

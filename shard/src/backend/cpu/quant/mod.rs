@@ -299,7 +299,8 @@ pub enum Kernels {
 
 impl Kernels {
     /// What this CPU supports, capped by `TESSERA_CPU_KERNELS=avx2|portable` (for measuring the
-    /// paths older CPUs take); decided once per process.
+    /// paths older CPUs take; `auto` or unset: no cap, anything else is warned of); decided once
+    /// per process.
     pub fn chosen() -> Kernels {
         static CHOSEN: OnceLock<Kernels> = OnceLock::new();
         *CHOSEN.get_or_init(|| {
@@ -308,7 +309,14 @@ impl Kernels {
             match cap.as_str() {
                 "portable" => Kernels::Portable,
                 "avx2" if best != Kernels::Portable => Kernels::Avx2,
-                _ => best,
+                "" | "auto" | "avx2" => best,
+                other => {
+                    tracing::warn!(
+                        "TESSERA_CPU_KERNELS={other} is not one of auto, avx2, portable; \
+                         using the best kernels this CPU has ({best:?})"
+                    );
+                    best
+                }
             }
         })
     }
