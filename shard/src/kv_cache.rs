@@ -162,8 +162,8 @@ impl KvElem for f16 {
 }
 
 /// K and V of one layer, `[slot][kv_dim]` each, as `S` (f32 values or 16-bit patterns).
-#[derive(Debug)]
-pub struct KvRows<S> {
+#[derive(Debug, Clone)]
+pub struct KvRows<S: bytemuck::Pod> {
     k: ZeroedPages<S>,
     v: ZeroedPages<S>,
 }
@@ -213,6 +213,14 @@ impl<S: bytemuck::Pod> ZeroedPages<S> {
     }
 }
 
+impl<S: bytemuck::Pod> Clone for ZeroedPages<S> {
+    fn clone(&self) -> Self {
+        let mut copy = ZeroedPages::new(self.len);
+        copy.as_mut_slice().copy_from_slice(self.as_slice());
+        copy
+    }
+}
+
 impl<S> fmt::Debug for ZeroedPages<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ZeroedPages({} values)", self.len)
@@ -221,7 +229,7 @@ impl<S> fmt::Debug for ZeroedPages<S> {
 
 /// K and V storage of one layer. The 16-bit kinds hold bit patterns in `u16`, viewed as bf16 or
 /// f16 by [`KvRows::as_slices`].
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum LayerCache {
     F32(KvRows<f32>),
     Bf16(KvRows<u16>),
@@ -266,7 +274,7 @@ impl LayerCache {
 }
 
 /// The KV cache of all layers.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct KvCache {
     num_blocks: usize,
     block_size: usize,
@@ -374,7 +382,9 @@ mod tests {
         assert_eq!(shape(KvCacheDtype::F16).bytes_per_token(), 30 * 2 * 192 * 2);
         let cache = KvCache::new(shape(KvCacheDtype::F16), 3, 16);
         assert_eq!(cache.dtype(), KvCacheDtype::F16);
-        assert!(matches!(&cache.layers[0], LayerCache::F16(r) if r.k.len() == 3 * 16 * 192));
+        assert!(
+            matches!(&cache.layers[0], LayerCache::F16(r) if r.k.as_slice().len() == 3 * 16 * 192)
+        );
     }
 
     #[test]
