@@ -1,7 +1,14 @@
-//! AVX2 integer kernel: each 64-byte line is two halves of 8 rows. `vpmaddubsw` multiplies u8
-//! weights by i8 activations into i16 pairs; it saturates past 32,767, so weights enter as
-//! nibbles (≤ 15): the products of a whole group (≤ 8 quads · 2 · 15 · 127 = 30,480) then fit i16.
-//! Byte-wide weights are split into low and high nibbles, the high sum shifted by 4 in i32.
+//! AVX2 integer kernels: each 64-byte line is two halves of 8 rows. `vpmaddubsw` multiplies u8
+//! weights by i8 activations into i16 pairs and saturates past 32,767, so how many products may
+//! share an i16 sum depends on the weights' width, and each width has its own tile:
+//! - nibbles (≤ 4 bits): a whole group's products fit (8 quads · 2 · 15 · 127 = 30,480);
+//! - small bytes (5–6 bits): two quads' products fit (2 · 2 · 63 · 127 = 32,004);
+//! - bytes (7–8 bits): weights are made signed (`v − 128`) and enter as magnitudes, their signs
+//!   moved onto the activations (`|w| · sign(x, w)`: one quad's pair is at most 2 · 128 · 127),
+//!   and the sum starts at `128·Σ qx` so it is `Σ v·qx` exactly as the other kernels compute it.
+//!
+//! A tile walks a group's quads once and multiplies each loaded line by every token's broadcast
+//! quad, so broadcasts serve both halves and weights are loaded once per tile.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -34,24 +41,32 @@ pub fn kernel(
     #[cfg(target_arch = "x86_64")]
     {
         assert!(available(), "the AVX2 kernel needs AVX2, FMA and F16C");
-        macro_rules! go {
-            ($g:literal, $nib:literal) => {
-                // Four tokens at a time: AVX2's 16 registers hold no more accumulators.
-                for at in (0..mr).step_by(4) {
+        // `$step` tokens per tile: what keeps the tile's sums, weights and broadcasts in AVX2's
+        // 16 registers (measured: 4 for nibbles and bytes, 2 for small bytes).
+        macro_rules! tiles {
+            ($tile:ident, $g:literal, $step:literal) => {
+                for at in (0..mr).step_by($step) {
                     let (t, acc) = (t0 + at, &mut acc[at..]);
                     // SAFETY: `available()` holds; the tile reads only inside `w` and `acts`.
                     unsafe {
-                        match mr - at {
-                            1 => tile::<$g, $nib, 1>(acts, t, w, p, acc),
-                            2 => tile::<$g, $nib, 2>(acts, t, w, p, acc),
-                            3 => tile::<$g, $nib, 3>(acts, t, w, p, acc),
-                            _ => tile::<$g, $nib, 4>(acts, t, w, p, acc),
+                        match (mr - at).min($step) {
+                            1 => $tile::<$g, 1>(acts, t, w, p, acc),
+                            2 => $tile::<$g, 2>(acts, t, w, p, acc),
+                            3 => $tile::<$g, 3>(acts, t, w, p, acc),
+                            _ => $tile::<$g, 4>(acts, t, w, p, acc),
                         }
                     }
                 }
             };
         }
-        by_layout!(w, go)
+        match (w.group, w.nibbles, w.bits <= 6) {
+            (32, true, _) => tiles!(nibble_tile, 32, 4),
+            (16, true, _) => tiles!(nibble_tile, 16, 4),
+            (32, false, true) => tiles!(small_tile, 32, 2),
+            (16, false, true) => tiles!(small_tile, 16, 2),
+            (32, false, false) => tiles!(byte_tile, 32, 4),
+            _ => tiles!(byte_tile, 16, 4),
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -97,73 +112,189 @@ pub unsafe fn levels32(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     (amax, total)
 }
 
-/// `Σ_j maddubs(w[j], x[j])` as i16 pairs, then summed to one i32 per row.
+/// Where tokens `t0..t0 + MR`'s activation quads of group `g` start.
+#[inline(always)]
+fn quads<const MR: usize>(acts: &QuantActs, t0: usize, g: usize) -> [*const i32; MR] {
+    let mut x = [std::ptr::null(); MR];
+    for (i, xi) in x.iter_mut().enumerate() {
+        *xi = acts.group(t0 + i, g).0.as_ptr() as *const i32;
+    }
+    x
+}
+
+/// Quad `j` at `x` in all eight lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn dot_rows(w: &[__m256i], quads: *const i32) -> __m256i {
-    let mut s = _mm256_setzero_si256();
-    for (j, wj) in w.iter().enumerate() {
-        let x = _mm256_set1_epi32(quads.add(j).read_unaligned());
-        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(*wj, x));
+unsafe fn broadcast(x: *const i32, j: usize) -> __m256i {
+    _mm256_set1_epi32(x.add(j).read_unaligned())
+}
+
+/// Line `j` of a block as its two halves (rows 0–7, rows 8–15).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn halves(block: &[u8], j: usize) -> [__m256i; 2] {
+    debug_assert!(block.len() >= 64 * (j + 1));
+    let src = block.as_ptr().add(64 * j) as *const __m256i;
+    [_mm256_loadu_si256(src), _mm256_loadu_si256(src.add(1))]
+}
+
+/// Asks for the lines `PREFETCH` bytes ahead of `block`: decode streams the weights once.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn prefetch(block: &[u8]) {
+    let ahead = block.as_ptr().wrapping_add(super::vnni::PREFETCH) as *const i8;
+    for line in 0..block.len() / 64 + 1 {
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
     }
-    _mm256_madd_epi16(s, _mm256_set1_epi16(1))
+}
+
+/// `f[i][h] += d·dx · s[i][h] + o · dx·Σqx` for each token `t0 + i` and half `h` of group `g`
+/// (a macro: as a function LLVM keeps it out of line, a call per group).
+macro_rules! scale_group {
+    ($f:ident, $s:ident, $params:expr, $acts:expr, $t0:expr, $g:expr) => {
+        let pp = $params.as_ptr() as *const __m128i;
+        for h in 0..2 {
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(pp.add(h)));
+            let off = _mm256_cvtph_ps(_mm_loadu_si128(pp.add(2 + h)));
+            for i in 0..MR {
+                let (_, dx, sx) = $acts.group($t0 + i, $g);
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(dx));
+                $f[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps($s[i][h]), scale, $f[i][h]);
+                $f[i][h] = _mm256_fmadd_ps(off, _mm256_set1_ps(sx), $f[i][h]);
+            }
+        }
+    };
 }
 
 #[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn store<const MR: usize>(f: &[[__m256; 2]; MR], acc: &mut [[f32; ROWS]]) {
+    for (a, fi) in acc.iter_mut().zip(f) {
+        _mm256_storeu_ps(a.as_mut_ptr(), fi[0]);
+        _mm256_storeu_ps(a.as_mut_ptr().add(8), fi[1]);
+    }
+}
+
+/// Values of at most 4 bits: line `c` holds quad `c` in its low nibbles and quad `c + G/8` in its
+/// high ones; the group's products are summed in i16, then widened once.
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile<const G: usize, const NIB: bool, const MR: usize>(
+unsafe fn nibble_tile<const G: usize, const MR: usize>(
     acts: &QuantActs,
     t0: usize,
     w: &QuantPanels,
     p: usize,
     acc: &mut [[f32; ROWS]],
 ) {
-    let low = _mm256_set1_epi8(0x0F);
+    let (low, ones) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(1));
     let mut f = [[_mm256_setzero_ps(); 2]; MR];
-    // Low nibbles of each quad's line half; high nibbles of byte-wide values.
-    let mut lo = [_mm256_setzero_si256(); 8];
-    let mut hi = [_mm256_setzero_si256(); 8];
     for g in 0..w.cols / G {
         let (block, params) = w.block(p, g);
-        let ahead = block.as_ptr().wrapping_add(super::vnni::PREFETCH) as *const i8;
-        for line in 0..block.len() / 64 + 1 {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
-        }
-        for h in 0..2 {
-            let src = block.as_ptr().add(32 * h) as *const __m256i;
-            if NIB {
-                for c in 0..G / 8 {
-                    let v = _mm256_loadu_si256(src.add(2 * c));
-                    lo[c] = _mm256_and_si256(v, low);
-                    lo[c + G / 8] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
-                }
-            } else {
-                for j in 0..G / 4 {
-                    let v = _mm256_loadu_si256(src.add(2 * j));
-                    lo[j] = _mm256_and_si256(v, low);
-                    hi[j] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+        prefetch(block);
+        let (x, mut s) = (quads::<MR>(acts, t0, g), [[_mm256_setzero_si256(); 2]; MR]);
+        for c in 0..G / 8 {
+            let v = halves(block, c);
+            let lo = [_mm256_and_si256(v[0], low), _mm256_and_si256(v[1], low)];
+            let hi = [
+                _mm256_and_si256(_mm256_srli_epi16::<4>(v[0]), low),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(v[1]), low),
+            ];
+            for (i, si) in s.iter_mut().enumerate() {
+                let (x0, x1) = (broadcast(x[i], c), broadcast(x[i], c + G / 8));
+                for h in 0..2 {
+                    let pair = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo[h], x0),
+                        _mm256_maddubs_epi16(hi[h], x1),
+                    );
+                    si[h] = _mm256_add_epi16(si[h], pair);
                 }
             }
-            let pp = params.as_ptr().add(8 * h) as *const __m128i;
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(pp));
-            let off = _mm256_cvtph_ps(_mm_loadu_si128(pp.add(2)));
-            for (i, fi) in f.iter_mut().enumerate() {
-                let (xq, dx, sx) = acts.group(t0 + i, g);
-                let quads = xq.as_ptr() as *const i32;
-                let mut s = dot_rows(&lo[..G / 4], quads);
-                if !NIB {
-                    let high = dot_rows(&hi[..G / 4], quads);
-                    s = _mm256_add_epi32(s, _mm256_slli_epi32::<4>(high));
-                }
-                let scale = _mm256_mul_ps(d, _mm256_set1_ps(dx));
-                fi[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, fi[h]);
-                fi[h] = _mm256_fmadd_ps(off, _mm256_set1_ps(sx), fi[h]);
+        }
+        for si in s.iter_mut() {
+            for v in si.iter_mut() {
+                *v = _mm256_madd_epi16(*v, ones);
             }
         }
+        scale_group!(f, s, params, acts, t0, g);
     }
-    for (a, fi) in acc.iter_mut().zip(f) {
-        _mm256_storeu_ps(a.as_mut_ptr(), fi[0]);
-        _mm256_storeu_ps(a.as_mut_ptr().add(8), fi[1]);
+    store(&f, acc);
+}
+
+/// Values of 5–6 bits, one byte each: quads two by two summed in i16, then widened.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn small_tile<const G: usize, const MR: usize>(
+    acts: &QuantActs,
+    t0: usize,
+    w: &QuantPanels,
+    p: usize,
+    acc: &mut [[f32; ROWS]],
+) {
+    let ones = _mm256_set1_epi16(1);
+    let mut f = [[_mm256_setzero_ps(); 2]; MR];
+    for g in 0..w.cols / G {
+        let (block, params) = w.block(p, g);
+        prefetch(block);
+        let (x, mut s) = (quads::<MR>(acts, t0, g), [[_mm256_setzero_si256(); 2]; MR]);
+        for j in (0..G / 4).step_by(2) {
+            let (w0, w1) = (halves(block, j), halves(block, j + 1));
+            for (i, si) in s.iter_mut().enumerate() {
+                let (x0, x1) = (broadcast(x[i], j), broadcast(x[i], j + 1));
+                for h in 0..2 {
+                    let pair = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(w0[h], x0),
+                        _mm256_maddubs_epi16(w1[h], x1),
+                    );
+                    si[h] = _mm256_add_epi32(si[h], _mm256_madd_epi16(pair, ones));
+                }
+            }
+        }
+        scale_group!(f, s, params, acts, t0, g);
     }
+    store(&f, acc);
+}
+
+/// Values of 7–8 bits: signed (`v − 128`) magnitudes against sign-moved activations, widened
+/// per quad, on top of `128·Σ qx`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn byte_tile<const G: usize, const MR: usize>(
+    acts: &QuantActs,
+    t0: usize,
+    w: &QuantPanels,
+    p: usize,
+    acc: &mut [[f32; ROWS]],
+) {
+    let (ones, flip) = (_mm256_set1_epi16(1), _mm256_set1_epi8(i8::MIN));
+    let mut f = [[_mm256_setzero_ps(); 2]; MR];
+    for g in 0..w.cols / G {
+        let (block, params) = w.block(p, g);
+        prefetch(block);
+        let x = quads::<MR>(acts, t0, g);
+        let mut s = [[_mm256_setzero_si256(); 2]; MR];
+        for (i, si) in s.iter_mut().enumerate() {
+            *si = [_mm256_set1_epi32(128 * acts.total(t0 + i, g)); 2];
+        }
+        for j in 0..G / 4 {
+            let v = halves(block, j);
+            let signed = [_mm256_xor_si256(v[0], flip), _mm256_xor_si256(v[1], flip)];
+            let size = [
+                _mm256_sign_epi8(signed[0], signed[0]),
+                _mm256_sign_epi8(signed[1], signed[1]),
+            ];
+            for (i, si) in s.iter_mut().enumerate() {
+                let xj = broadcast(x[i], j);
+                for h in 0..2 {
+                    let pair = _mm256_maddubs_epi16(size[h], _mm256_sign_epi8(xj, signed[h]));
+                    si[h] = _mm256_add_epi32(si[h], _mm256_madd_epi16(pair, ones));
+                }
+            }
+        }
+        scale_group!(f, s, params, acts, t0, g);
+    }
+    store(&f, acc);
 }

@@ -61,6 +61,8 @@ pub struct QuantPanels {
     cols: usize,
     /// Inputs per (scale, offset) group: 16 or 32.
     group: usize,
+    /// Every value is < 2^bits (2..=8); the AVX2 kernels pick their i16 sums by it.
+    bits: u32,
     /// Two values per byte (every value < 16).
     nibbles: bool,
     lines: Vec<Line>,
@@ -118,6 +120,7 @@ impl QuantPanels {
             rows,
             cols,
             group,
+            bits: a.bits,
             nibbles,
             lines,
         })
@@ -187,14 +190,15 @@ fn block_lines(group: usize, nibbles: bool) -> usize {
     ROWS * group / if nibbles { 2 } else { 1 } / 64 + 1
 }
 
-/// Activations quantized per group: `q` is `[n, k]` int8 in [-127, 127], `scale` and `sum` are
-/// `[n, k / group]` (`dx`, and `dx·Σ qx` for the offset term).
+/// Activations quantized per group: `q` is `[n, k]` int8 in [-127, 127], `scale`, `sum` and
+/// `total` are `[n, k / group]` (`dx`, `dx·Σ qx` for the offset term, and `Σ qx` itself).
 pub struct QuantActs {
     k: usize,
     group: usize,
     q: Vec<i8>,
     scale: Vec<f32>,
     sum: Vec<f32>,
+    total: Vec<i32>,
 }
 
 impl QuantActs {
@@ -207,6 +211,7 @@ impl QuantActs {
             q: vec![0i8; n * k],
             scale: vec![0f32; n * groups],
             sum: vec![0f32; n * groups],
+            total: vec![0; n * groups],
         };
         // Rows in parallel: a 512-token prefill quantizes 300k values per matmul.
         let rows = QUANTIZE_ROWS.min(n.max(1));
@@ -215,7 +220,19 @@ impl QuantActs {
             .zip(acts.q.par_chunks_mut(rows * k))
             .zip(acts.scale.par_chunks_mut(rows * groups))
             .zip(acts.sum.par_chunks_mut(rows * groups))
-            .for_each(|(((x, q), scale), sum)| quantize(x, group, Quantized { q, scale, sum }));
+            .zip(acts.total.par_chunks_mut(rows * groups))
+            .for_each(|((((x, q), scale), sum), total)| {
+                quantize(
+                    x,
+                    group,
+                    Quantized {
+                        q,
+                        scale,
+                        sum,
+                        total,
+                    },
+                )
+            });
         acts
     }
 
@@ -230,6 +247,12 @@ impl QuantActs {
             self.sum[t * groups + g],
         )
     }
+
+    /// Token `t`'s `Σ qx` over group `g`.
+    #[inline(always)]
+    fn total(&self, t: usize, g: usize) -> i32 {
+        self.total[t * (self.k / self.group) + g]
+    }
 }
 
 /// Token rows one quantization task takes.
@@ -240,17 +263,19 @@ struct Quantized<'a> {
     q: &'a mut [i8],
     scale: &'a mut [f32],
     sum: &'a mut [f32],
+    total: &'a mut [i32],
 }
 
 /// Fills `out` from `x`, group by group.
 fn quantize(x: &[f32], group: usize, out: Quantized) {
     #[cfg(target_arch = "x86_64")]
     let fast = group == 32 && avx2::available();
-    for (((xg, qg), s), sm) in x
+    for ((((xg, qg), s), sm), tm) in x
         .chunks_exact(group)
         .zip(out.q.chunks_exact_mut(group))
         .zip(out.scale)
         .zip(out.sum)
+        .zip(out.total)
     {
         #[cfg(target_arch = "x86_64")]
         let (amax, total) = if fast {
@@ -266,6 +291,7 @@ fn quantize(x: &[f32], group: usize, out: Quantized) {
         // numbers, so greedy ids track llama.cpp's own at near-ties.
         *s = f16::from_f32(d).to_f32();
         *sm = f16::from_f32(d * total as f32).to_f32();
+        *tm = total;
     }
 }
 
@@ -291,7 +317,7 @@ fn levels(x: &[f32], q: &mut [i8]) -> (f32, i32) {
 pub enum Kernels {
     /// AVX-512 VNNI (`vpdpbusd` on 64-byte lines).
     Vnni,
-    /// AVX2 (`vpmaddubsw` on nibbles), the floor of x86-64 servers since 2013.
+    /// AVX2 (`vpmaddubsw`), the floor of x86-64 servers since 2013.
     Avx2,
     /// Plain Rust the compiler vectorizes for the build target (NEON on aarch64).
     Portable,

@@ -90,9 +90,23 @@ fn pack_keeps_every_value() {
     }
 }
 
+/// (group, bits) of every panel layout and kernel variant: nibbles, small bytes (5–6 bits) and
+/// bytes (7–8 bits), in groups of 32 and 16.
+const LAYOUTS: [(usize, u32); 9] = [
+    (32, 4),
+    (32, 5),
+    (32, 6),
+    (32, 7),
+    (32, 8),
+    (16, 2),
+    (16, 3),
+    (16, 6),
+    (16, 8),
+];
+
 #[test]
 fn every_kernel_set_matches_f32_arithmetic() {
-    for (group, bits) in [(32, 4), (32, 5), (32, 8), (16, 2), (16, 3), (16, 6)] {
+    for (group, bits) in LAYOUTS {
         for (n, m, k) in [(1, 16, 32), (3, 33, 64), (5, 40, 96), (70, 24, 128)] {
             let a = affine(m, k, group, bits, (n * m + k) as u64);
             let packed = QuantPanels::pack(m, k, &a).unwrap();
@@ -168,7 +182,7 @@ fn avx2_levels_equal_the_scalar_ones() {
 #[test]
 fn a_token_row_does_not_depend_on_the_others() {
     let (m, k) = (70, 256);
-    for (group, bits) in [(32, 4), (32, 5), (32, 8), (16, 2), (16, 3), (16, 6)] {
+    for (group, bits) in LAYOUTS {
         let a = affine(m, k, group, bits, 11);
         let packed = QuantPanels::pack(m, k, &a).unwrap();
         let x = activations(19, k);
