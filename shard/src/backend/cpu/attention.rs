@@ -13,7 +13,7 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::backend::cpu::{avx512, axpy, dot, matmul_serial, PackedMatrix, NR};
+use crate::backend::cpu::{avx512, axpy, dot, matmul_serial, Isa, PackedMatrix, NR};
 use crate::backend::AttentionSpec;
 use crate::forward::BatchPlan;
 use crate::kv_cache::{KvElem, LayerCache};
@@ -129,16 +129,15 @@ fn attention<T: KvElem>(
             }
         }
     }
-    let use_avx512 = avx512::available();
+    let isa = Isa::chosen();
     let results: Vec<Vec<f32>> = tiles
         .par_iter()
-        .map(|tile| {
-            if use_avx512 {
-                // SAFETY: AVX-512F is present (checked at run time above).
-                unsafe { attend_avx512(q, cache, plan, h, tile) }
-            } else {
-                attend::<T, false>(q, cache, plan, h, tile)
-            }
+        .map(|tile| match isa {
+            // SAFETY: `Isa::chosen` picks an instruction set only where the CPU has it.
+            Isa::Avx512 => unsafe { attend_avx512(q, cache, plan, h, tile) },
+            // SAFETY: as above.
+            Isa::Avx2 => unsafe { attend_avx2(q, cache, plan, h, tile) },
+            Isa::Portable => attend::<T, false>(q, cache, plan, h, tile),
         })
         .collect();
     let (hd, group) = (h.head_dim, h.num_heads / h.num_kv_heads);
@@ -162,6 +161,30 @@ unsafe fn attend_avx512<T: KvElem>(
     tile: &Tile,
 ) -> Vec<f32> {
     attend::<T, true>(q, cache, plan, h, tile)
+}
+
+/// The portable tile compiled for AVX2: its gathers, dot products and sums vectorize 8 wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_avx2<T: KvElem>(
+    q: &[f32],
+    cache: Kv<'_, T>,
+    plan: &BatchPlan,
+    h: AttentionSpec,
+    tile: &Tile,
+) -> Vec<f32> {
+    attend::<T, false>(q, cache, plan, h, tile)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn attend_avx2<T: KvElem>(
+    q: &[f32],
+    cache: Kv<'_, T>,
+    plan: &BatchPlan,
+    h: AttentionSpec,
+    tile: &Tile,
+) -> Vec<f32> {
+    attend::<T, false>(q, cache, plan, h, tile)
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -1,6 +1,7 @@
 //! CPU kernels: `y = x · Wᵀ` over weights packed into column panels, plus the small vector helpers
 //! attention and norms use. Work is split over rayon's pool (no threads spawned per op); the inner
-//! kernel is AVX-512 when the CPU has it (detected at run time) and portable Rust otherwise.
+//! kernel is AVX-512 or AVX2 when the CPU has it (detected at run time, `Isa`) and portable Rust
+//! otherwise.
 //!
 //! Packing follows the BLIS/GotoBLAS idea: NR = 64 output rows form a panel stored k-major, so the
 //! micro-kernel streams one contiguous panel, broadcasts activations and needs no horizontal sums.
@@ -14,12 +15,15 @@
 //! Quantized weights take their own panels and integer kernels (`quant`); `matmul` dispatches.
 
 mod attention;
+mod avx2;
 pub(crate) mod avx512;
 mod ops;
 mod portable;
 pub mod quant;
 
 pub use ops::{Activations, Cpu, ROWS_PER_TASK};
+
+use std::sync::OnceLock;
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -91,10 +95,33 @@ fn bf16_pairs(x: &[f32], n: usize, k: usize) -> Vec<u32> {
     out
 }
 
+/// The vector instruction set of the float kernels (matmul, attention, exp): the widest this
+/// CPU has, under the cap `TESSERA_CPU_KERNELS` puts on the integer kernels too
+/// (`quant::Kernels::cap`); decided once per process.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    pub(crate) fn chosen() -> Isa {
+        static CHOSEN: OnceLock<Isa> = OnceLock::new();
+        *CHOSEN.get_or_init(|| match quant::Kernels::cap() {
+            Some(quant::Kernels::Portable) => Isa::Portable,
+            None if avx512::available() => Isa::Avx512,
+            _ if avx2::available() => Isa::Avx2,
+            _ => Isa::Portable,
+        })
+    }
+}
+
 /// Which micro-kernel a matmul runs, decided once per call.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Path {
     Portable,
+    Avx2,
     Avx512,
     /// bf16 weights against bf16-rounded activations (`vdpbf16ps`).
     Avx512Bf16,
@@ -102,10 +129,11 @@ enum Path {
 
 impl Path {
     fn for_weights(data: &Packed) -> Path {
-        match data {
-            Packed::Bf16(_) if avx512::bf16_available() => Path::Avx512Bf16,
-            _ if avx512::available() => Path::Avx512,
-            _ => Path::Portable,
+        match (Isa::chosen(), data) {
+            (Isa::Avx512, Packed::Bf16(_)) if avx512::bf16_available() => Path::Avx512Bf16,
+            (Isa::Avx512, _) => Path::Avx512,
+            (Isa::Avx2, _) => Path::Avx2,
+            (Isa::Portable, _) => Path::Portable,
         }
     }
 }
@@ -307,6 +335,11 @@ fn run_panel(
                 // SAFETY: `available()` confirmed AVX-512F; slices are bounds-checked above.
                 unsafe { avx512::kernel(xs, mr, k, &w.data, p, &mut acc) };
             }
+            (Acts::F32(x), Path::Avx2) => {
+                let xs = &x[t0 * k..(t0 + mr) * k];
+                // SAFETY: `available()` confirmed AVX2, FMA and F16C; slices are bounds-checked.
+                unsafe { avx2::kernel(xs, mr, k, &w.data, p, &mut acc) };
+            }
             (Acts::F32(x), _) => {
                 portable::kernel(&x[t0 * k..(t0 + mr) * k], mr, k, &w.data, p, &mut acc)
             }
@@ -324,7 +357,16 @@ fn run_panel(
     }
 }
 
-pub use avx512::exp_in_place;
+/// `x[i] = eˣ⁽ⁱ⁾` in place: vectorised (2ⁿ·p(r), relative error ≈ 2·10⁻⁷) on AVX-512 and AVX2,
+/// `f32::exp` otherwise.
+pub fn exp_in_place(x: &mut [f32]) {
+    match Isa::chosen() {
+        Isa::Avx512 => avx512::exp_in_place(x),
+        // SAFETY: `Isa::Avx2` is chosen only where `avx2::available()`.
+        Isa::Avx2 => unsafe { avx2::exp_in_place(x) },
+        Isa::Portable => x.iter_mut().for_each(|v| *v = v.exp()),
+    }
+}
 
 /// Dot product with 16 independent lanes so the compiler vectorizes it without reassociation.
 #[inline(always)]
@@ -391,9 +433,10 @@ mod tests {
         let rounded: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
         let want_rounded = reference(&rounded, n, &wf, m, k);
         let fastest = Path::for_weights(&packed.data);
-        for path in [Path::Portable, Path::Avx512, Path::Avx512Bf16] {
+        for path in [Path::Portable, Path::Avx2, Path::Avx512, Path::Avx512Bf16] {
             let supported = match path {
                 Path::Portable => true,
+                Path::Avx2 => avx2::available(),
                 Path::Avx512 => avx512::available(),
                 Path::Avx512Bf16 => fastest == Path::Avx512Bf16,
             };
@@ -450,9 +493,16 @@ mod tests {
     fn exp_matches_std_within_a_few_ulps() {
         let mut x: Vec<f32> = (-2000..2000).map(|i| i as f32 / 20.0).collect();
         x.extend([f32::NEG_INFINITY, -200.0, 0.0, f32::NAN]);
-        let mut y = x.clone();
-        exp_in_place(&mut y);
-        for (a, b) in x.iter().zip(&y) {
+        // The chosen path, and the AVX2 one where the CPU has it (AVX-512 CPUs choose theirs).
+        let mut ys = vec![x.clone()];
+        exp_in_place(&mut ys[0]);
+        if avx2::available() {
+            let mut y = x.clone();
+            // SAFETY: AVX2 and FMA are present.
+            unsafe { avx2::exp_in_place(&mut y) };
+            ys.push(y);
+        }
+        for (a, b) in ys.iter().flat_map(|y| x.iter().zip(y)) {
             let want = a.exp();
             if a.is_nan() {
                 assert!(b.is_nan());

@@ -324,24 +324,38 @@ pub enum Kernels {
 }
 
 impl Kernels {
-    /// What this CPU supports, capped by `TESSERA_CPU_KERNELS=avx2|portable` (for measuring the
-    /// paths older CPUs take; `auto` or unset: no cap, anything else is warned of); decided once
-    /// per process.
+    /// What this CPU supports, capped by `cap()`; decided once per process.
     pub fn chosen() -> Kernels {
         static CHOSEN: OnceLock<Kernels> = OnceLock::new();
         *CHOSEN.get_or_init(|| {
-            let cap = std::env::var("TESSERA_CPU_KERNELS").unwrap_or_default();
             let best = Kernels::best_supported();
-            match cap.as_str() {
-                "portable" => Kernels::Portable,
-                "avx2" if best != Kernels::Portable => Kernels::Avx2,
-                "" | "auto" | "avx2" => best,
+            match Kernels::cap() {
+                Some(Kernels::Portable) => Kernels::Portable,
+                Some(Kernels::Avx2) if best != Kernels::Portable => Kernels::Avx2,
+                _ => best,
+            }
+        })
+    }
+
+    /// The cap `TESSERA_CPU_KERNELS=avx2|portable` puts on every CPU kernel, integer and float
+    /// (for measuring the paths older CPUs take); `auto` or unset: none, anything else is warned
+    /// of once and ignored.
+    pub fn cap() -> Option<Kernels> {
+        static CAP: OnceLock<Option<Kernels>> = OnceLock::new();
+        *CAP.get_or_init(|| {
+            match std::env::var("TESSERA_CPU_KERNELS")
+                .unwrap_or_default()
+                .as_str()
+            {
+                "portable" => Some(Kernels::Portable),
+                "avx2" => Some(Kernels::Avx2),
+                "" | "auto" => None,
                 other => {
                     tracing::warn!(
                         "TESSERA_CPU_KERNELS={other} is not one of auto, avx2, portable; \
-                         using the best kernels this CPU has ({best:?})"
+                         using the best kernels this CPU has"
                     );
-                    best
+                    None
                 }
             }
         })
