@@ -106,7 +106,10 @@ fn kill_while_streaming(num_shard: &str, rank: usize) {
         assert_eq!(got.ids, want.ids, "request {i}: token ids");
         assert_eq!(got.text, want.text, "request {i}: text");
         // Each stream ran to its end (`max_new_tokens` or EOS): the final event carries the text.
-        assert!(!want.text.is_empty() && want.ids.len() as u64 <= NEW, "request {i}: no end");
+        assert!(
+            !want.text.is_empty() && want.ids.len() as u64 <= NEW,
+            "request {i}: no end"
+        );
         let gap = got.times.windows(2).map(|w| w[1] - w[0]).max().unwrap();
         pause = pause.max(gap);
     }
