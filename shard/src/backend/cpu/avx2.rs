@@ -1,14 +1,15 @@
 //! AVX2 + FMA float micro-kernels for CPUs without AVX-512, over the same panels: a 64-row panel
 //! is walked as four strips of 16 rows, each R ≤ 6 tokens × two 8-lane accumulators (12 of the
-//! 16 registers), weights widened to f32 in registers (bf16 by shift/mask, f16 by `vcvtph2ps`);
-//! plus the vectorised exp the AVX-512 module has.
+//! 16 registers), or for one token as a single strip of 64 rows (eight accumulators), so a decode
+//! step streams the panel in order; weights are widened to f32 in registers (bf16 by shift/mask,
+//! f16 by `vcvtph2ps`). Plus the vectorised exp the AVX-512 module has.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 use super::{Packed, MR, NR};
 
-/// Rows per strip: two 8-lane vectors.
+/// Rows per strip of the bf16 tile: two 8-lane vectors.
 const STRIP: usize = 16;
 
 /// Whether the running CPU has AVX2, FMA and F16C (cached by std after the first query).
@@ -25,8 +26,19 @@ pub fn available() -> bool {
     }
 }
 
-/// Monomorphizes the tile function for the token count so accumulators live in registers.
+/// Monomorphizes the tile function for the token count so accumulators live in registers; `$v`,
+/// where given, is the strip width in vectors of the many-token tiles (one token takes all eight).
 macro_rules! dispatch {
+    ($f:ident, $v:literal, $mr:expr, $x:expr, $k:expr, $w:expr, $acc:expr) => {
+        match $mr {
+            1 => $f::<1, 8>($x, $k, $w, $acc),
+            2 => $f::<2, $v>($x, $k, $w, $acc),
+            3 => $f::<3, $v>($x, $k, $w, $acc),
+            4 => $f::<4, $v>($x, $k, $w, $acc),
+            5 => $f::<5, $v>($x, $k, $w, $acc),
+            _ => $f::<6, $v>($x, $k, $w, $acc),
+        }
+    };
     ($f:ident, $mr:expr, $x:expr, $k:expr, $w:expr, $acc:expr) => {
         match $mr {
             1 => $f::<1>($x, $k, $w, $acc),
@@ -39,46 +51,44 @@ macro_rules! dispatch {
     };
 }
 
-/// Defines a tile function whose strip `s` of weight row `kk` (16 values) is loaded into two f32
-/// vectors by `$load`.
+/// Defines a tile function over strips of V vectors (8·V rows) whose 8 weights of row `kk` at
+/// panel offset `$at` (rows `r..r + 8` of that row: `kk·NR + r`) are loaded as f32 by `$load`.
 macro_rules! tile {
-    ($name:ident, $t:ty, |$w:ident, $kk:ident, $s:ident| $load:expr) => {
+    ($name:ident, $t:ty, |$w:ident, $at:ident| $load:expr) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $name<const R: usize>(
+        unsafe fn $name<const R: usize, const V: usize>(
             x: *const f32,
             k: usize,
             $w: *const $t,
             acc: &mut [[f32; NR]; MR],
         ) {
-            for $s in 0..NR / STRIP {
-                let mut a = [[_mm256_setzero_ps(); 2]; R];
-                for $kk in 0..k {
-                    let w: [__m256; 2] = $load;
+            for s in 0..NR / (8 * V) {
+                let mut a = [[_mm256_setzero_ps(); V]; R];
+                for kk in 0..k {
+                    let mut w = [_mm256_setzero_ps(); V];
+                    for (v, wv) in w.iter_mut().enumerate() {
+                        let $at = kk * NR + (s * V + v) * 8;
+                        *wv = $load;
+                    }
                     for (i, ai) in a.iter_mut().enumerate() {
-                        let xv = _mm256_set1_ps(*x.add(i * k + $kk));
-                        ai[0] = _mm256_fmadd_ps(xv, w[0], ai[0]);
-                        ai[1] = _mm256_fmadd_ps(xv, w[1], ai[1]);
+                        let xv = _mm256_set1_ps(*x.add(i * k + kk));
+                        for (av, wv) in ai.iter_mut().zip(w) {
+                            *av = _mm256_fmadd_ps(xv, wv, *av);
+                        }
                     }
                 }
-                store(&a, $s, acc);
+                store(&a, s * V * 8, acc);
             }
         }
     };
 }
 
-tile!(f32_tile, f32, |w, kk, s| {
-    let p = w.add(kk * NR + s * STRIP);
-    [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]
-});
+tile!(f32_tile, f32, |w, at| _mm256_loadu_ps(w.add(at)));
 
-tile!(f16_tile, u16, |w, kk, s| {
-    let p = w.add(kk * NR + s * STRIP) as *const __m128i;
-    [
-        _mm256_cvtph_ps(_mm_loadu_si128(p)),
-        _mm256_cvtph_ps(_mm_loadu_si128(p.add(1))),
-    ]
-});
+tile!(f16_tile, u16, |w, at| _mm256_cvtph_ps(_mm_loadu_si128(
+    w.add(at) as *const __m128i
+)));
 
 /// bf16 k-pair panels widened to f32 exactly: pair `j` of strip `s` is 16 rows × columns 2j, 2j+1.
 #[cfg(target_arch = "x86_64")]
@@ -117,18 +127,22 @@ unsafe fn bf16_tile<const R: usize>(
                 }
             }
         }
-        store(&a, s, acc);
+        store(&a, s * STRIP, acc);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn store<const R: usize>(a: &[[__m256; 2]; R], s: usize, acc: &mut [[f32; NR]; MR]) {
+unsafe fn store<const R: usize, const V: usize>(
+    a: &[[__m256; V]; R],
+    row: usize,
+    acc: &mut [[f32; NR]; MR],
+) {
     for (i, ai) in a.iter().enumerate() {
-        let dst = acc[i].as_mut_ptr().add(s * STRIP);
-        _mm256_storeu_ps(dst, ai[0]);
-        _mm256_storeu_ps(dst.add(8), ai[1]);
+        for (v, av) in ai.iter().enumerate() {
+            _mm256_storeu_ps(acc[i].as_mut_ptr().add(row + 8 * v), *av);
+        }
     }
 }
 
@@ -153,7 +167,7 @@ pub unsafe fn kernel(
         Packed::F32(v) => {
             assert!(v.len() >= (p + 1) * k * NR);
             let w = v.as_ptr().add(p * k * NR);
-            dispatch!(f32_tile, mr, x, k, w, acc)
+            dispatch!(f32_tile, 2, mr, x, k, w, acc)
         }
         Packed::Bf16(v) => {
             let panel = k.div_ceil(2) * NR * 2;
@@ -164,7 +178,7 @@ pub unsafe fn kernel(
         Packed::F16(v) => {
             assert!(v.len() >= (p + 1) * k * NR);
             let w = v.as_ptr().add(p * k * NR);
-            dispatch!(f16_tile, mr, x, k, w, acc)
+            dispatch!(f16_tile, 2, mr, x, k, w, acc)
         }
         Packed::Quant(_) => unreachable!("quantized panels go to quant::matmul"),
     }
