@@ -20,6 +20,9 @@ use crate::kv_cache::{KvElem, LayerCache};
 
 /// Tokens per query tile.
 const QUERY_BLOCK: usize = 16;
+/// How many positions ahead a decode tile asks for K and V rows: a row is a few cache lines at a
+/// stride of the whole KV width, which the hardware prefetchers do not follow far enough.
+const ROWS_AHEAD: usize = 4;
 
 /// Stores each token's K and V rows (`[n, kv_dim]`) into its slot, rounded to the cache's dtype.
 pub fn write_kv(cache: &mut LayerCache, k: &[f32], v: &[f32], slots: &[usize], kv_dim: usize) {
@@ -278,6 +281,9 @@ fn attend_one<T: KvElem, const AVX512: bool>(
     // Scores of head g of the group over the span: `scores[g * span..(g + 1) * span]`.
     let mut scores = vec![0f32; group * span];
     for (s, &slot) in slots.iter().enumerate() {
+        if let Some(&next) = slots.get(s + ROWS_AHEAD) {
+            prefetch(&cache.k[row(next)]);
+        }
         let k = T::row(&cache.k[row(slot)], &mut buf);
         for g in 0..group {
             let qg = &q[q0 + g * hd..q0 + (g + 1) * hd];
@@ -296,12 +302,32 @@ fn attend_one<T: KvElem, const AVX512: bool>(
     scores.chunks_exact_mut(span).for_each(softmax);
     let mut out = vec![0f32; group * hd];
     for (s, &slot) in slots.iter().enumerate() {
+        if let Some(&next) = slots.get(s + ROWS_AHEAD) {
+            prefetch(&cache.v[row(next)]);
+        }
         let v = T::row(&cache.v[row(slot)], &mut buf);
         for (g, o) in out.chunks_exact_mut(hd).enumerate() {
             axpy(o, scores[g * span + s], v);
         }
     }
     out
+}
+
+/// Asks the CPU to bring `row`'s cache lines into L1 (a hint: no effect on results).
+#[inline(always)]
+fn prefetch<T>(row: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (start, bytes) = (row.as_ptr() as *const i8, size_of_val(row));
+        for at in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch never faults, and `at` stays inside the row.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(start.add(at))
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
 }
 
 /// Packs the K rows of `slots` as a `[span, hd]` matrix and the V rows as `[hd, span]` (Vᵀ).
