@@ -26,9 +26,8 @@ pub fn available() -> bool {
     }
 }
 
-/// Monomorphizes the tile function for the token count so accumulators live in registers; `$v`,
-/// where given, is the strip width in vectors of the many-token tiles (one token takes all eight).
-macro_rules! dispatch {
+/// `dispatch!` for tiles over strips of V vectors: `$v` for many tokens, all eight for one.
+macro_rules! dispatch_strips {
     ($f:ident, $v:literal, $mr:expr, $x:expr, $k:expr, $w:expr, $acc:expr) => {
         match $mr {
             1 => $f::<1, 8>($x, $k, $w, $acc),
@@ -37,16 +36,6 @@ macro_rules! dispatch {
             4 => $f::<4, $v>($x, $k, $w, $acc),
             5 => $f::<5, $v>($x, $k, $w, $acc),
             _ => $f::<6, $v>($x, $k, $w, $acc),
-        }
-    };
-    ($f:ident, $mr:expr, $x:expr, $k:expr, $w:expr, $acc:expr) => {
-        match $mr {
-            1 => $f::<1>($x, $k, $w, $acc),
-            2 => $f::<2>($x, $k, $w, $acc),
-            3 => $f::<3>($x, $k, $w, $acc),
-            4 => $f::<4>($x, $k, $w, $acc),
-            5 => $f::<5>($x, $k, $w, $acc),
-            _ => $f::<6>($x, $k, $w, $acc),
         }
     };
 }
@@ -167,7 +156,7 @@ pub unsafe fn kernel(
         Packed::F32(v) => {
             assert!(v.len() >= (p + 1) * k * NR);
             let w = v.as_ptr().add(p * k * NR);
-            dispatch!(f32_tile, 2, mr, x, k, w, acc)
+            dispatch_strips!(f32_tile, 2, mr, x, k, w, acc)
         }
         Packed::Bf16(v) => {
             let panel = k.div_ceil(2) * NR * 2;
@@ -178,7 +167,7 @@ pub unsafe fn kernel(
         Packed::F16(v) => {
             assert!(v.len() >= (p + 1) * k * NR);
             let w = v.as_ptr().add(p * k * NR);
-            dispatch!(f16_tile, 2, mr, x, k, w, acc)
+            dispatch_strips!(f16_tile, 2, mr, x, k, w, acc)
         }
         Packed::Quant(_) => unreachable!("quantized panels go to quant::matmul"),
     }

@@ -131,20 +131,6 @@ pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     super::dot(a, b)
 }
 
-/// Monomorphizes the tile function for the token count so accumulators live in registers.
-macro_rules! dispatch {
-    ($f:ident, $mr:expr, $x:expr, $k:expr, $w:expr, $acc:expr) => {
-        match $mr {
-            1 => $f::<1>($x, $k, $w, $acc),
-            2 => $f::<2>($x, $k, $w, $acc),
-            3 => $f::<3>($x, $k, $w, $acc),
-            4 => $f::<4>($x, $k, $w, $acc),
-            5 => $f::<5>($x, $k, $w, $acc),
-            _ => $f::<6>($x, $k, $w, $acc),
-        }
-    };
-}
-
 /// Defines a tile function whose weight row `kk` (64 values) is loaded into four f32 vectors
 /// by `$load`.
 macro_rules! tile {

@@ -14,6 +14,21 @@
 //!
 //! Quantized weights take their own panels and integer kernels (`quant`); `matmul` dispatches.
 
+/// Monomorphizes a float tile function for the token count (1..=MR) so accumulators live in
+/// registers (the AVX-512 and AVX2 kernels).
+macro_rules! dispatch {
+    ($f:ident, $mr:expr, $x:expr, $k:expr, $w:expr, $acc:expr) => {
+        match $mr {
+            1 => $f::<1>($x, $k, $w, $acc),
+            2 => $f::<2>($x, $k, $w, $acc),
+            3 => $f::<3>($x, $k, $w, $acc),
+            4 => $f::<4>($x, $k, $w, $acc),
+            5 => $f::<5>($x, $k, $w, $acc),
+            _ => $f::<6>($x, $k, $w, $acc),
+        }
+    };
+}
+
 mod attention;
 mod avx2;
 pub(crate) mod avx512;
