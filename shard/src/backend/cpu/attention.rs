@@ -13,7 +13,7 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::backend::cpu::{avx512, axpy, dot, matmul_serial, Isa, PackedMatrix, NR};
+use crate::backend::cpu::{avx2, avx512, axpy, dot, matmul_serial, Isa, PackedMatrix, NR};
 use crate::backend::AttentionSpec;
 use crate::forward::BatchPlan;
 use crate::kv_cache::{KvElem, LayerCache};
@@ -140,7 +140,7 @@ fn attention<T: KvElem>(
             Isa::Avx512 => unsafe { attend_avx512(q, cache, plan, h, tile) },
             // SAFETY: as above.
             Isa::Avx2 => unsafe { attend_avx2(q, cache, plan, h, tile) },
-            Isa::Portable => attend::<T, false>(q, cache, plan, h, tile),
+            Isa::Portable => attend::<T, PortableDot>(q, cache, plan, h, tile),
         })
         .collect();
     let (hd, group) = (h.head_dim, h.num_heads / h.num_kv_heads);
@@ -163,10 +163,10 @@ unsafe fn attend_avx512<T: KvElem>(
     h: AttentionSpec,
     tile: &Tile,
 ) -> Vec<f32> {
-    attend::<T, true>(q, cache, plan, h, tile)
+    attend::<T, Avx512Dot>(q, cache, plan, h, tile)
 }
 
-/// The portable tile compiled for AVX2: its gathers, dot products and sums vectorize 8 wide.
+/// The tile compiled for AVX2: its gathers and sums vectorize 8 wide, its dot products are AVX2's.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_avx2<T: KvElem>(
@@ -176,7 +176,7 @@ unsafe fn attend_avx2<T: KvElem>(
     h: AttentionSpec,
     tile: &Tile,
 ) -> Vec<f32> {
-    attend::<T, false>(q, cache, plan, h, tile)
+    attend::<T, Avx2Dot>(q, cache, plan, h, tile)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -187,7 +187,7 @@ unsafe fn attend_avx2<T: KvElem>(
     h: AttentionSpec,
     tile: &Tile,
 ) -> Vec<f32> {
-    attend::<T, false>(q, cache, plan, h, tile)
+    attend::<T, PortableDot>(q, cache, plan, h, tile)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -198,15 +198,50 @@ unsafe fn attend_avx512<T: KvElem>(
     h: AttentionSpec,
     tile: &Tile,
 ) -> Vec<f32> {
-    attend::<T, false>(q, cache, plan, h, tile)
+    attend::<T, PortableDot>(q, cache, plan, h, tile)
+}
+
+/// The dot product of decode tiles, by instruction set.
+trait Dot {
+    /// # Safety
+    /// The caller runs with the target features the implementation names enabled.
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32;
+}
+
+/// AVX-512F (`attend_avx512`).
+struct Avx512Dot;
+/// AVX2 and FMA (`attend_avx2`).
+struct Avx2Dot;
+/// Plain Rust, safe anywhere.
+struct PortableDot;
+
+impl Dot for Avx512Dot {
+    #[inline(always)]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        avx512::dot(a, b)
+    }
+}
+
+impl Dot for Avx2Dot {
+    #[inline(always)]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        avx2::dot(a, b)
+    }
+}
+
+impl Dot for PortableDot {
+    #[inline(always)]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        dot(a, b)
+    }
 }
 
 /// Attention of one tile; returns `[tokens][group heads][head_dim]`. Scores and the weighted sum
 /// are two small GEMMs on the CPU matmul kernel: K gathered into panels (Q·Kᵀ) and V into panels
 /// of Vᵀ (P·V), so neither needs horizontal sums.
-/// `AVX512`: the caller runs with AVX-512F enabled (decode dot products use it).
+/// `D`: the decode dot product, of the instruction set the caller enabled.
 #[inline(always)]
-fn attend<T: KvElem, const AVX512: bool>(
+fn attend<T: KvElem, D: Dot>(
     q: &[f32],
     cache: Kv<'_, T>,
     plan: &BatchPlan,
@@ -214,7 +249,7 @@ fn attend<T: KvElem, const AVX512: bool>(
     tile: &Tile,
 ) -> Vec<f32> {
     if tile.decoded {
-        return attend_one::<T, AVX512>(q, cache, plan, h, tile);
+        return attend_one::<T, D>(q, cache, plan, h, tile);
     }
     let (hd, group) = (h.head_dim, h.num_heads / h.num_kv_heads);
     let kv_dim = h.num_kv_heads * hd;
@@ -260,7 +295,7 @@ fn attend<T: KvElem, const AVX512: bool>(
 /// packing them for a GEMM of `group` rows would copy more than it computes. Each row is widened
 /// once (into a row buffer; an f32 cache is read as it is) and used by every head of the group.
 #[inline(always)]
-fn attend_one<T: KvElem, const AVX512: bool>(
+fn attend_one<T: KvElem, D: Dot>(
     q: &[f32],
     cache: Kv<'_, T>,
     plan: &BatchPlan,
@@ -287,13 +322,8 @@ fn attend_one<T: KvElem, const AVX512: bool>(
         let k = T::row(&cache.k[row(slot)], &mut buf);
         for g in 0..group {
             let qg = &q[q0 + g * hd..q0 + (g + 1) * hd];
-            scores[g * span + s] = h.scale
-                * if AVX512 {
-                    // SAFETY: `AVX512` is only set under `attend_avx512`, after the CPU check.
-                    unsafe { avx512::dot(qg, k) }
-                } else {
-                    dot(qg, k)
-                };
+            // SAFETY: `attend` runs under the target features `D` names (see `Dot`).
+            scores[g * span + s] = h.scale * unsafe { D::dot(qg, k) };
         }
     }
     if let Some(cap) = h.softcap {

@@ -178,6 +178,35 @@ pub unsafe fn kernel(_: &[f32], _: usize, _: usize, _: &Packed, _: usize, _: &mu
     unreachable!("avx2::kernel called without AVX2 support")
 }
 
+/// `Σ a[i]·b[i]` over the shorter slice: two 8-lane FMA chains, one horizontal sum.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let full = n / 16 * 16;
+    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for i in (0..full).step_by(16) {
+        let (pa, pb) = (a.as_ptr().add(i), b.as_ptr().add(i));
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa), _mm256_loadu_ps(pb), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(8)), _mm256_loadu_ps(pb.add(8)), s1);
+    }
+    let s = _mm256_add_ps(s0, s1);
+    let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    let tail: f32 = a[full..n].iter().zip(&b[full..n]).map(|(x, y)| x * y).sum();
+    _mm_cvtss_f32(h) + tail
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    super::dot(a, b)
+}
+
 /// `x[i] = eˣ⁽ⁱ⁾` in place, the AVX-512 module's method on 8 lanes; 2ⁿ is applied as
 /// 2^⌊n/2⌋ · 2^(n − ⌊n/2⌋) so both factors stay normal floats down to e⁻¹⁰⁴.
 ///

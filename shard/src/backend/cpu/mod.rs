@@ -534,7 +534,12 @@ mod tests {
     #[test]
     fn dot_and_axpy() {
         let a: Vec<f32> = (0..37).map(|i| i as f32).collect();
-        assert_eq!(dot(&a, &a), (0..37).map(|i| (i * i) as f32).sum::<f32>());
+        let squares = (0..37).map(|i| (i * i) as f32).sum::<f32>();
+        assert_eq!(dot(&a, &a), squares);
+        if avx2::available() {
+            // SAFETY: AVX2 and FMA are present.
+            assert_eq!(unsafe { avx2::dot(&a, &a) }, squares);
+        }
         let mut y = vec![1.0; 3];
         axpy(&mut y, 2.0, &[1.0, 2.0, 3.0]);
         assert_eq!(y, vec![3.0, 5.0, 7.0]);
