@@ -15,19 +15,7 @@ use std::arch::x86_64::*;
 
 use super::{QuantActs, QuantPanels, ROWS, TOKENS};
 
-/// Whether the running CPU has AVX2, FMA and F16C.
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
+pub use super::super::avx2::available;
 
 /// Fills `acc[..mr]` with tokens `t0..t0 + mr` against panel `p`. Only called after `available()`.
 pub fn kernel(
