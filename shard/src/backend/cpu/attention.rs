@@ -13,7 +13,9 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::backend::cpu::{avx2, avx512, axpy, dot, matmul_serial, Isa, PackedMatrix, NR};
+#[cfg(target_arch = "x86_64")]
+use crate::backend::cpu::{avx2, avx512};
+use crate::backend::cpu::{axpy, dot, matmul_serial, Isa, PackedMatrix, NR};
 use crate::backend::AttentionSpec;
 use crate::forward::BatchPlan;
 use crate::kv_cache::{KvElem, LayerCache};
@@ -137,10 +139,12 @@ fn attention<T: KvElem>(
         .par_iter()
         .map(|tile| match isa {
             // SAFETY: `Isa::chosen` picks an instruction set only where the CPU has it.
+            #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { attend_avx512(q, cache, plan, h, tile) },
             // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { attend_avx2(q, cache, plan, h, tile) },
-            Isa::Portable => attend::<T, PortableDot>(q, cache, plan, h, tile),
+            _ => attend::<T, PortableDot>(q, cache, plan, h, tile),
         })
         .collect();
     let (hd, group) = (h.head_dim, h.num_heads / h.num_kv_heads);
@@ -179,28 +183,6 @@ unsafe fn attend_avx2<T: KvElem>(
     attend::<T, Avx2Dot>(q, cache, plan, h, tile)
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn attend_avx2<T: KvElem>(
-    q: &[f32],
-    cache: Kv<'_, T>,
-    plan: &BatchPlan,
-    h: AttentionSpec,
-    tile: &Tile,
-) -> Vec<f32> {
-    attend::<T, PortableDot>(q, cache, plan, h, tile)
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn attend_avx512<T: KvElem>(
-    q: &[f32],
-    cache: Kv<'_, T>,
-    plan: &BatchPlan,
-    h: AttentionSpec,
-    tile: &Tile,
-) -> Vec<f32> {
-    attend::<T, PortableDot>(q, cache, plan, h, tile)
-}
-
 /// The dot product of decode tiles, by instruction set.
 trait Dot {
     /// # Safety
@@ -209,12 +191,15 @@ trait Dot {
 }
 
 /// AVX-512F (`attend_avx512`).
+#[cfg(target_arch = "x86_64")]
 struct Avx512Dot;
 /// AVX2 and FMA (`attend_avx2`).
+#[cfg(target_arch = "x86_64")]
 struct Avx2Dot;
 /// Plain Rust, safe anywhere.
 struct PortableDot;
 
+#[cfg(target_arch = "x86_64")]
 impl Dot for Avx512Dot {
     #[inline(always)]
     unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -222,6 +207,7 @@ impl Dot for Avx512Dot {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 impl Dot for Avx2Dot {
     #[inline(always)]
     unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -10,6 +10,7 @@ use std::arch::x86_64::*;
 use super::{Packed, MR, NR};
 
 /// Rows per strip of the bf16 tile: two 8-lane vectors.
+#[cfg(target_arch = "x86_64")]
 const STRIP: usize = 16;
 
 /// Whether the running CPU has AVX2, FMA and F16C (cached by std after the first query).
@@ -27,6 +28,7 @@ pub fn available() -> bool {
 }
 
 /// `dispatch!` for tiles over strips of V vectors: `$v` for many tokens, all eight for one.
+#[cfg(target_arch = "x86_64")]
 macro_rules! dispatch_strips {
     ($f:ident, $v:literal, $mr:expr, $x:expr, $k:expr, $w:expr, $acc:expr) => {
         match $mr {
@@ -200,11 +202,6 @@ pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     let h = _mm_add_ss(h, _mm_movehdup_ps(h));
     let tail: f32 = a[full..n].iter().zip(&b[full..n]).map(|(x, y)| x * y).sum();
     _mm_cvtss_f32(h) + tail
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-    super::dot(a, b)
 }
 
 /// `x[i] = eˣ⁽ⁱ⁾` in place, the AVX-512 module's method on 8 lanes; 2ⁿ is applied as

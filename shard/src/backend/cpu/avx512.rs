@@ -126,11 +126,6 @@ pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     _mm512_reduce_add_ps(acc) + tail
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-    super::dot(a, b)
-}
-
 /// Defines a tile function whose weight row `kk` (64 values) is loaded into four f32 vectors
 /// by `$load`.
 macro_rules! tile {

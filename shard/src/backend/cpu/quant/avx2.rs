@@ -101,6 +101,7 @@ pub unsafe fn levels32(x: &[f32], q: &mut [i8]) -> (f32, i32) {
 }
 
 /// Where tokens `t0..t0 + MR`'s activation quads of group `g` start.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn quads<const MR: usize>(acts: &QuantActs, t0: usize, g: usize) -> [*const i32; MR] {
     let mut x = [std::ptr::null(); MR];
@@ -141,6 +142,7 @@ unsafe fn prefetch(block: &[u8]) {
 
 /// `f[i][h] += d·dx · s[i][h] + o · dx·Σqx` for each token `t0 + i` and half `h` of group `g`
 /// (a macro: as a function LLVM keeps it out of line, a call per group).
+#[cfg(target_arch = "x86_64")]
 macro_rules! scale_group {
     ($f:ident, $s:ident, $params:expr, $acts:expr, $t0:expr, $g:expr) => {
         let pp = $params.as_ptr() as *const __m128i;

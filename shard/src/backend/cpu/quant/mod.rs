@@ -30,6 +30,7 @@ macro_rules! by_layout {
 }
 
 mod avx2;
+mod neon;
 mod portable;
 mod vnni;
 
@@ -319,7 +320,9 @@ pub enum Kernels {
     Vnni,
     /// AVX2 (`vpmaddubsw`), the floor of x86-64 servers since 2013.
     Avx2,
-    /// Plain Rust the compiler vectorizes for the build target (NEON on aarch64).
+    /// NEON with the dot-product extension (`sdot`), Armv8.2 and later.
+    Neon,
+    /// Plain Rust the compiler vectorizes for the build target (plain NEON on older Arm cores).
     Portable,
 }
 
@@ -329,9 +332,9 @@ impl Kernels {
         static CHOSEN: OnceLock<Kernels> = OnceLock::new();
         *CHOSEN.get_or_init(|| {
             let best = Kernels::best_supported();
-            match Kernels::cap() {
-                Some(Kernels::Portable) => Kernels::Portable,
-                Some(Kernels::Avx2) if best != Kernels::Portable => Kernels::Avx2,
+            match (Kernels::cap(), best) {
+                (Some(Kernels::Portable), _) => Kernels::Portable,
+                (Some(Kernels::Avx2), Kernels::Vnni) => Kernels::Avx2,
                 _ => best,
             }
         })
@@ -366,6 +369,8 @@ impl Kernels {
             Kernels::Vnni
         } else if avx2::available() {
             Kernels::Avx2
+        } else if neon::available() {
+            Kernels::Neon
         } else {
             Kernels::Portable
         }
@@ -380,6 +385,9 @@ impl Kernels {
         if vnni::available() {
             all.push(Kernels::Vnni);
         }
+        if neon::available() {
+            all.push(Kernels::Neon);
+        }
         all
     }
 }
@@ -391,6 +399,7 @@ fn kernel_fn(kernels: Kernels) -> KernelFn {
     match kernels {
         Kernels::Vnni => vnni::kernel,
         Kernels::Avx2 => avx2::kernel,
+        Kernels::Neon => neon::kernel,
         Kernels::Portable => portable::kernel,
     }
 }

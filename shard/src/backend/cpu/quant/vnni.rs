@@ -11,6 +11,7 @@ use super::{QuantActs, QuantPanels, ROWS, TOKENS};
 /// How far ahead of the block being multiplied the kernel prefetches, in bytes.
 /// 2 KiB measured best on SmolLM2 decode (1 KiB and 4 KiB are slower); without it one core
 /// reaches half the bandwidth.
+#[cfg(target_arch = "x86_64")]
 pub(super) const PREFETCH: usize = 2048;
 
 /// Whether the running CPU has AVX-512 F, BW and VNNI.

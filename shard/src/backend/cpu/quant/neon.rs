@@ -1,0 +1,191 @@
+//! NEON dot-product integer kernel (Armv8.2's `sdot`: Graviton 2 and later, Ampere Altra, Apple
+//! M1 and later, Cortex-A76 and later). A 64-byte line is four 16-byte registers of 4 rows × one
+//! quad, which is exactly `sdot`'s by-element form: one `sdot` of such a register against quad `j`
+//! of a token's activations (lane `j % 4` of a 16-byte load) adds 4 rows' quad dot products into
+//! 4 i32 lanes, so a line feeds 16 row sums with no horizontal adds, as `vpdpbusd` does on x86.
+//!
+//! `sdot` multiplies signed bytes: values of at most 7 bits are already non-negative i8; 8-bit
+//! values are flipped to `v − 128` and the sum starts at `128·Σ qx`, so it is `Σ v·qx` exactly.
+//! The f32 steps are the VNNI kernel's (`d·dx`, then two fused multiply-adds per group), so both
+//! produce the same bits.
+//!
+//! Stable Rust does not expose `sdot` as an intrinsic yet (`stdarch_neon_dotprod`), so it and the
+//! f16 → f32 widening are one-instruction `asm!` blocks.
+
+#[cfg(target_arch = "aarch64")]
+use std::arch::aarch64::*;
+
+use super::{QuantActs, QuantPanels, ROWS, TOKENS};
+
+/// Whether the running CPU has the dot-product extension (FEAT_DotProd).
+pub fn available() -> bool {
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("dotprod")
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        false
+    }
+}
+
+/// Tokens per tile: their 4·STEP i32 sums stay in registers beside a quad-register's 16 weight
+/// registers (NEON has 32).
+#[cfg(target_arch = "aarch64")]
+const STEP: usize = 2;
+
+/// Fills `acc[..mr]` with tokens `t0..t0 + mr` against panel `p`. Only called after `available()`.
+pub fn kernel(
+    acts: &QuantActs,
+    t0: usize,
+    mr: usize,
+    w: &QuantPanels,
+    p: usize,
+    acc: &mut [[f32; ROWS]; TOKENS],
+) {
+    #[cfg(target_arch = "aarch64")]
+    {
+        assert!(
+            available(),
+            "the NEON kernel needs the dot-product extension"
+        );
+        macro_rules! go {
+            ($g:literal, $nib:literal, $flip:literal) => {
+                for at in (0..mr).step_by(STEP) {
+                    let (t, acc) = (t0 + at, &mut acc[at..]);
+                    // SAFETY: `available()` holds; the tile reads only inside `w` and `acts`.
+                    unsafe {
+                        match mr - at {
+                            1 => tile::<$g, $nib, $flip, 1>(acts, t, w, p, acc),
+                            _ => tile::<$g, $nib, $flip, STEP>(acts, t, w, p, acc),
+                        }
+                    }
+                }
+            };
+        }
+        match (w.group, w.nibbles, w.bits == 8) {
+            (32, true, _) => go!(32, true, false),
+            (16, true, _) => go!(16, true, false),
+            (32, false, false) => go!(32, false, false),
+            (32, false, true) => go!(32, false, true),
+            (16, false, false) => go!(16, false, false),
+            _ => go!(16, false, true),
+        }
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        let _ = (acts, t0, mr, w, p, acc);
+        unreachable!("the NEON kernel exists only on aarch64");
+    }
+}
+
+/// Tokens `t0..t0 + MR` against panel `p` whose groups hold `G` inputs, packed two per byte
+/// (`NIB`) or one, flipped to signed (`FLIP`, 8-bit values) or not.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn tile<const G: usize, const NIB: bool, const FLIP: bool, const MR: usize>(
+    acts: &QuantActs,
+    t0: usize,
+    w: &QuantPanels,
+    p: usize,
+    acc: &mut [[f32; ROWS]],
+) {
+    let mut f = [[vdupq_n_f32(0.0); 4]; MR];
+    for g in 0..w.cols / G {
+        let (block, params) = w.block(p, g);
+        let mut s = [[vdupq_n_s32(0); 4]; MR];
+        if FLIP {
+            for (i, si) in s.iter_mut().enumerate() {
+                *si = [vdupq_n_s32(128 * acts.total(t0 + i, g)); 4];
+            }
+        }
+        // Four quads at a time: one 16-byte activation load per token serves 16 `sdot`s.
+        for u in 0..G / 16 {
+            let wq: [[int8x16_t; 4]; 4] =
+                std::array::from_fn(|q| quad::<G, NIB, FLIP>(block.as_ptr(), 4 * u + q));
+            for (i, si) in s.iter_mut().enumerate() {
+                let x = vld1q_s8(acts.group(t0 + i, g).0.as_ptr().add(16 * u));
+                for (k, sk) in si.iter_mut().enumerate() {
+                    *sk = sdot::<0>(*sk, wq[0][k], x);
+                    *sk = sdot::<1>(*sk, wq[1][k], x);
+                    *sk = sdot::<2>(*sk, wq[2][k], x);
+                    *sk = sdot::<3>(*sk, wq[3][k], x);
+                }
+            }
+        }
+        let d: [float32x4_t; 4] = std::array::from_fn(|k| widen(params.as_ptr().add(4 * k)));
+        let o: [float32x4_t; 4] = std::array::from_fn(|k| widen(params.as_ptr().add(ROWS + 4 * k)));
+        for (i, (fi, si)) in f.iter_mut().zip(&s).enumerate() {
+            let (_, dx, sx) = acts.group(t0 + i, g);
+            for k in 0..4 {
+                let scale = vmulq_n_f32(d[k], dx);
+                fi[k] = vfmaq_f32(fi[k], vcvtq_f32_s32(si[k]), scale);
+                fi[k] = vfmaq_n_f32(fi[k], o[k], sx);
+            }
+        }
+    }
+    for (a, fi) in acc.iter_mut().zip(&f) {
+        for (k, fk) in fi.iter().enumerate() {
+            vst1q_f32(a.as_mut_ptr().add(4 * k), *fk);
+        }
+    }
+}
+
+/// Quad `quad` of a block as signed bytes, rows 4k..4k + 4 in register k: a nibble block keeps
+/// quad `c` in the low nibbles of line `c` and quad `c + G/8` in its high ones.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+unsafe fn quad<const G: usize, const NIB: bool, const FLIP: bool>(
+    block: *const u8,
+    quad: usize,
+) -> [int8x16_t; 4] {
+    std::array::from_fn(|k| {
+        let v = if NIB {
+            let v = vld1q_u8(block.add((quad % (G / 8)) * 64 + 16 * k));
+            if quad >= G / 8 {
+                vshrq_n_u8::<4>(v)
+            } else {
+                vandq_u8(v, vdupq_n_u8(0x0F))
+            }
+        } else {
+            let v = vld1q_u8(block.add(quad * 64 + 16 * k));
+            if FLIP {
+                veorq_u8(v, vdupq_n_u8(0x80))
+            } else {
+                v
+            }
+        };
+        vreinterpretq_s8_u8(v)
+    })
+}
+
+/// `acc[r] += Σ_i w[4r + i]·x[4L + i]` for the four rows r of `w` (`sdot` by element).
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+unsafe fn sdot<const L: i32>(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
+    let mut acc = acc;
+    std::arch::asm!(
+        "sdot {acc:v}.4s, {w:v}.16b, {x:v}.4b[{lane}]",
+        acc = inout(vreg) acc,
+        w = in(vreg) w,
+        x = in(vreg) x,
+        lane = const L,
+        options(pure, nomem, nostack, preserves_flags),
+    );
+    acc
+}
+
+/// Four f16 values at `p` widened to f32 (`fcvtl`, base Armv8 NEON).
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+unsafe fn widen(p: *const u16) -> float32x4_t {
+    let h = vld1_u16(p);
+    let out: float32x4_t;
+    std::arch::asm!(
+        "fcvtl {out:v}.4s, {h:v}.4h",
+        out = out(vreg) out,
+        h = in(vreg) h,
+        options(pure, nomem, nostack, preserves_flags),
+    );
+    out
+}
