@@ -13,6 +13,13 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
 cargo test --workspace
+# The aarch64 kernels (NEON) under qemu: always in CI, which installs the cross tools (exit 75: they could
+# not be had, which is named and skipped, not a test failure); elsewhere when the tools are present.
+if [ "${CI:-}" = true ] || { command -v qemu-aarch64 && command -v aarch64-linux-gnu-gcc; } >/dev/null; then
+  bash tests/aarch64.sh || { rc=$?; [ "$rc" = 75 ] || exit "$rc"; }
+else
+  echo "note: qemu-aarch64 or aarch64-linux-gnu-gcc not found: the aarch64 kernel tests (tests/aarch64.sh) are skipped"
+fi
 # Client compatibility (official `openai` SDK, `huggingface_hub`) and schemathesis-style HTTP fuzzing from
 # the router's own OpenAPI document, against the real router, installed into the venv fetch-models.sh
 # made (.cache/venv).
