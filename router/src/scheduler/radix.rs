@@ -2,9 +2,11 @@
 //! whose edges are full blocks of prompt token ids and whose nodes own the KV block for that edge.
 //! Invariants: a node with `refs > 0` (leased by a running request) is never evicted, and neither are
 //! its ancestors, because only childless nodes are evicted; eviction takes the least recently used.
+//! Every node change goes through `PrefixCache::update`, which keeps the count of unleased nodes and
+//! the LRU-ordered set of evictable leaves in step, so admission and eviction cost O(log nodes).
 
 use super::blocks::KvBlock;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 const ROOT: usize = 0;
 
@@ -27,6 +29,10 @@ pub struct PrefixCache {
     vacant: Vec<usize>,
     clock: u64,
     cached: usize,
+    /// Non-root nodes with `refs == 0`: what eviction could free, leaves first.
+    unleased: usize,
+    /// `(last_used, index)` of every non-root node with `refs == 0` and no children.
+    leaves: BTreeSet<(u64, usize)>,
 }
 
 /// A running request's hold on a cached prefix (nodes root-to-leaf). Not `Clone`; it must go back
@@ -67,6 +73,8 @@ impl PrefixCache {
             vacant: Vec::new(),
             clock: 0,
             cached: 0,
+            unleased: 0,
+            leaves: BTreeSet::new(),
         }
     }
 
@@ -83,8 +91,24 @@ impl PrefixCache {
         self.nodes[i].as_ref().expect("live node index")
     }
 
-    fn node_mut(&mut self, i: usize) -> &mut Node {
-        self.nodes[i].as_mut().expect("live node index")
+    /// Changes node `i` through `f`, keeping `unleased` and `leaves` in step with its `refs`,
+    /// children and `last_used`.
+    fn update(&mut self, i: usize, f: impl FnOnce(&mut Node)) {
+        let node = self.nodes[i].as_mut().expect("live node index");
+        if i == ROOT {
+            return f(node);
+        }
+        if node.refs == 0 {
+            self.unleased -= 1;
+            self.leaves.remove(&(node.last_used, i));
+        }
+        f(node);
+        if node.refs == 0 {
+            self.unleased += 1;
+            if node.children.is_empty() {
+                self.leaves.insert((node.last_used, i));
+            }
+        }
     }
 
     /// Lease the longest cached prefix of `tokens`, at most `max_blocks` blocks long.
@@ -97,9 +121,10 @@ impl PrefixCache {
                 break;
             };
             let clock = self.clock;
-            let node = self.node_mut(child);
-            node.refs += 1;
-            node.last_used = clock;
+            self.update(child, |node| {
+                node.refs += 1;
+                node.last_used = clock;
+            });
             nodes.push(child);
             at = child;
         }
@@ -127,9 +152,10 @@ impl PrefixCache {
         self.clock += 1;
         let clock = self.clock;
         for &n in &lease.nodes {
-            let node = self.node_mut(n);
-            node.refs -= 1;
-            node.last_used = clock;
+            self.update(n, |node| {
+                node.refs -= 1;
+                node.last_used = clock;
+            });
         }
         let bs = self.block_size;
         let mut at = lease.nodes.last().copied().unwrap_or(ROOT);
@@ -142,7 +168,7 @@ impl PrefixCache {
                 Some(&existing) => existing,
                 None => self.insert(at, key.to_vec(), block),
             };
-            self.node_mut(at).last_used = clock;
+            self.update(at, |node| node.last_used = clock);
         }
     }
 
@@ -155,6 +181,7 @@ impl PrefixCache {
             refs: 0,
             last_used: self.clock,
         };
+        self.unleased += 1;
         let index = match self.vacant.pop() {
             Some(i) => {
                 self.nodes[i] = Some(node);
@@ -165,37 +192,31 @@ impl PrefixCache {
                 self.nodes.len() - 1
             }
         };
-        self.node_mut(parent).children.insert(key, index);
+        self.leaves.insert((self.clock, index));
+        self.update(parent, |p| {
+            p.children.insert(key, index);
+        });
         self.cached += 1;
         index
     }
 
     /// Blocks eviction could free now: every unleased node (a leased node's ancestors are leased).
     pub fn evictable(&self) -> usize {
-        self.nodes
-            .iter()
-            .skip(1)
-            .flatten()
-            .filter(|node| node.refs == 0)
-            .count()
+        self.unleased
     }
 
     /// Free up to `n` blocks, least recently used unleased leaves first. Returns how many were freed.
     pub fn evict(&mut self, n: usize) -> usize {
         let mut freed = 0;
         while freed < n {
-            let victim = self
-                .nodes
-                .iter()
-                .enumerate()
-                .skip(1)
-                .filter_map(|(i, node)| node.as_ref().map(|node| (i, node)))
-                .filter(|(_, node)| node.refs == 0 && node.children.is_empty())
-                .min_by_key(|(_, node)| node.last_used)
-                .map(|(i, _)| i);
-            let Some(victim) = victim else { break };
+            let Some((_, victim)) = self.leaves.pop_first() else {
+                break;
+            };
             let node = self.nodes[victim].take().expect("victim is live");
-            self.node_mut(node.parent).children.remove(&node.key);
+            self.unleased -= 1;
+            self.update(node.parent, |p| {
+                p.children.remove(&node.key);
+            });
             self.vacant.push(victim);
             self.cached -= 1;
             freed += 1;
@@ -239,6 +260,70 @@ mod tests {
         assert_eq!(cache.evict(10), 3);
         assert!(cache.is_empty());
         assert_eq!(pool.free_count(), 8);
+    }
+
+    /// `unleased` and `leaves` as a full scan of the nodes finds them.
+    fn scan(cache: &PrefixCache) -> (usize, BTreeSet<(u64, usize)>) {
+        let live = || {
+            cache
+                .nodes
+                .iter()
+                .enumerate()
+                .skip(1)
+                .filter_map(|(i, n)| Some((i, n.as_ref()?)))
+        };
+        let unleased = live().filter(|(_, n)| n.refs == 0).count();
+        let leaves = live()
+            .filter(|(_, n)| n.refs == 0 && n.children.is_empty())
+            .map(|(i, n)| (n.last_used, i))
+            .collect();
+        (unleased, leaves)
+    }
+
+    /// Random leases, releases and evictions over prompts that share prefixes: after every step the
+    /// kept counts equal a full scan, and eviction takes the least recently used unleased leaf.
+    #[test]
+    fn bookkeeping_matches_a_full_scan() {
+        let pool = BlockPool::new(20_000);
+        let mut cache = PrefixCache::new(2);
+        let mut held = Vec::new();
+        let mut seed = 7u64;
+        let mut next = |n: usize| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) as usize % n
+        };
+        for _ in 0..3000 {
+            match next(4) {
+                0 => {
+                    let blocks = 1 + next(6);
+                    let prompt: Vec<u32> = (0..2 * blocks).map(|_| next(3) as u32).collect();
+                    let lease = cache.lease(&prompt, blocks);
+                    let own = pool.take(blocks - lease.len()).expect("pool has room");
+                    held.push((lease, prompt, own));
+                }
+                1 | 2 if !held.is_empty() => {
+                    let (lease, prompt, own) = held.swap_remove(next(held.len()));
+                    cache.release(lease, &prompt, own);
+                }
+                _ => {
+                    let oldest = scan(&cache).1.first().copied();
+                    assert_eq!(cache.evict(1), oldest.is_some() as usize);
+                    if let Some((_, victim)) = oldest {
+                        assert!(cache.nodes[victim].is_none(), "evicted {victim}");
+                    }
+                }
+            }
+            let (unleased, leaves) = scan(&cache);
+            assert_eq!(cache.evictable(), unleased);
+            assert_eq!(cache.leaves, leaves);
+        }
+        assert!(
+            cache.len() > 10,
+            "the walk built a trie ({} nodes)",
+            cache.len()
+        );
     }
 
     #[test]
