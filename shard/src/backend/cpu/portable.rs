@@ -5,36 +5,98 @@ use half::{bf16, f16};
 
 use super::{mul_add, Packed, FUSED, MR, NR};
 
+/// Panel rows per strip when several tokens share it: each token's strip of sums (four NEON or SSE
+/// vectors) stays in registers while the strip walks the whole `k`. One token takes the whole
+/// panel row per input instead, so a decode step streams the panel once, in order.
+const STRIP: usize = 16;
+
 /// Fills `acc[..mr]` with `xs[i] · panel p` for `mr` tokens of `k` features.
 pub fn kernel(xs: &[f32], mr: usize, k: usize, data: &Packed, p: usize, acc: &mut [[f32; NR]; MR]) {
-    for row in acc.iter_mut().take(mr) {
-        *row = [0.0; NR];
-    }
-    let mut w = [0f32; NR];
-    let pairs = k.div_ceil(2);
-    for kk in 0..k {
-        let at = p * k * NR + kk * NR;
-        match data {
-            Packed::F32(v) => w.copy_from_slice(&v[at..at + NR]),
-            Packed::F16(v) => {
-                for (o, &b) in w.iter_mut().zip(&v[at..at + NR]) {
-                    *o = f16::from_bits(b).to_f32();
-                }
-            }
-            Packed::Bf16(v) => {
-                // k-pairs: row r's value of column kk at 2r + kk % 2 within pair kk / 2.
-                let at = ((p * pairs + kk / 2) * NR) * 2 + kk % 2;
-                for (r, o) in w.iter_mut().enumerate() {
-                    *o = bf16::from_bits(v[at + 2 * r]).to_f32();
-                }
-            }
-            Packed::Quant(_) => unreachable!("quantized panels go to quant::matmul"),
+    match data {
+        Packed::F32(v) => by_tokens(xs, mr, k, acc, &F32Panel(&v[p * k * NR..(p + 1) * k * NR])),
+        Packed::F16(v) => by_tokens(xs, mr, k, acc, &F16Panel(&v[p * k * NR..(p + 1) * k * NR])),
+        Packed::Bf16(v) => {
+            let len = k.div_ceil(2) * NR * 2;
+            by_tokens(xs, mr, k, acc, &Bf16Panel(&v[p * len..(p + 1) * len]))
         }
-        for (i, row) in acc.iter_mut().take(mr).enumerate() {
-            let xv = xs[i * k + kk];
-            for (a, &wv) in row.iter_mut().zip(&w) {
-                *a = mul_add(xv, wv, *a);
+        Packed::Quant(_) => unreachable!("quantized panels go to quant::matmul"),
+    }
+}
+
+/// One panel's weights, read as f32 `S` rows at a time.
+trait Panel {
+    /// Input `kk` of rows `s..s + S`.
+    fn strip<const S: usize>(&self, kk: usize, s: usize) -> [f32; S];
+}
+
+struct F32Panel<'a>(&'a [f32]);
+struct F16Panel<'a>(&'a [u16]);
+/// k-pairs: row r's value of input kk at `2r + kk % 2` within pair `kk / 2`.
+struct Bf16Panel<'a>(&'a [u16]);
+
+impl Panel for F32Panel<'_> {
+    #[inline(always)]
+    fn strip<const S: usize>(&self, kk: usize, s: usize) -> [f32; S] {
+        let at = kk * NR + s;
+        self.0[at..at + S].try_into().unwrap()
+    }
+}
+
+impl Panel for F16Panel<'_> {
+    #[inline(always)]
+    fn strip<const S: usize>(&self, kk: usize, s: usize) -> [f32; S] {
+        let at = kk * NR + s;
+        let bits = &self.0[at..at + S];
+        std::array::from_fn(|j| f16::from_bits(bits[j]).to_f32())
+    }
+}
+
+impl Panel for Bf16Panel<'_> {
+    #[inline(always)]
+    fn strip<const S: usize>(&self, kk: usize, s: usize) -> [f32; S] {
+        // Every other value from the pair's first or second one (a fixed stride vectorizes).
+        let at = (kk / 2) * NR * 2 + 2 * s + kk % 2;
+        let values = &self.0[at..at + 2 * S - 1];
+        std::array::from_fn(|j| bf16::from_bits(values[2 * j]).to_f32())
+    }
+}
+
+/// `tile` monomorphized for the token count, so the sums have a fixed shape.
+#[inline(always)]
+fn by_tokens<P: Panel>(xs: &[f32], mr: usize, k: usize, acc: &mut [[f32; NR]; MR], panel: &P) {
+    match mr {
+        1 => tile::<1, NR, P>(xs, k, acc, panel),
+        2 => tile::<2, STRIP, P>(xs, k, acc, panel),
+        3 => tile::<3, STRIP, P>(xs, k, acc, panel),
+        4 => tile::<4, STRIP, P>(xs, k, acc, panel),
+        5 => tile::<5, STRIP, P>(xs, k, acc, panel),
+        _ => tile::<6, STRIP, P>(xs, k, acc, panel),
+    }
+}
+
+/// `M` tokens against a panel, `S` rows at a time. Each sum runs over the inputs in order, one
+/// multiply-add at a time, whatever `S` is.
+#[inline(always)]
+fn tile<const M: usize, const S: usize, P: Panel>(
+    xs: &[f32],
+    k: usize,
+    acc: &mut [[f32; NR]; MR],
+    panel: &P,
+) {
+    let rows: [&[f32]; M] = std::array::from_fn(|i| &xs[i * k..(i + 1) * k]);
+    for s in (0..NR).step_by(S) {
+        let mut sums = [[0f32; S]; M];
+        for kk in 0..k {
+            let w = panel.strip::<S>(kk, s);
+            for (sum, row) in sums.iter_mut().zip(&rows) {
+                let xv = row[kk];
+                for (a, &wv) in sum.iter_mut().zip(&w) {
+                    *a = mul_add(xv, wv, *a);
+                }
             }
+        }
+        for (a, sum) in acc.iter_mut().zip(&sums) {
+            a[s..s + S].copy_from_slice(sum);
         }
     }
 }
