@@ -13,14 +13,15 @@ unavailable() {
   exit 75
 }
 target=aarch64-unknown-linux-gnu
-rustup target list --installed | grep -qx "$target" || rustup target add "$target" ||
+rustup target list --installed | grep -qx "$target" || timeout 600 rustup target add "$target" ||
   unavailable "rustup could not add $target"
 need=()
 command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
 command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
 if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || unavailable "install ${need[*]} (Debian/Ubuntu)"
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null; } ||
+  { timeout 600 apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq "${need[@]}" >/dev/null; } ||
     unavailable "apt-get could not install ${need[*]}"
 fi
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
