@@ -99,14 +99,19 @@ impl QuantPanels {
                     let (quant, params) = block.split_at_mut(per_block - 1);
                     for r in 0..ROWS.min(rows - p * ROWS) {
                         let row = p * ROWS + r;
-                        for i in 0..group {
-                            let v = a.q[row * cols + g * group + i];
-                            let (quad, t) = (i / 4, i % 4);
+                        let values = &a.q[row * cols + g * group..][..group];
+                        for (quad, v) in values.chunks_exact(4).enumerate() {
                             if nibbles {
-                                let (line, high) = (quad % (quads / 2), quad >= quads / 2);
-                                quant[line].0[r * 4 + t] |= (v & 0x0F) << (4 * high as u8);
+                                let (line, shift) =
+                                    (quad % (quads / 2), 4 * (quad >= quads / 2) as u8);
+                                // The quad's four nibbles in one word (each byte stays < 16,
+                                // so the shift cannot carry into its neighbour).
+                                let nibs = u32::from_ne_bytes(v.try_into().unwrap()) & 0x0F0F_0F0F;
+                                let dst: &mut [u8; 4] =
+                                    (&mut quant[line].0[r * 4..r * 4 + 4]).try_into().unwrap();
+                                *dst = (u32::from_ne_bytes(*dst) | nibs << shift).to_ne_bytes();
                             } else {
-                                quant[quad].0[r * 4 + t] = v;
+                                quant[quad].0[r * 4..r * 4 + 4].copy_from_slice(v);
                             }
                         }
                         let at = row * groups + g;
