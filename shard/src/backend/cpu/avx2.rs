@@ -233,15 +233,15 @@ pub unsafe fn exp_in_place(x: &mut [f32]) {
 unsafe fn exp8(v: __m256) -> __m256 {
     let c = _mm256_set1_ps;
     // `min`/`max` return their second operand for NaN, so NaN passes through.
-    let x = _mm256_max_ps(c(-104.0), _mm256_min_ps(c(88.7), v));
+    let x = _mm256_max_ps(c(super::EXP_MIN), _mm256_min_ps(c(super::EXP_MAX), v));
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
         x,
         c(std::f32::consts::LOG2_E),
     ));
-    let r = _mm256_fnmadd_ps(n, c(0.693_145_75), x);
-    let r = _mm256_fnmadd_ps(n, c(1.428_606_8e-6), r);
+    let r = _mm256_fnmadd_ps(n, c(super::LN2_HI), x);
+    let r = _mm256_fnmadd_ps(n, c(super::LN2_LO), r);
     let mut p = c(1.0 / 720.0);
-    for k in [120.0, 24.0, 6.0, 2.0, 1.0, 1.0] {
+    for k in super::EXP_HORNER {
         p = _mm256_fmadd_ps(p, r, c(1.0 / k));
     }
     let n = _mm256_cvtps_epi32(n);

@@ -91,14 +91,14 @@ unsafe fn exp_avx512(x: &mut [f32]) {
 unsafe fn exp16(v: __m512) -> __m512 {
     let c = _mm512_set1_ps;
     // `min`/`max` return their second operand for NaN, so NaN passes through.
-    let x = _mm512_max_ps(c(-104.0), _mm512_min_ps(c(88.7), v));
+    let x = _mm512_max_ps(c(super::EXP_MIN), _mm512_min_ps(c(super::EXP_MAX), v));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(x, c(std::f32::consts::LOG2_E)),
     );
-    let r = _mm512_fnmadd_ps(n, c(0.693_145_75), x);
-    let r = _mm512_fnmadd_ps(n, c(1.428_606_8e-6), r);
+    let r = _mm512_fnmadd_ps(n, c(super::LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, c(super::LN2_LO), r);
     let mut p = c(1.0 / 720.0);
-    for k in [120.0, 24.0, 6.0, 2.0, 1.0, 1.0] {
+    for k in super::EXP_HORNER {
         p = _mm512_fmadd_ps(p, r, c(1.0 / k));
     }
     _mm512_scalef_ps(p, n)

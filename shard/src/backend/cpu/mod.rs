@@ -384,6 +384,16 @@ pub fn exp_in_place(x: &mut [f32]) {
     }
 }
 
+/// The exp every path but baseline x86's computes (`avx512`, `avx2`, `portable`): x clamped to
+/// [EXP_MIN, EXP_MAX], n = round(x·log₂e), r = x − n·ln 2 with ln 2 in two parts (LN2_HI has few
+/// bits, so n·LN2_HI is exact), p(r) the degree-6 Taylor polynomial by Horner from 1/720 through
+/// the divisors EXP_HORNER, and 2ⁿ applied as two halves so both factors stay normal.
+pub(crate) const EXP_MIN: f32 = -104.0;
+pub(crate) const EXP_MAX: f32 = 88.7;
+pub(crate) const LN2_HI: f32 = 0.693_145_75;
+pub(crate) const LN2_LO: f32 = 1.428_606_8e-6;
+pub(crate) const EXP_HORNER: [f32; 6] = [120.0, 24.0, 6.0, 2.0, 1.0, 1.0];
+
 /// Whether every CPU of the build target fuses multiply-adds (aarch64, or x86 built with `fma`).
 const FUSED: bool = cfg!(any(target_arch = "aarch64", target_feature = "fma"));
 

@@ -3,7 +3,7 @@
 
 use half::{bf16, f16};
 
-use super::{mul_add, Packed, FUSED, MR, NR};
+use super::{mul_add, Packed, EXP_HORNER, EXP_MAX, EXP_MIN, FUSED, LN2_HI, LN2_LO, MR, NR};
 
 /// Panel rows per strip when several tokens share it: each token's strip of sums (four NEON or SSE
 /// vectors) stays in registers while the strip walks the whole `k`. One token takes the whole
@@ -119,12 +119,12 @@ fn exp(v: f32) -> f32 {
     // as the vector kernels' rounding does (and unlike `round`, it vectorizes on every target).
     const ROUND: f32 = 12_582_912.0;
     // `clamp` keeps NaN, which then passes through.
-    let x = v.clamp(-104.0, 88.7);
+    let x = v.clamp(EXP_MIN, EXP_MAX);
     let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
-    let r = mul_add(-n, 0.693_145_75, x);
-    let r = mul_add(-n, 1.428_606_8e-6, r);
+    let r = mul_add(-n, LN2_HI, x);
+    let r = mul_add(-n, LN2_LO, r);
     let mut p = 1.0 / 720.0;
-    for k in [120.0, 24.0, 6.0, 2.0, 1.0, 1.0] {
+    for k in EXP_HORNER {
         p = mul_add(p, r, 1.0 / k);
     }
     let n = n as i32;
