@@ -2,7 +2,9 @@
 //! weights by i8 activations into i16 pairs and saturates past 32,767, so how many products may
 //! share an i16 sum depends on the weights' width, and each width has its own tile:
 //! - nibbles (≤ 4 bits): a whole group's products fit (8 quads · 2 · 15 · 127 = 30,480);
-//! - small bytes (5–6 bits): two quads' products fit (2 · 2 · 63 · 127 = 32,004);
+//! - nibbles with plane bits (5–6 bits): two quads' products fit (2 · 2 · 63 · 127 = 32,004), so
+//!   each nibble line's pair of quads is widened to i32 at once; the same goes for 5–6-bit values
+//!   one per byte (panels expanded for prefill, `QuantPanels::expand_panel`);
 //! - bytes (7–8 bits): weights are made signed (`v − 128`) and enter as magnitudes, their signs
 //!   moved onto the activations (`|w| · sign(x, w)`: one quad's pair is at most 2 · 128 · 127),
 //!   and the sum starts at `128·Σ qx` so it is `Σ v·qx` exactly as the other kernels compute it.
@@ -13,9 +15,15 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::{QuantActs, QuantPanels, ROWS, TOKENS};
+#[cfg(target_arch = "x86_64")]
+use super::plane_bit;
+use super::{Line, QuantActs, QuantPanels, ROWS, TOKENS};
 
 pub use super::super::avx2::available;
+
+/// Tokens per tile of 5–6-bit values (nibbles with plane bits, or one per byte): what keeps the
+/// tile's sums, weights and broadcasts in AVX2's 16 registers (measured: 4 is slower).
+pub(super) const PLANE_STEP: usize = 2;
 
 /// Fills `acc[..mr]` with tokens `t0..t0 + mr` against panel `p`. Only called after `available()`.
 pub fn kernel(
@@ -30,36 +38,94 @@ pub fn kernel(
     {
         assert!(available(), "the AVX2 kernel needs AVX2, FMA and F16C");
         // `$step` tokens per tile: what keeps the tile's sums, weights and broadcasts in AVX2's
-        // 16 registers (measured: 4 for nibbles and bytes, 2 for small bytes).
+        // 16 registers (measured: 4 for nibbles and bytes, PLANE_STEP for 5–6 bits).
         macro_rules! tiles {
-            ($tile:ident, $g:literal, $step:literal) => {
+            ($tile:ident::<$($c:literal),*>, $step:expr) => {
                 for at in (0..mr).step_by($step) {
                     let (t, acc) = (t0 + at, &mut acc[at..]);
                     // SAFETY: `available()` holds; the tile reads only inside `w` and `acts`.
                     unsafe {
                         match (mr - at).min($step) {
-                            1 => $tile::<$g, 1>(acts, t, w, p, acc),
-                            2 => $tile::<$g, 2>(acts, t, w, p, acc),
-                            3 => $tile::<$g, 3>(acts, t, w, p, acc),
-                            _ => $tile::<$g, 4>(acts, t, w, p, acc),
+                            1 => $tile::<$($c,)* 1>(acts, t, w, p, acc),
+                            2 => $tile::<$($c,)* 2>(acts, t, w, p, acc),
+                            3 => $tile::<$($c,)* 3>(acts, t, w, p, acc),
+                            _ => $tile::<$($c,)* 4>(acts, t, w, p, acc),
                         }
                     }
                 }
             };
         }
-        match (w.group, w.nibbles, w.bits <= 6) {
-            (32, true, _) => tiles!(nibble_tile, 32, 4),
-            (16, true, _) => tiles!(nibble_tile, 16, 4),
-            (32, false, true) => tiles!(small_tile, 32, 2),
-            (16, false, true) => tiles!(small_tile, 16, 2),
-            (32, false, false) => tiles!(byte_tile, 32, 4),
-            _ => tiles!(byte_tile, 16, 4),
+        match (w.group, w.nibbles, w.high, w.bits <= 6) {
+            (32, true, 0, _) => tiles!(nibble_tile::<32, 0>, 4),
+            (32, true, 1, _) => tiles!(nibble_tile::<32, 1>, PLANE_STEP),
+            (32, true, _, _) => tiles!(nibble_tile::<32, 2>, PLANE_STEP),
+            (16, true, 0, _) => tiles!(nibble_tile::<16, 0>, 4),
+            (16, true, 1, _) => tiles!(nibble_tile::<16, 1>, PLANE_STEP),
+            (16, true, _, _) => tiles!(nibble_tile::<16, 2>, PLANE_STEP),
+            (32, false, _, true) => tiles!(small_tile::<32>, PLANE_STEP),
+            (16, false, _, true) => tiles!(small_tile::<16>, PLANE_STEP),
+            (32, false, _, false) => tiles!(byte_tile::<32>, 4),
+            _ => tiles!(byte_tile::<16>, 4),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (acts, t0, mr, w, p, acc);
         unreachable!("the AVX2 kernel exists only on x86_64");
+    }
+}
+
+/// A group's nibbles and plane bits joined into one byte per value, `out[j]` holding quad `j`
+/// (`super::unpack_group` for nibble blocks with plane bits, in AVX2). Only called after
+/// `available()`.
+pub fn join_group(block: &[u8], group: usize, high: usize, out: &mut [Line]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            available() && out.len() >= group / 4,
+            "join_group needs AVX2"
+        );
+        // SAFETY: AVX2 is present; `join` reads the block's nibble and plane lines and writes
+        // `out[..G/4]`, both checked by slicing.
+        unsafe {
+            match (group, high) {
+                (32, 1) => join::<32, 1>(block, out),
+                (32, _) => join::<32, 2>(block, out),
+                (16, 1) => join::<16, 1>(block, out),
+                _ => join::<16, 2>(block, out),
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (block, group, high, out);
+        unreachable!("the AVX2 kernels exist only on x86_64");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn join<const G: usize, const HB: usize>(block: &[u8], out: &mut [Line]) {
+    let (low, field) = (
+        _mm256_set1_epi8(0x0F),
+        _mm256_set1_epi8((((1 << HB) - 1) << 4) as i8),
+    );
+    let out = &mut out[..G / 4];
+    prefetch(block);
+    for c in 0..G / 8 {
+        let v = halves(block, c);
+        let mut lo = [_mm256_and_si256(v[0], low), _mm256_and_si256(v[1], low)];
+        let mut hi = [
+            _mm256_and_si256(_mm256_srli_epi16::<4>(v[0]), low),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(v[1]), low),
+        ];
+        add_plane_bits::<G, HB>(block, c, field, &mut lo);
+        add_plane_bits::<G, HB>(block, c + G / 8, field, &mut hi);
+        for (j, q) in [(c, lo), (c + G / 8, hi)] {
+            let dst = out[j].0.as_mut_ptr() as *mut __m256i;
+            _mm256_storeu_si256(dst, q[0]);
+            _mm256_storeu_si256(dst.add(1), q[1]);
+        }
     }
 }
 
@@ -169,11 +235,12 @@ unsafe fn store<const MR: usize>(f: &[[__m256; 2]; MR], acc: &mut [[f32; ROWS]])
     }
 }
 
-/// Values of at most 4 bits: line `c` holds quad `c` in its low nibbles and quad `c + G/8` in its
-/// high ones; the group's products are summed in i16, then widened once.
+/// Values of at most 6 bits: line `c` holds quad `c` in its low nibbles and quad `c + G/8` in its
+/// high ones, and `HB` bits above each nibble lie in the planes. Without plane bits the group's
+/// products are summed in i16 and widened once; with them, each line's pair of quads is widened.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nibble_tile<const G: usize, const MR: usize>(
+unsafe fn nibble_tile<const G: usize, const HB: usize, const MR: usize>(
     acts: &QuantActs,
     t0: usize,
     w: &QuantPanels,
@@ -181,6 +248,7 @@ unsafe fn nibble_tile<const G: usize, const MR: usize>(
     acc: &mut [[f32; ROWS]],
 ) {
     let (low, ones) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(1));
+    let field = _mm256_set1_epi8((((1 << HB) - 1) << 4) as i8);
     let mut f = [[_mm256_setzero_ps(); 2]; MR];
     for g in 0..w.cols / G {
         let (block, params) = w.block(p, g);
@@ -188,11 +256,15 @@ unsafe fn nibble_tile<const G: usize, const MR: usize>(
         let (x, mut s) = (quads::<MR>(acts, t0, g), [[_mm256_setzero_si256(); 2]; MR]);
         for c in 0..G / 8 {
             let v = halves(block, c);
-            let lo = [_mm256_and_si256(v[0], low), _mm256_and_si256(v[1], low)];
-            let hi = [
+            let mut lo = [_mm256_and_si256(v[0], low), _mm256_and_si256(v[1], low)];
+            let mut hi = [
                 _mm256_and_si256(_mm256_srli_epi16::<4>(v[0]), low),
                 _mm256_and_si256(_mm256_srli_epi16::<4>(v[1]), low),
             ];
+            if HB > 0 {
+                add_plane_bits::<G, HB>(block, c, field, &mut lo);
+                add_plane_bits::<G, HB>(block, c + G / 8, field, &mut hi);
+            }
             for (i, si) in s.iter_mut().enumerate() {
                 let (x0, x1) = (broadcast(x[i], c), broadcast(x[i], c + G / 8));
                 for h in 0..2 {
@@ -200,13 +272,19 @@ unsafe fn nibble_tile<const G: usize, const MR: usize>(
                         _mm256_maddubs_epi16(lo[h], x0),
                         _mm256_maddubs_epi16(hi[h], x1),
                     );
-                    si[h] = _mm256_add_epi16(si[h], pair);
+                    si[h] = if HB == 0 {
+                        _mm256_add_epi16(si[h], pair)
+                    } else {
+                        _mm256_add_epi32(si[h], _mm256_madd_epi16(pair, ones))
+                    };
                 }
             }
         }
-        for si in s.iter_mut() {
-            for v in si.iter_mut() {
-                *v = _mm256_madd_epi16(*v, ones);
+        if HB == 0 {
+            for si in s.iter_mut() {
+                for v in si.iter_mut() {
+                    *v = _mm256_madd_epi16(*v, ones);
+                }
             }
         }
         scale_group!(f, s, params, acts, t0, g);
@@ -214,7 +292,31 @@ unsafe fn nibble_tile<const G: usize, const MR: usize>(
     store(&f, acc);
 }
 
-/// Values of 5–6 bits, one byte each: quads two by two summed in i16, then widened.
+/// Puts quad `j`'s `HB` bits above the nibble, read from the block's planes, into `q` (its two
+/// halves, nibbles already there): the plane is shifted so they land at bits 4.. of each byte
+/// (16-bit shifts of at most 4 cannot carry a neighbour's bits into that field), then masked.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn add_plane_bits<const G: usize, const HB: usize>(
+    block: &[u8],
+    j: usize,
+    field: __m256i,
+    q: &mut [__m256i; 2],
+) {
+    let (plane, bit) = plane_bit(j, HB);
+    for (qh, above) in q.iter_mut().zip(halves(block, G / 8 + plane)) {
+        let placed = if bit <= 4 {
+            _mm256_sll_epi16(above, _mm_cvtsi32_si128(4 - bit as i32))
+        } else {
+            _mm256_srl_epi16(above, _mm_cvtsi32_si128(bit as i32 - 4))
+        };
+        *qh = _mm256_or_si256(*qh, _mm256_and_si256(placed, field));
+    }
+}
+
+/// Values of 5–6 bits, one byte each (panels expanded for prefill): quads two by two summed in
+/// i16, then widened.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn small_tile<const G: usize, const MR: usize>(

@@ -10,21 +10,26 @@
 //! Layout (made once at load): panels of 16 output rows; in a panel, group after group; in a
 //! group, "quads" of 4 consecutive inputs for all 16 rows side by side in one 64-byte line
 //! (`row·4 + i%4`). One `vpdpbusd` of a line against a broadcast activation quad therefore feeds 16
-//! row accumulators, with no horizontal sums. Values of at most 4 bits share lines two by two:
-//! line `c` holds quad `c` in its low nibbles and quad `c + G/8` in its high ones, so the matrix
-//! is about as large as the file it came from. Scales and offsets follow per (panel, group): 16
-//! f16 scales, then 16 f16 offsets.
+//! row accumulators, with no horizontal sums. Values of at most 6 bits keep their low nibbles two
+//! lines to one: line `c` holds quad `c` in its low nibbles and quad `c + G/8` in its high ones;
+//! the 1–2 bits above the nibble (5- and 6-bit formats) follow in "plane" lines, where byte `i`
+//! holds those bits of byte `i` of every quad (`plane_bit`). So the matrix is about as large as the
+//! file it came from. Scales and offsets follow per (panel, group): 16 f16 scales, then 16 f16
+//! offsets.
 
-/// Expands `$go!(GROUP, NIBBLES)` for the layout of panels `$w`, so each x86 kernel set is
+/// Expands `$go!(GROUP, NIBBLES, HIGH)` for the layout of panels `$w`, so a kernel set is
 /// compiled once per layout (defined before the kernel modules so they see it).
-#[cfg(target_arch = "x86_64")]
 macro_rules! by_layout {
     ($w:expr, $go:ident) => {
-        match ($w.group, $w.nibbles) {
-            (32, true) => $go!(32, true),
-            (32, false) => $go!(32, false),
-            (16, true) => $go!(16, true),
-            _ => $go!(16, false),
+        match ($w.group, $w.nibbles, $w.high) {
+            (32, true, 0) => $go!(32, true, 0),
+            (32, true, 1) => $go!(32, true, 1),
+            (32, true, _) => $go!(32, true, 2),
+            (32, false, _) => $go!(32, false, 0),
+            (16, true, 0) => $go!(16, true, 0),
+            (16, true, 1) => $go!(16, true, 1),
+            (16, true, _) => $go!(16, true, 2),
+            _ => $go!(16, false, 0),
         }
     };
 }
@@ -64,8 +69,10 @@ pub struct QuantPanels {
     group: usize,
     /// Every value is < 2^bits (2..=8); the AVX2 kernels pick their i16 sums by it.
     bits: u32,
-    /// Two values per byte (every value < 16).
+    /// Low nibbles two per byte (every value < 64), else one value per byte.
     nibbles: bool,
+    /// Bits above the nibble (0–2), in plane lines after the nibble lines.
+    high: usize,
     lines: Vec<Line>,
 }
 
@@ -86,9 +93,14 @@ impl QuantPanels {
                 a.scale.len()
             ));
         }
-        let nibbles = a.bits <= 4;
+        let nibbles = a.bits <= 6;
+        let high = if nibbles {
+            a.bits.saturating_sub(4) as usize
+        } else {
+            0
+        };
         let (panels, groups) = (rows.div_ceil(ROWS), cols / group);
-        let per_block = block_lines(group, nibbles);
+        let per_block = block_lines(group, nibbles, high);
         let mut lines = vec![Line([0; 64]); panels * groups * per_block];
         let quads = group / 4;
         lines
@@ -110,6 +122,14 @@ impl QuantPanels {
                                 let dst: &mut [u8; 4] =
                                     (&mut quant[line].0[r * 4..r * 4 + 4]).try_into().unwrap();
                                 *dst = (u32::from_ne_bytes(*dst) | nibs << shift).to_ne_bytes();
+                                if high > 0 {
+                                    // The bits above each nibble, at their place in the plane.
+                                    let (plane, bit) = plane_bit(quad, high);
+                                    let bytes = &mut quant[quads / 2 + plane].0[r * 4..r * 4 + 4];
+                                    for (b, &value) in bytes.iter_mut().zip(v) {
+                                        *b |= (value >> 4) << bit;
+                                    }
+                                }
                             } else {
                                 quant[quad].0[r * 4..r * 4 + 4].copy_from_slice(v);
                             }
@@ -128,6 +148,7 @@ impl QuantPanels {
             group,
             bits: a.bits,
             nibbles,
+            high,
             lines,
         })
     }
@@ -153,11 +174,18 @@ impl QuantPanels {
         let v = if self.nibbles {
             let lines = self.group / 8;
             let byte = quant[(quad % lines) * 64 + lane * 4 + t];
-            if quad >= lines {
+            let nibble = if quad >= lines {
                 byte >> 4
             } else {
                 byte & 0x0F
-            }
+            };
+            let above = if self.high > 0 {
+                let (plane, bit) = plane_bit(quad, self.high);
+                quant[(lines + plane) * 64 + lane * 4 + t] >> bit & ((1 << self.high) - 1)
+            } else {
+                0
+            };
+            nibble | above << 4
         } else {
             quant[quad * 64 + lane * 4 + t]
         };
@@ -173,12 +201,48 @@ impl QuantPanels {
         }
     }
 
+    /// Panel `p` alone with one value per byte (nibbles and plane bits joined) into `out`, whose
+    /// lines are reused: prefill multiplies a panel by many tokens, so it pays to join the bits
+    /// once per panel rather than in every kernel call.
+    fn expand_panel(&self, p: usize, out: &mut QuantPanels, kernels: Kernels) {
+        let (groups, per_block) = (self.cols / self.group, block_lines(self.group, false, 0));
+        *out = QuantPanels {
+            rows: ROWS,
+            nibbles: false,
+            high: 0,
+            lines: std::mem::take(&mut out.lines),
+            ..*self
+        };
+        out.lines.resize(groups * per_block, Line([0; 64]));
+        for (g, dst) in out.lines.chunks_exact_mut(per_block).enumerate() {
+            let (quant, _) = self.block(p, g);
+            macro_rules! go {
+                ($g:literal, $nib:literal, $hb:literal) => {
+                    unpack_group::<$g, $nib, $hb>(quant, dst)
+                };
+            }
+            match kernels {
+                Kernels::Vnni | Kernels::Avx2 => {
+                    avx2::join_group(quant, self.group, self.high, dst)
+                }
+                _ => by_layout!(self, go),
+            }
+            dst[per_block - 1] = self.lines[self.block_at(p, g + 1) - 1];
+        }
+    }
+
+    /// Index of the first line of group `g`'s block in panel `p` (`g` may be one past the last).
+    #[inline(always)]
+    fn block_at(&self, p: usize, g: usize) -> usize {
+        (p * (self.cols / self.group) + g) * block_lines(self.group, self.nibbles, self.high)
+    }
+
     /// The quantized bytes and the f16 (scale, offset) line of group `g` in panel `p`; both
     /// start on a 64-byte boundary.
     #[inline(always)]
     fn block(&self, p: usize, g: usize) -> (&[u8], &[u16]) {
-        let per_block = block_lines(self.group, self.nibbles);
-        let at = (p * (self.cols / self.group) + g) * per_block;
+        let per_block = block_lines(self.group, self.nibbles, self.high);
+        let at = self.block_at(p, g);
         let (quant, params) = self.lines[at..at + per_block].split_at(per_block - 1);
         // SAFETY: `Line` is 64 plain bytes (repr C, no padding), so its slices are byte slices,
         // and its 64-byte alignment satisfies u16's.
@@ -191,9 +255,45 @@ impl QuantPanels {
     }
 }
 
-/// Lines of one (panel, group) block: its quants, then its scales and offsets.
-fn block_lines(group: usize, nibbles: bool) -> usize {
-    ROWS * group / if nibbles { 2 } else { 1 } / 64 + 1
+/// Lines of one (panel, group) block: its nibbles and planes (or bytes), then its scales and
+/// offsets.
+fn block_lines(group: usize, nibbles: bool, high: usize) -> usize {
+    if nibbles {
+        ROWS * group / 2 / 64 + (group / 4 * high).div_ceil(8) + 1
+    } else {
+        ROWS * group / 64 + 1
+    }
+}
+
+/// Where quad `j`'s bits above the nibble lie: their plane line (counted from the first plane),
+/// and the bit of each byte holding the lowest of them (the other `high − 1` follow it). Byte
+/// `i` of a plane holds those bits for byte `i` of each quad in turn, eight bits a line.
+#[inline(always)]
+const fn plane_bit(j: usize, high: usize) -> (usize, usize) {
+    (j * high / 8, j * high % 8)
+}
+
+/// A group's quads as whole bytes into `out[..G/4]`, in the packed order (`out[j]` byte `r·4 + t`
+/// is row r's input `4j + t`): a nibble block keeps quad `c` in the low nibbles of line `c` and
+/// quad `c + G/8` in its high ones, and the bits above them in its planes.
+#[inline(always)]
+fn unpack_group<const G: usize, const NIB: bool, const HB: usize>(block: &[u8], out: &mut [Line]) {
+    let lines = if NIB { G / 8 } else { G / 4 };
+    for (j, quad) in out[..G / 4].iter_mut().enumerate() {
+        let line: &[u8; 64] = block[(j % lines) * 64..][..64].try_into().unwrap();
+        match (NIB, j < lines) {
+            (false, _) => quad.0 = *line,
+            (true, true) => quad.0.iter_mut().zip(line).for_each(|(q, b)| *q = b & 0x0F),
+            (true, false) => quad.0.iter_mut().zip(line).for_each(|(q, b)| *q = b >> 4),
+        }
+        if HB > 0 {
+            let (plane, bit) = plane_bit(j, HB);
+            let above: &[u8; 64] = block[(lines + plane) * 64..][..64].try_into().unwrap();
+            for (q, a) in quad.0.iter_mut().zip(above) {
+                *q |= (a >> bit & ((1 << HB) - 1)) << 4;
+            }
+        }
+    }
 }
 
 /// Activations quantized per group: `q` is `[n, k]` int8 in [-127, 127], `scale`, `sum` and
@@ -381,6 +481,17 @@ impl Kernels {
         }
     }
 
+    /// Tokens one tile of this set multiplies by a group's weights after joining their plane
+    /// bits: a matmul with more tokens per block joins them once per panel instead
+    /// (`QuantPanels::expand_panel`).
+    fn plane_tile_tokens(self) -> usize {
+        match self {
+            Kernels::Vnni | Kernels::Portable => TOKENS,
+            Kernels::Avx2 => avx2::PLANE_STEP,
+            Kernels::Neon => neon::STEP,
+        }
+    }
+
     /// Every kernel set this CPU can run (tests compare them all).
     pub fn supported() -> Vec<Kernels> {
         let mut all = vec![Kernels::Portable];
@@ -443,34 +554,48 @@ pub fn matmul_with(x: &[f32], n: usize, w: &QuantPanels, out: &mut [f32], kernel
     }
     let acts = QuantActs::new(x, n, k, w.group);
     let kernel = kernel_fn(kernels);
+    let expand = w.high > 0 && n > kernels.plane_tile_tokens();
     let panels = m.div_ceil(ROWS);
     let tblocks = n.div_ceil(TOKEN_BLOCK);
     let want = rayon::current_num_threads().max(1) * 4;
     let per_group = panels.div_ceil(want.div_ceil(tblocks).clamp(1, panels));
     let groups = panels.div_ceil(per_group);
     let ptr = OutPtr(out.as_mut_ptr());
-    (0..tblocks * groups).into_par_iter().for_each(|task| {
-        let (tb, g) = (task / groups, task % groups);
-        let tokens = tb * TOKEN_BLOCK..((tb + 1) * TOKEN_BLOCK).min(n);
-        for p in g * per_group..((g + 1) * per_group).min(panels) {
-            let width = ROWS.min(m - p * ROWS);
-            let mut acc = [[0f32; ROWS]; TOKENS];
-            let mut t0 = tokens.start;
-            while t0 < tokens.end {
-                let mr = TOKENS.min(tokens.end - t0);
-                kernel(&acts, t0, mr, w, p, &mut acc);
-                for (i, row) in acc.iter().take(mr).enumerate() {
-                    // SAFETY: token t0+i < n and columns p·16..p·16+width < m lie inside `out`,
-                    // and no other task writes this (token, panel) tile.
-                    unsafe {
-                        let dst = ptr.at((t0 + i) * m + p * ROWS);
-                        std::ptr::copy_nonoverlapping(row.as_ptr(), dst, width);
+    let scratch = || QuantPanels {
+        lines: Vec::new(),
+        ..*w
+    };
+    (0..tblocks * groups)
+        .into_par_iter()
+        .for_each_init(scratch, |expanded, task| {
+            let (tb, g) = (task / groups, task % groups);
+            let tokens = tb * TOKEN_BLOCK..((tb + 1) * TOKEN_BLOCK).min(n);
+            for p in g * per_group..((g + 1) * per_group).min(panels) {
+                let width = ROWS.min(m - p * ROWS);
+                // Plane bits are joined once per panel when more than one tile needs them.
+                let (panel, at) = if expand && tokens.len() > kernels.plane_tile_tokens() {
+                    w.expand_panel(p, expanded, kernels);
+                    (&*expanded, 0)
+                } else {
+                    (w, p)
+                };
+                let mut acc = [[0f32; ROWS]; TOKENS];
+                let mut t0 = tokens.start;
+                while t0 < tokens.end {
+                    let mr = TOKENS.min(tokens.end - t0);
+                    kernel(&acts, t0, mr, panel, at, &mut acc);
+                    for (i, row) in acc.iter().take(mr).enumerate() {
+                        // SAFETY: token t0+i < n and columns p·16..p·16+width < m lie inside
+                        // `out`, and no other task writes this (token, panel) tile.
+                        unsafe {
+                            let dst = ptr.at((t0 + i) * m + p * ROWS);
+                            std::ptr::copy_nonoverlapping(row.as_ptr(), dst, width);
+                        }
                     }
+                    t0 += mr;
                 }
-                t0 += mr;
             }
-        }
-    });
+        });
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@
 #[cfg(target_arch = "aarch64")]
 use std::arch::aarch64::*;
 
+#[cfg(target_arch = "aarch64")]
+use super::plane_bit;
 use super::{QuantActs, QuantPanels, ROWS, TOKENS};
 
 /// Whether the running CPU has the dot-product extension (FEAT_DotProd).
@@ -31,8 +33,7 @@ pub fn available() -> bool {
 
 /// Tokens per tile: their 4·STEP i32 sums stay in registers beside a quad-register's 16 weight
 /// registers (NEON has 32).
-#[cfg(target_arch = "aarch64")]
-const STEP: usize = 2;
+pub(super) const STEP: usize = 2;
 
 /// Fills `acc[..mr]` with tokens `t0..t0 + mr` against panel `p`. Only called after `available()`.
 pub fn kernel(
@@ -49,28 +50,31 @@ pub fn kernel(
             available(),
             "the NEON kernel needs the dot-product extension"
         );
-        macro_rules! go {
-            ($g:literal, $nib:literal, $flip:literal) => {
+        macro_rules! run {
+            ($g:literal, $nib:literal, $hb:literal, $flip:literal) => {
                 for at in (0..mr).step_by(STEP) {
                     let (t, acc) = (t0 + at, &mut acc[at..]);
                     // SAFETY: `available()` holds; the tile reads only inside `w` and `acts`.
                     unsafe {
                         match mr - at {
-                            1 => tile::<$g, $nib, $flip, 1>(acts, t, w, p, acc),
-                            _ => tile::<$g, $nib, $flip, STEP>(acts, t, w, p, acc),
+                            1 => tile::<$g, $nib, $hb, $flip, 1>(acts, t, w, p, acc),
+                            _ => tile::<$g, $nib, $hb, $flip, STEP>(acts, t, w, p, acc),
                         }
                     }
                 }
             };
         }
-        match (w.group, w.nibbles, w.bits == 8) {
-            (32, true, _) => go!(32, true, false),
-            (16, true, _) => go!(16, true, false),
-            (32, false, false) => go!(32, false, false),
-            (32, false, true) => go!(32, false, true),
-            (16, false, false) => go!(16, false, false),
-            _ => go!(16, false, true),
+        // Only 8-bit values need flipping to fit a signed byte.
+        macro_rules! go {
+            ($g:literal, $nib:literal, $hb:literal) => {
+                if w.bits == 8 {
+                    run!($g, $nib, $hb, true)
+                } else {
+                    run!($g, $nib, $hb, false)
+                }
+            };
         }
+        by_layout!(w, go)
     }
     #[cfg(not(target_arch = "aarch64"))]
     {
@@ -79,11 +83,17 @@ pub fn kernel(
     }
 }
 
-/// Tokens `t0..t0 + MR` against panel `p` whose groups hold `G` inputs, packed two per byte
-/// (`NIB`) or one, flipped to signed (`FLIP`, 8-bit values) or not.
+/// Tokens `t0..t0 + MR` against panel `p` whose groups hold `G` inputs, in nibbles (`NIB`) with
+/// `HB` bits above them, or in bytes, flipped to signed (`FLIP`, 8-bit values) or not.
 #[cfg(target_arch = "aarch64")]
 #[target_feature(enable = "neon,dotprod")]
-unsafe fn tile<const G: usize, const NIB: bool, const FLIP: bool, const MR: usize>(
+unsafe fn tile<
+    const G: usize,
+    const NIB: bool,
+    const HB: usize,
+    const FLIP: bool,
+    const MR: usize,
+>(
     acts: &QuantActs,
     t0: usize,
     w: &QuantPanels,
@@ -102,7 +112,7 @@ unsafe fn tile<const G: usize, const NIB: bool, const FLIP: bool, const MR: usiz
         // Four quads at a time: one 16-byte activation load per token serves 16 `sdot`s.
         for u in 0..G / 16 {
             let wq: [[int8x16_t; 4]; 4] =
-                std::array::from_fn(|q| quad::<G, NIB, FLIP>(block.as_ptr(), 4 * u + q));
+                std::array::from_fn(|q| quad::<G, NIB, HB, FLIP>(block.as_ptr(), 4 * u + q));
             for (i, si) in s.iter_mut().enumerate() {
                 let x = vld1q_s8(acts.group(t0 + i, g).0.as_ptr().add(16 * u));
                 for (k, sk) in si.iter_mut().enumerate() {
@@ -132,20 +142,31 @@ unsafe fn tile<const G: usize, const NIB: bool, const FLIP: bool, const MR: usiz
 }
 
 /// Quad `quad` of a block as signed bytes, rows 4k..4k + 4 in register k: a nibble block keeps
-/// quad `c` in the low nibbles of line `c` and quad `c + G/8` in its high ones.
+/// quad `c` in the low nibbles of line `c` and quad `c + G/8` in its high ones, and the bits above
+/// them in its planes.
 #[cfg(target_arch = "aarch64")]
 #[inline(always)]
-unsafe fn quad<const G: usize, const NIB: bool, const FLIP: bool>(
+unsafe fn quad<const G: usize, const NIB: bool, const HB: usize, const FLIP: bool>(
     block: *const u8,
     quad: usize,
 ) -> [int8x16_t; 4] {
     std::array::from_fn(|k| {
         let v = if NIB {
             let v = vld1q_u8(block.add((quad % (G / 8)) * 64 + 16 * k));
-            if quad >= G / 8 {
+            let nibble = if quad >= G / 8 {
                 vshrq_n_u8::<4>(v)
             } else {
                 vandq_u8(v, vdupq_n_u8(0x0F))
+            };
+            if HB > 0 {
+                // The plane shifted (left by a positive count, right by a negative one) so
+                // this quad's bits land at bits 4.. of each byte, then masked.
+                let (plane, bit) = plane_bit(quad, HB);
+                let above = vld1q_u8(block.add((G / 8 + plane) * 64 + 16 * k));
+                let placed = vshlq_u8(above, vdupq_n_s8(4 - bit as i8));
+                vorrq_u8(nibble, vandq_u8(placed, vdupq_n_u8(((1 << HB) - 1) << 4)))
+            } else {
+                nibble
             }
         } else {
             let v = vld1q_u8(block.add(quad * 64 + 16 * k));

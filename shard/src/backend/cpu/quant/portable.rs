@@ -6,7 +6,7 @@
 
 use half::f16;
 
-use super::{QuantActs, QuantPanels, ROWS, TOKENS};
+use super::{unpack_group, Line, QuantActs, QuantPanels, ROWS, TOKENS};
 
 /// Fills `acc[..mr]` with tokens `t0..t0 + mr` against panel `p`.
 pub fn kernel(
@@ -17,17 +17,17 @@ pub fn kernel(
     p: usize,
     acc: &mut [[f32; ROWS]; TOKENS],
 ) {
-    match (w.group, w.nibbles) {
-        (32, true) => tile::<32, true>(acts, t0, mr, w, p, acc),
-        (32, false) => tile::<32, false>(acts, t0, mr, w, p, acc),
-        (16, true) => tile::<16, true>(acts, t0, mr, w, p, acc),
-        _ => tile::<16, false>(acts, t0, mr, w, p, acc),
+    macro_rules! go {
+        ($g:literal, $nib:literal, $hb:literal) => {
+            tile::<$g, $nib, $hb>(acts, t0, mr, w, p, acc)
+        };
     }
+    by_layout!(w, go)
 }
 
-/// `kernel` for groups of `G` inputs packed two per byte (`NIB`) or one.
+/// `kernel` for groups of `G` inputs in nibbles (`NIB`) with `HB` bits above them, or in bytes.
 #[inline(always)]
-fn tile<const G: usize, const NIB: bool>(
+fn tile<const G: usize, const NIB: bool, const HB: usize>(
     acts: &QuantActs,
     t0: usize,
     mr: usize,
@@ -40,13 +40,15 @@ fn tile<const G: usize, const NIB: bool>(
     }
     for g in 0..w.cols / G {
         let (block, params) = w.block(p, g);
-        let quads = unpack::<G, NIB>(block);
+        let mut quads = [Line([0; 64]); 8];
+        unpack_group::<G, NIB, HB>(block, &mut quads);
         let d: [f32; ROWS] = std::array::from_fn(|r| f16::from_bits(params[r]).to_f32());
         let off: [f32; ROWS] = std::array::from_fn(|r| f16::from_bits(params[ROWS + r]).to_f32());
         for (i, out) in acc.iter_mut().take(mr).enumerate() {
             let (xq, dx, sx) = acts.group(t0 + i, g);
             let mut lanes = [[0i32; 4]; ROWS];
             for (quad, x) in quads.iter().take(G / 4).zip(xq.chunks_exact(4)) {
+                let quad = &quad.0;
                 let x: [i32; 4] = std::array::from_fn(|t| x[t] as i32);
                 for (lane, wq) in lanes.iter_mut().zip(quad.chunks_exact(4)) {
                     for t in 0..4 {
@@ -60,22 +62,4 @@ fn tile<const G: usize, const NIB: bool>(
             }
         }
     }
-}
-
-/// A group's quads as whole bytes, in the packed order (`quads[j][r·4 + t]` is row r's input
-/// `4j + t`): a nibble block keeps quad `c` in the low nibbles of line `c` and quad `c + G/8` in
-/// its high ones.
-#[inline(always)]
-fn unpack<const G: usize, const NIB: bool>(block: &[u8]) -> [[u8; 64]; 8] {
-    let lines = if NIB { G / 8 } else { G / 4 };
-    let mut quads = [[0u8; 64]; 8];
-    for (j, quad) in quads.iter_mut().take(G / 4).enumerate() {
-        let line: &[u8; 64] = block[(j % lines) * 64..][..64].try_into().unwrap();
-        *quad = match (NIB, j < lines) {
-            (false, _) => *line,
-            (true, true) => line.map(|b| b & 0x0F),
-            (true, false) => line.map(|b| b >> 4),
-        };
-    }
-    quads
 }

@@ -74,7 +74,15 @@ fn reference(acts: &QuantActs, n: usize, a: &Affine, m: usize, k: usize) -> Vec<
 
 #[test]
 fn pack_keeps_every_value() {
-    for (group, bits) in [(32, 4), (32, 8), (16, 2), (16, 6)] {
+    for (group, bits) in [
+        (32, 4),
+        (32, 5),
+        (32, 6),
+        (32, 8),
+        (16, 2),
+        (16, 5),
+        (16, 6),
+    ] {
         let a = affine(19, 64, group, bits, 7);
         let packed = QuantPanels::pack(19, 64, &a).unwrap();
         let want = dequantized(&a);
@@ -90,9 +98,9 @@ fn pack_keeps_every_value() {
     }
 }
 
-/// (group, bits) of every panel layout and kernel variant: nibbles, small bytes (5–6 bits) and
-/// bytes (7–8 bits), in groups of 32 and 16.
-const LAYOUTS: [(usize, u32); 9] = [
+/// (group, bits) of every panel layout and kernel variant: nibbles, nibbles with one or two plane
+/// bits (5–6 bits) and bytes (7–8 bits), in groups of 32 and 16.
+const LAYOUTS: [(usize, u32); 10] = [
     (32, 4),
     (32, 5),
     (32, 6),
@@ -100,6 +108,7 @@ const LAYOUTS: [(usize, u32); 9] = [
     (32, 8),
     (16, 2),
     (16, 3),
+    (16, 5),
     (16, 6),
     (16, 8),
 ];

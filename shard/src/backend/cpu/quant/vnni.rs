@@ -1,11 +1,14 @@
-//! AVX-512 VNNI integer kernel: per group, the panel's lines are unpacked once into up to eight
-//! 64-byte registers (u8 weights, 16 rows × one quad each) and reused by every token, whose
+//! AVX-512 VNNI integer kernel: per group, the panel's lines are unpacked once (nibbles, plus the
+//! bits above them from the planes) into up to eight 64-byte registers (u8 weights, 16 rows × one
+//! quad each) and reused by every token, whose
 //! activation quads are broadcast into `vpdpbusd`; one f32 FMA per token and group applies
 //! `d·dx`, a second the offset term.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::plane_bit;
 use super::{QuantActs, QuantPanels, ROWS, TOKENS};
 
 /// How far ahead of the block being multiplied the kernel prefetches, in bytes.
@@ -41,18 +44,18 @@ pub fn kernel(
     {
         assert!(available(), "the VNNI kernel needs AVX-512 VNNI");
         macro_rules! go {
-            ($g:literal, $nib:literal) => {
+            ($g:literal, $nib:literal, $hb:literal) => {
                 // SAFETY: `available()` holds; the tile reads only inside `w` and `acts`.
                 unsafe {
                     match mr {
-                        1 => tile::<$g, $nib, 1>(acts, t0, w, p, acc),
-                        2 => tile::<$g, $nib, 2>(acts, t0, w, p, acc),
-                        3 => tile::<$g, $nib, 3>(acts, t0, w, p, acc),
-                        4 => tile::<$g, $nib, 4>(acts, t0, w, p, acc),
-                        5 => tile::<$g, $nib, 5>(acts, t0, w, p, acc),
-                        6 => tile::<$g, $nib, 6>(acts, t0, w, p, acc),
-                        7 => tile::<$g, $nib, 7>(acts, t0, w, p, acc),
-                        _ => tile::<$g, $nib, 8>(acts, t0, w, p, acc),
+                        1 => tile::<$g, $nib, $hb, 1>(acts, t0, w, p, acc),
+                        2 => tile::<$g, $nib, $hb, 2>(acts, t0, w, p, acc),
+                        3 => tile::<$g, $nib, $hb, 3>(acts, t0, w, p, acc),
+                        4 => tile::<$g, $nib, $hb, 4>(acts, t0, w, p, acc),
+                        5 => tile::<$g, $nib, $hb, 5>(acts, t0, w, p, acc),
+                        6 => tile::<$g, $nib, $hb, 6>(acts, t0, w, p, acc),
+                        7 => tile::<$g, $nib, $hb, 7>(acts, t0, w, p, acc),
+                        _ => tile::<$g, $nib, $hb, 8>(acts, t0, w, p, acc),
                     }
                 }
             };
@@ -68,7 +71,7 @@ pub fn kernel(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile<const G: usize, const NIB: bool, const MR: usize>(
+unsafe fn tile<const G: usize, const NIB: bool, const HB: usize, const MR: usize>(
     acts: &QuantActs,
     t0: usize,
     w: &QuantPanels,
@@ -76,6 +79,7 @@ unsafe fn tile<const G: usize, const NIB: bool, const MR: usize>(
     acc: &mut [[f32; ROWS]; TOKENS],
 ) {
     let low = _mm512_set1_epi8(0x0F);
+    let field = _mm512_set1_epi8((((1 << HB) - 1) << 4) as i8);
     let mut f = [_mm512_setzero_ps(); MR];
     let mut lines = [_mm512_setzero_si512(); 8];
     for g in 0..w.cols / G {
@@ -92,6 +96,20 @@ unsafe fn tile<const G: usize, const NIB: bool, const MR: usize>(
                 let v = _mm512_loadu_si512(src.add(c));
                 lines[c] = _mm512_and_si512(v, low);
                 lines[c + G / 8] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+            }
+            // The bits above each nibble: the plane shifted so they land at bits 4.. of each
+            // byte (16-bit shifts of at most 4 carry no neighbour's bits into that field).
+            if HB > 0 {
+                for (j, line) in lines.iter_mut().take(G / 4).enumerate() {
+                    let (plane, bit) = plane_bit(j, HB);
+                    let above = _mm512_loadu_si512(src.add(G / 8 + plane));
+                    let placed = if bit <= 4 {
+                        _mm512_sll_epi16(above, _mm_cvtsi32_si128(4 - bit as i32))
+                    } else {
+                        _mm512_srl_epi16(above, _mm_cvtsi32_si128(bit as i32 - 4))
+                    };
+                    *line = _mm512_or_si512(*line, _mm512_and_si512(placed, field));
+                }
             }
         } else {
             for (j, line) in lines.iter_mut().take(G / 4).enumerate() {
