@@ -11,7 +11,7 @@ use tokenizers::Tokenizer;
 use super::types::{Finished, GenerationOut, NewRequest, TokenOut};
 use crate::detokenize::Detokenizer;
 use crate::forward::{LogitsWanted, SeqInput};
-use crate::sampling::{log_softmax, Sampler};
+use crate::sampling::{LogSoftmax, Sampler};
 use crate::stopping::StoppingCriteria;
 use crate::Error;
 
@@ -341,8 +341,10 @@ impl Seq {
                 rows.len()
             )));
         }
-        let row_logprob =
-            |i: usize, token: u32| log_softmax(&rows[i * vocab..(i + 1) * vocab])[token as usize];
+        let row_logprob = |i: usize, token: u32| {
+            let row = &rows[i * vocab..(i + 1) * vocab];
+            LogSoftmax::of(row).logprob(row[token as usize])
+        };
         let end = (start + n).min(self.prompt_len);
         for p in start..end {
             let logprob = match p {

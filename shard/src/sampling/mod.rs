@@ -252,27 +252,36 @@ impl Sampler {
         if logits.is_empty() {
             return Err(Error::Sampling("empty logits row".into()));
         }
-        let logprobs = log_softmax(logits);
-        let mut scores = logits.to_vec();
-        for &(t, bias) in &self.params.logit_bias {
-            if let Some(s) = scores.get_mut(t as usize) {
-                *s += bias;
-            }
-        }
-        if let Some(c) = &mut self.constraint {
-            c.mask().apply(&mut scores);
-        }
-        self.apply_processors(&mut scores);
-        let id = if self.sampling {
-            apply_warpers(&self.params, &mut scores);
-            sample(&scores, &mut self.rng)
+        let norm = LogSoftmax::of(logits);
+        let id = if self.is_plain_greedy() {
+            // Nothing changes the scores: no vocabulary-sized copy per token.
+            argmax(logits)
         } else {
-            argmax(&scores)
+            let mut scores = logits.to_vec();
+            for &(t, bias) in &self.params.logit_bias {
+                if let Some(s) = scores.get_mut(t as usize) {
+                    *s += bias;
+                }
+            }
+            if let Some(c) = &mut self.constraint {
+                c.mask().apply(&mut scores);
+            }
+            self.apply_processors(&mut scores);
+            if self.sampling {
+                apply_warpers(&self.params, &mut scores);
+                sample(&scores, &mut self.rng)
+            } else {
+                argmax(&scores)
+            }
+        };
+        let top = match self.top_n {
+            0 => Vec::new(),
+            n => top_n(&norm.row(logits), n),
         };
         let choice = Choice {
             id,
-            logprob: logprobs[id as usize],
-            top: top_n(&logprobs, self.top_n),
+            logprob: norm.logprob(logits[id as usize]),
+            top,
         };
         self.record(id);
         Ok(choice)
@@ -294,6 +303,18 @@ impl Sampler {
         self.seen.insert(id);
         *self.counts.entry(id).or_insert(0) += 1;
         self.last = Some(id);
+    }
+
+    /// Greedy with no bias, grammar or penalty: the choice is the raw logits' argmax.
+    fn is_plain_greedy(&self) -> bool {
+        let p = &self.params;
+        !self.sampling
+            && self.constraint.is_none()
+            && p.logit_bias.is_empty()
+            && p.repetition_penalty == 1.0
+            && p.frequency_penalty == 0.0
+            && p.presence_penalty == 0.0
+            && !p.watermark
     }
 
     fn apply_processors(&self, scores: &mut [f32]) {
@@ -446,35 +467,67 @@ pub fn argmax(scores: &[f32]) -> u32 {
 
 /// Numerically stable log-softmax; `-inf` stays `-inf`, NaN logits count as `-inf`.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits
-        .iter()
-        .copied()
-        .filter(|v| !v.is_nan())
-        .fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() {
-        return vec![f32::NEG_INFINITY; logits.len()];
+    LogSoftmax::of(logits).row(logits)
+}
+
+/// A row's log-softmax without the row: `logprob(v) = (v − max) − ln Σ exp(v − max)`, NaN logits
+/// counting as `-inf` (and every logprob `-inf` when no logit is finite). One element costs a
+/// subtraction, so a token's logprob needs no vocabulary-sized buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct LogSoftmax {
+    max: f32,
+    ln_sum: f32,
+}
+
+impl LogSoftmax {
+    pub fn of(logits: &[f32]) -> Self {
+        let max = logits
+            .iter()
+            .copied()
+            .filter(|v| !v.is_nan())
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut norm = LogSoftmax { max, ln_sum: 0.0 };
+        if !max.is_finite() {
+            return norm;
+        }
+        // The vocabulary-wide sum is the sampling hot spot: vectorised f32 exp over a small
+        // scratch block of shifted logits, summed in f64.
+        let mut scratch = [0f32; 1024];
+        let mut sum = 0f64;
+        for chunk in logits.chunks(scratch.len()) {
+            let e = &mut scratch[..chunk.len()];
+            for (x, &v) in e.iter_mut().zip(chunk) {
+                *x = norm.shifted(v);
+            }
+            exp_in_place(e);
+            sum += e.iter().map(|&x| x as f64).sum::<f64>();
+        }
+        norm.ln_sum = sum.ln() as f32;
+        norm
     }
-    let shifted = |v: f32| {
+
+    /// `v − max`, NaN as `-inf`.
+    fn shifted(&self, v: f32) -> f32 {
         if v.is_nan() {
             f32::NEG_INFINITY
         } else {
-            v - max
+            v - self.max
         }
-    };
-    let mut out: Vec<f32> = logits.iter().map(|&v| shifted(v)).collect();
-    // The vocabulary-wide sum is the sampling hot spot: vectorised f32 exp over a small scratch
-    // block (no second vocabulary-sized buffer), summed in f64.
-    let mut scratch = [0f32; 1024];
-    let mut sum = 0f64;
-    for chunk in out.chunks(scratch.len()) {
-        let e = &mut scratch[..chunk.len()];
-        e.copy_from_slice(chunk);
-        exp_in_place(e);
-        sum += e.iter().map(|&x| x as f64).sum::<f64>();
     }
-    let ln_sum = sum.ln() as f32;
-    out.iter_mut().for_each(|v| *v -= ln_sum);
-    out
+
+    /// The log-probability of a logit `v` of this row.
+    pub fn logprob(&self, v: f32) -> f32 {
+        if self.max.is_finite() {
+            self.shifted(v) - self.ln_sum
+        } else {
+            f32::NEG_INFINITY
+        }
+    }
+
+    /// The whole row's log-probabilities.
+    pub fn row(&self, logits: &[f32]) -> Vec<f32> {
+        logits.iter().map(|&v| self.logprob(v)).collect()
+    }
 }
 
 fn softmax(scores: &[f32]) -> Vec<f32> {
