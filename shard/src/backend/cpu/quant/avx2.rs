@@ -106,21 +106,10 @@ pub fn join_group(block: &[u8], group: usize, high: usize, out: &mut [Line]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn join<const G: usize, const HB: usize>(block: &[u8], out: &mut [Line]) {
-    let (low, field) = (
-        _mm256_set1_epi8(0x0F),
-        _mm256_set1_epi8((((1 << HB) - 1) << 4) as i8),
-    );
     let out = &mut out[..G / 4];
     prefetch(block);
     for c in 0..G / 8 {
-        let v = halves(block, c);
-        let mut lo = [_mm256_and_si256(v[0], low), _mm256_and_si256(v[1], low)];
-        let mut hi = [
-            _mm256_and_si256(_mm256_srli_epi16::<4>(v[0]), low),
-            _mm256_and_si256(_mm256_srli_epi16::<4>(v[1]), low),
-        ];
-        add_plane_bits::<G, HB>(block, c, field, &mut lo);
-        add_plane_bits::<G, HB>(block, c + G / 8, field, &mut hi);
+        let [lo, hi] = line_quads::<G, HB>(block, c);
         for (j, q) in [(c, lo), (c + G / 8, hi)] {
             let dst = out[j].0.as_mut_ptr() as *mut __m256i;
             _mm256_storeu_si256(dst, q[0]);
@@ -247,24 +236,14 @@ unsafe fn nibble_tile<const G: usize, const HB: usize, const MR: usize>(
     p: usize,
     acc: &mut [[f32; ROWS]],
 ) {
-    let (low, ones) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(1));
-    let field = _mm256_set1_epi8((((1 << HB) - 1) << 4) as i8);
+    let ones = _mm256_set1_epi16(1);
     let mut f = [[_mm256_setzero_ps(); 2]; MR];
     for g in 0..w.cols / G {
         let (block, params) = w.block(p, g);
         prefetch(block);
         let (x, mut s) = (quads::<MR>(acts, t0, g), [[_mm256_setzero_si256(); 2]; MR]);
         for c in 0..G / 8 {
-            let v = halves(block, c);
-            let mut lo = [_mm256_and_si256(v[0], low), _mm256_and_si256(v[1], low)];
-            let mut hi = [
-                _mm256_and_si256(_mm256_srli_epi16::<4>(v[0]), low),
-                _mm256_and_si256(_mm256_srli_epi16::<4>(v[1]), low),
-            ];
-            if HB > 0 {
-                add_plane_bits::<G, HB>(block, c, field, &mut lo);
-                add_plane_bits::<G, HB>(block, c + G / 8, field, &mut hi);
-            }
+            let [lo, hi] = line_quads::<G, HB>(block, c);
             for (i, si) in s.iter_mut().enumerate() {
                 let (x0, x1) = (broadcast(x[i], c), broadcast(x[i], c + G / 8));
                 for h in 0..2 {
@@ -292,27 +271,40 @@ unsafe fn nibble_tile<const G: usize, const HB: usize, const MR: usize>(
     store(&f, acc);
 }
 
-/// Puts quad `j`'s `HB` bits above the nibble, read from the block's planes, into `q` (its two
-/// halves, nibbles already there): the plane is shifted so they land at bits 4.. of each byte
-/// (16-bit shifts of at most 4 cannot carry a neighbour's bits into that field), then masked.
+/// Nibble line `c` of a block as its two quads `c` and `c + G/8` (each as two halves), with the
+/// `HB` bits above each nibble from the planes: a plane is shifted so a quad's bits land at bits
+/// 4.. of each byte (16-bit shifts of at most 4 cannot carry a neighbour's bits into that field),
+/// then masked.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn add_plane_bits<const G: usize, const HB: usize>(
-    block: &[u8],
-    j: usize,
-    field: __m256i,
-    q: &mut [__m256i; 2],
-) {
-    let (plane, bit) = plane_bit(j, HB);
-    for (qh, above) in q.iter_mut().zip(halves(block, G / 8 + plane)) {
-        let placed = if bit <= 4 {
-            _mm256_sll_epi16(above, _mm_cvtsi32_si128(4 - bit as i32))
-        } else {
-            _mm256_srl_epi16(above, _mm_cvtsi32_si128(bit as i32 - 4))
-        };
-        *qh = _mm256_or_si256(*qh, _mm256_and_si256(placed, field));
+unsafe fn line_quads<const G: usize, const HB: usize>(block: &[u8], c: usize) -> [[__m256i; 2]; 2] {
+    let (low, field) = (
+        _mm256_set1_epi8(0x0F),
+        _mm256_set1_epi8((((1 << HB) - 1) << 4) as i8),
+    );
+    let v = halves(block, c);
+    let mut quads = [
+        [_mm256_and_si256(v[0], low), _mm256_and_si256(v[1], low)],
+        [
+            _mm256_and_si256(_mm256_srli_epi16::<4>(v[0]), low),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(v[1]), low),
+        ],
+    ];
+    if HB > 0 {
+        for (j, quad) in [c, c + G / 8].into_iter().zip(&mut quads) {
+            let (plane, bit) = plane_bit(j, HB);
+            for (q, above) in quad.iter_mut().zip(halves(block, G / 8 + plane)) {
+                let placed = if bit <= 4 {
+                    _mm256_sll_epi16(above, _mm_cvtsi32_si128(4 - bit as i32))
+                } else {
+                    _mm256_srl_epi16(above, _mm_cvtsi32_si128(bit as i32 - 4))
+                };
+                *q = _mm256_or_si256(*q, _mm256_and_si256(placed, field));
+            }
+        }
     }
+    quads
 }
 
 /// Values of 5–6 bits, one byte each (panels expanded for prefill): quads two by two summed in
