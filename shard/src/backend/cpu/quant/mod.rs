@@ -589,7 +589,12 @@ pub fn matmul_with(x: &[f32], n: usize, w: &QuantPanels, out: &mut [f32], kernel
                         // `out`, and no other task writes this (token, panel) tile.
                         unsafe {
                             let dst = ptr.at((t0 + i) * m + p * ROWS);
-                            std::ptr::copy_nonoverlapping(row.as_ptr(), dst, width);
+                            if width == ROWS {
+                                // A whole row of the tile: a fixed-size move, not a memcpy call.
+                                dst.cast::<[f32; ROWS]>().write_unaligned(*row);
+                            } else {
+                                std::ptr::copy_nonoverlapping(row.as_ptr(), dst, width);
+                            }
                         }
                     }
                     t0 += mr;
