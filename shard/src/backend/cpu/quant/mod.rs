@@ -554,7 +554,12 @@ pub fn matmul_with(x: &[f32], n: usize, w: &QuantPanels, out: &mut [f32], kernel
     }
     let acts = QuantActs::new(x, n, k, w.group);
     let kernel = kernel_fn(kernels);
-    let expand = w.high > 0 && n > kernels.plane_tile_tokens();
+    // Plane bits are joined once per panel for token blocks longer than one tile.
+    let join_above = if w.high > 0 {
+        kernels.plane_tile_tokens()
+    } else {
+        usize::MAX
+    };
     let panels = m.div_ceil(ROWS);
     let tblocks = n.div_ceil(TOKEN_BLOCK);
     let want = rayon::current_num_threads().max(1) * 4;
@@ -572,8 +577,7 @@ pub fn matmul_with(x: &[f32], n: usize, w: &QuantPanels, out: &mut [f32], kernel
             let tokens = tb * TOKEN_BLOCK..((tb + 1) * TOKEN_BLOCK).min(n);
             for p in g * per_group..((g + 1) * per_group).min(panels) {
                 let width = ROWS.min(m - p * ROWS);
-                // Plane bits are joined once per panel when more than one tile needs them.
-                let (panel, at) = if expand && tokens.len() > kernels.plane_tile_tokens() {
+                let (panel, at) = if tokens.len() > join_above {
                     w.expand_panel(p, expanded, kernels);
                     (&*expanded, 0)
                 } else {
