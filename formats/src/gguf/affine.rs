@@ -60,24 +60,51 @@ pub fn to_affine(ty: GgmlType, data: &[u8], n: usize) -> Result<Affine, String> 
             data.len()
         ));
     }
-    let groups_per_block = l.block_elems / group;
-    let mut q = vec![0u8; n];
-    let mut scale = vec![0f32; n / group];
-    let mut offset = vec![0f32; n / group];
+    let (elems, groups_per_block) = (l.block_elems, l.block_elems / group);
+    // Each block is decoded into a local copy and written once, so the outputs' pages are first
+    // touched by these parallel tasks (an allocator's zeroing would touch them all on one
+    // thread first).
+    let (mut q, mut scale, mut offset) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n / group),
+        Vec::with_capacity(n / group),
+    );
     data.par_chunks(l.block_bytes * BLOCKS_PER_TASK)
-        .zip(q.par_chunks_mut(l.block_elems * BLOCKS_PER_TASK))
-        .zip(scale.par_chunks_mut(groups_per_block * BLOCKS_PER_TASK))
-        .zip(offset.par_chunks_mut(groups_per_block * BLOCKS_PER_TASK))
+        .zip(q.spare_capacity_mut()[..n].par_chunks_mut(elems * BLOCKS_PER_TASK))
+        .zip(
+            scale.spare_capacity_mut()[..n / group]
+                .par_chunks_mut(groups_per_block * BLOCKS_PER_TASK),
+        )
+        .zip(
+            offset.spare_capacity_mut()[..n / group]
+                .par_chunks_mut(groups_per_block * BLOCKS_PER_TASK),
+        )
         .for_each(|(((src, q), s), o)| {
             let blocks = src
                 .chunks_exact(l.block_bytes)
-                .zip(q.chunks_exact_mut(l.block_elems))
+                .zip(q.chunks_exact_mut(elems))
                 .zip(s.chunks_exact_mut(groups_per_block))
                 .zip(o.chunks_exact_mut(groups_per_block));
+            let (mut qb, mut sb, mut ob) = ([0u8; 256], [0f32; 16], [0f32; 16]);
             for (((b, q), s), o) in blocks {
-                f(b, q, s, o);
+                let (qb, sb, ob) = (
+                    &mut qb[..elems],
+                    &mut sb[..groups_per_block],
+                    &mut ob[..groups_per_block],
+                );
+                f(b, qb, sb, ob);
+                write_all(q, qb);
+                write_all(s, sb);
+                write_all(o, ob);
             }
         });
+    // SAFETY: the blocks cover all `n` elements (checked above), so every task wrote its whole
+    // share of `q`, `scale` and `offset`.
+    unsafe {
+        q.set_len(n);
+        scale.set_len(n / group);
+        offset.set_len(n / group);
+    }
     Ok(Affine {
         group,
         bits,
@@ -85,6 +112,13 @@ pub fn to_affine(ty: GgmlType, data: &[u8], n: usize) -> Result<Affine, String> 
         scale,
         offset,
     })
+}
+
+/// Initializes `dst` with `src` (same length).
+fn write_all<T: Copy>(dst: &mut [std::mem::MaybeUninit<T>], src: &[T]) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        d.write(v);
+    }
 }
 
 fn spec(ty: GgmlType) -> Option<(usize, u32, BlockFn)> {

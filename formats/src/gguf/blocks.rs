@@ -52,9 +52,12 @@ pub(super) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 /// time, so element `128h + 32s + l` is bits `2s..2s+2` of byte `32h + l`.
 pub(super) fn q2_k_quants(qs: &[u8]) -> [u8; 256] {
     let mut q = [0u8; 256];
-    for (i, v) in q.iter_mut().enumerate() {
-        let (h, s, l) = (i / 128, (i / 32) % 4, i % 32);
-        *v = (qs[32 * h + l] >> (2 * s)) & 3;
+    // Whole 32-element runs, so the compiler works on vectors (model loading decodes billions).
+    for (i, run) in q.chunks_exact_mut(32).enumerate() {
+        let (src, shift) = (&qs[32 * (i / 4)..][..32], 2 * (i % 4));
+        for (v, &b) in run.iter_mut().zip(src) {
+            *v = (b >> shift) & 3;
+        }
     }
     q
 }
@@ -63,9 +66,10 @@ pub(super) fn q2_k_quants(qs: &[u8]) -> [u8; 256] {
 /// bit `4h + s` of `hmask[l]`. ggml's signed value is this minus 4.
 pub(super) fn q3_k_quants(hmask: &[u8], qs: &[u8]) -> [u8; 256] {
     let mut q = q2_k_quants(qs);
-    for (i, v) in q.iter_mut().enumerate() {
-        let (bit, l) = (i / 32, i % 32);
-        *v |= ((hmask[l] >> bit) & 1) << 2;
+    for (bit, run) in q.chunks_exact_mut(32).enumerate() {
+        for (v, &m) in run.iter_mut().zip(&hmask[..32]) {
+            *v |= ((m >> bit) & 1) << 2;
+        }
     }
     q
 }
@@ -85,9 +89,11 @@ pub(super) fn q3_k_scales(s: &[u8]) -> [u8; 16] {
 /// Q4_K's 4-bit quants: each 64-element chunk is 32 bytes, low nibbles first.
 pub(super) fn q4_k_quants(qs: &[u8]) -> [u8; 256] {
     let mut q = [0u8; 256];
-    for (i, v) in q.iter_mut().enumerate() {
-        let (c, hi, l) = (i / 64, (i / 32) % 2, i % 32);
-        *v = (qs[32 * c + l] >> (4 * hi)) & 0x0F;
+    for (i, run) in q.chunks_exact_mut(32).enumerate() {
+        let (src, shift) = (&qs[32 * (i / 2)..][..32], 4 * (i % 2));
+        for (v, &b) in run.iter_mut().zip(src) {
+            *v = (b >> shift) & 0x0F;
+        }
     }
     q
 }
@@ -95,9 +101,10 @@ pub(super) fn q4_k_quants(qs: &[u8]) -> [u8; 256] {
 /// Q5_K's 5-bit quants: Q4_K's nibbles plus bit 4 of element `32s + l` = bit `s` of `qh[l]`.
 pub(super) fn q5_k_quants(qh: &[u8], qs: &[u8]) -> [u8; 256] {
     let mut q = q4_k_quants(qs);
-    for (i, v) in q.iter_mut().enumerate() {
-        let (s, l) = (i / 32, i % 32);
-        *v |= ((qh[l] >> s) & 1) << 4;
+    for (s, run) in q.chunks_exact_mut(32).enumerate() {
+        for (v, &h) in run.iter_mut().zip(&qh[..32]) {
+            *v |= ((h >> s) & 1) << 4;
+        }
     }
     q
 }
@@ -106,11 +113,12 @@ pub(super) fn q5_k_quants(qh: &[u8], qs: &[u8]) -> [u8; 256] {
 /// `32k + l` takes a nibble of `ql[l + 32 (k % 2)]` (low for k < 2) and bits `2k..2k+2` of `qh[l]`.
 pub(super) fn q6_k_quants(ql: &[u8], qh: &[u8]) -> [u8; 256] {
     let mut q = [0u8; 256];
-    for (i, v) in q.iter_mut().enumerate() {
-        let (h, k, l) = (i / 128, (i / 32) % 4, i % 32);
-        let low = (ql[64 * h + l + 32 * (k % 2)] >> (4 * (k / 2))) & 0x0F;
-        let high = (qh[32 * h + l] >> (2 * k)) & 3;
-        *v = low | (high << 4);
+    for (i, run) in q.chunks_exact_mut(32).enumerate() {
+        let (h, k) = (i / 4, i % 4);
+        let (low, high) = (&ql[64 * h + 32 * (k % 2)..][..32], &qh[32 * h..][..32]);
+        for ((v, &l), &m) in run.iter_mut().zip(low).zip(high) {
+            *v = ((l >> (4 * (k / 2))) & 0x0F) | (((m >> (2 * k)) & 3) << 4);
+        }
     }
     q
 }

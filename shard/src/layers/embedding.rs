@@ -42,11 +42,7 @@ impl<B: Backend> Embedding<B> {
         ids: Range<usize>,
     ) -> Result<TensorData> {
         let t = expect_shape(src, name, &[vocab, hidden])?;
-        Ok(if ids.len() == vocab {
-            t.data
-        } else {
-            t.data.slice_rows(ids, hidden)
-        })
+        Ok(t.data.slice_rows(ids, hidden))
     }
 
     /// An embedding reading its rows from `table` (a tied lm_head's slice for ids `ids`).

@@ -115,10 +115,14 @@ impl TensorData {
         }
     }
 
-    /// Keeps rows `rows` of a row-major matrix with `cols` columns.
-    pub fn slice_rows(&self, rows: std::ops::Range<usize>, cols: usize) -> TensorData {
+    /// Keeps rows `rows` of a row-major matrix with `cols` columns: the tensor itself, not a
+    /// copy, when that is all of it.
+    pub fn slice_rows(self, rows: std::ops::Range<usize>, cols: usize) -> TensorData {
         let (a, b) = (rows.start * cols, rows.end * cols);
-        match self {
+        if a == 0 && b == self.len() {
+            return self;
+        }
+        match &self {
             TensorData::F32(v) => TensorData::F32(v[a..b].to_vec()),
             TensorData::F16(v) => TensorData::F16(v[a..b].to_vec()),
             TensorData::Bf16(v) => TensorData::Bf16(v[a..b].to_vec()),
@@ -128,16 +132,10 @@ impl TensorData {
 
     /// Rows in the order `order` names them (row `i` of the result is row `order[i]`).
     pub fn gather_rows(&self, order: &[usize], cols: usize) -> TensorData {
-        fn pick<T: Copy>(v: &[T], order: &[usize], cols: usize) -> Vec<T> {
-            order
-                .iter()
-                .flat_map(|&r| v[r * cols..(r + 1) * cols].iter().copied())
-                .collect()
-        }
         match self {
-            TensorData::F32(v) => TensorData::F32(pick(v, order, cols)),
-            TensorData::F16(v) => TensorData::F16(pick(v, order, cols)),
-            TensorData::Bf16(v) => TensorData::Bf16(pick(v, order, cols)),
+            TensorData::F32(v) => TensorData::F32(gather(v, order, cols)),
+            TensorData::F16(v) => TensorData::F16(gather(v, order, cols)),
+            TensorData::Bf16(v) => TensorData::Bf16(gather(v, order, cols)),
             TensorData::Quant(q) => TensorData::Quant(quant::gather_rows(q, order, cols)),
         }
     }
@@ -195,6 +193,15 @@ pub fn stack_rows(parts: Vec<TensorData>, dtype: DType) -> TensorData {
             // `convert(common)` made every part the same variant as `out`.
             _ => {}
         }
+    }
+    out
+}
+
+/// Rows of `width` elements of `v` in the order `order` names them, a whole row per copy.
+pub(crate) fn gather<T: Copy>(v: &[T], order: &[usize], width: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(order.len() * width);
+    for &r in order {
+        out.extend_from_slice(&v[r * width..(r + 1) * width]);
     }
     out
 }

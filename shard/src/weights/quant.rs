@@ -48,21 +48,12 @@ pub fn slice_rows(a: &Affine, rows: Range<usize>, cols: usize) -> Affine {
 /// `order[i]` of `a`).
 pub fn gather_rows(a: &Affine, order: &[usize], cols: usize) -> Affine {
     let per_row = cols / a.group;
-    let pick = |v: &[f32]| -> Vec<f32> {
-        order
-            .iter()
-            .flat_map(|&r| v[r * per_row..(r + 1) * per_row].iter().copied())
-            .collect()
-    };
     Affine {
         group: a.group,
         bits: a.bits,
-        q: order
-            .iter()
-            .flat_map(|&r| a.q[r * cols..(r + 1) * cols].iter().copied())
-            .collect(),
-        scale: pick(&a.scale),
-        offset: pick(&a.offset),
+        q: super::gather(&a.q, order, cols),
+        scale: super::gather(&a.scale, order, per_row),
+        offset: super::gather(&a.offset, order, per_row),
     }
 }
 
@@ -98,24 +89,41 @@ pub fn slice_cols(a: &Affine, range: Range<usize>, cols: usize) -> Option<Affine
 pub fn stack(parts: Vec<Affine>) -> Affine {
     let group = parts.iter().map(|a| a.group).min().unwrap_or(32);
     let bits = parts.iter().map(|a| a.bits).max().unwrap_or(4);
-    let mut out = Affine {
+    // The first part's buffers become the result's (a fused gate/up copies only the up half).
+    let mut parts = parts.into_iter().map(|a| regroup(a, group));
+    let mut out = parts.next().unwrap_or(Affine {
         group,
         bits,
         q: Vec::new(),
         scale: Vec::new(),
         offset: Vec::new(),
-    };
+    });
+    out.bits = bits;
     for a in parts {
-        let repeat = a.group / group;
-        out.q.extend(a.q);
-        for (d, m) in a.scale.into_iter().zip(a.offset) {
-            for _ in 0..repeat {
-                out.scale.push(d);
-                out.offset.push(m);
-            }
-        }
+        out.q.extend_from_slice(&a.q);
+        out.scale.extend_from_slice(&a.scale);
+        out.offset.extend_from_slice(&a.offset);
     }
     out
+}
+
+/// `a` with groups of `group` (a divisor of its own): each scale and offset repeated.
+fn regroup(a: Affine, group: usize) -> Affine {
+    let repeat = a.group / group;
+    if repeat == 1 {
+        return a;
+    }
+    let spread = |v: &[f32]| {
+        v.iter()
+            .flat_map(|&x| std::iter::repeat_n(x, repeat))
+            .collect()
+    };
+    Affine {
+        group,
+        scale: spread(&a.scale),
+        offset: spread(&a.offset),
+        ..a
+    }
 }
 
 /// Quantizes a dense row-major `[_, cols]` tensor with groups of 32, or `None` when rows are not

@@ -101,37 +101,51 @@ impl QuantPanels {
         };
         let (panels, groups) = (rows.div_ceil(ROWS), cols / group);
         let per_block = block_lines(group, nibbles, high);
-        let mut lines = vec![Line([0; 64]); panels * groups * per_block];
+        let total = panels * groups * per_block;
+        // Each block is assembled in a zeroed local copy and written once, so the matrix's
+        // pages are first touched by the parallel packing (an allocator's zeroing would touch
+        // them all on one thread first: most of the load time of a large model).
+        let mut lines: Vec<Line> = Vec::with_capacity(total);
         let quads = group / 4;
-        lines
+        lines.spare_capacity_mut()[..total]
             .par_chunks_mut(groups * per_block)
             .enumerate()
             .for_each(|(p, panel)| {
-                for (g, block) in panel.chunks_exact_mut(per_block).enumerate() {
+                for (g, out) in panel.chunks_exact_mut(per_block).enumerate() {
+                    let mut local = [Line([0; 64]); MAX_BLOCK_LINES];
+                    let block = &mut local[..per_block];
                     let (quant, params) = block.split_at_mut(per_block - 1);
                     for r in 0..ROWS.min(rows - p * ROWS) {
                         let row = p * ROWS + r;
                         let values = &a.q[row * cols + g * group..][..group];
-                        for (quad, v) in values.chunks_exact(4).enumerate() {
-                            if nibbles {
-                                let (line, shift) =
-                                    (quad % (quads / 2), 4 * (quad >= quads / 2) as u8);
-                                // The quad's four nibbles in one word (each byte stays < 16,
-                                // so the shift cannot carry into its neighbour).
-                                let nibs = u32::from_ne_bytes(v.try_into().unwrap()) & 0x0F0F_0F0F;
-                                let dst: &mut [u8; 4] =
-                                    (&mut quant[line].0[r * 4..r * 4 + 4]).try_into().unwrap();
-                                *dst = (u32::from_ne_bytes(*dst) | nibs << shift).to_ne_bytes();
+                        // A quad's four values as one word; shifts and masks keep each
+                        // byte's bits in that byte.
+                        let word =
+                            |j: usize| u32::from_ne_bytes(values[4 * j..][..4].try_into().unwrap());
+                        let or_word = |line: &mut Line, word: u32| {
+                            let dst: &mut [u8; 4] =
+                                (&mut line.0[r * 4..r * 4 + 4]).try_into().unwrap();
+                            *dst = (u32::from_ne_bytes(*dst) | word).to_ne_bytes();
+                        };
+                        if nibbles {
+                            // A byte's bits above its nibble (each value < 2^(4 + high)).
+                            let above_mask = 0x0101_0101 * ((1u32 << high) - 1);
+                            for c in 0..quads / 2 {
+                                let (lo, hi) = (word(c), word(c + quads / 2));
+                                let nibs = lo & 0x0F0F_0F0F | (hi & 0x0F0F_0F0F) << 4;
+                                or_word(&mut quant[c], nibs);
                                 if high > 0 {
                                     // The bits above each nibble, at their place in the plane.
-                                    let (plane, bit) = plane_bit(quad, high);
-                                    let bytes = &mut quant[quads / 2 + plane].0[r * 4..r * 4 + 4];
-                                    for (b, &value) in bytes.iter_mut().zip(v) {
-                                        *b |= (value >> 4) << bit;
+                                    for (j, w) in [(c, lo), (c + quads / 2, hi)] {
+                                        let (plane, bit) = plane_bit(j, high);
+                                        let above = (w >> 4 & above_mask) << bit;
+                                        or_word(&mut quant[quads / 2 + plane], above);
                                     }
                                 }
-                            } else {
-                                quant[quad].0[r * 4..r * 4 + 4].copy_from_slice(v);
+                            }
+                        } else {
+                            for (line, j) in quant.iter_mut().zip(0..quads) {
+                                or_word(line, word(j));
                             }
                         }
                         let at = row * groups + g;
@@ -140,8 +154,13 @@ impl QuantPanels {
                         let off = 2 * (ROWS + r);
                         params[0].0[off..off + 2].copy_from_slice(&o.to_ne_bytes());
                     }
+                    for (dst, line) in out.iter_mut().zip(block.iter()) {
+                        dst.write(*line);
+                    }
                 }
             });
+        // SAFETY: the loop above wrote every one of the `total` lines.
+        unsafe { lines.set_len(total) };
         Ok(QuantPanels {
             rows,
             cols,
@@ -254,6 +273,9 @@ impl QuantPanels {
         }
     }
 }
+
+/// The most lines a block takes: groups of 32 one byte per value, and their parameters.
+const MAX_BLOCK_LINES: usize = ROWS * 32 / 64 + 1;
 
 /// Lines of one (panel, group) block: its nibbles and planes (or bytes), then its scales and
 /// offsets.
