@@ -18,7 +18,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
+/// How often the steady state looks at its children.
 const TICK: Duration = Duration::from_millis(100);
+/// How often startup probes the shards and the router: readiness is seen within this.
+const STARTUP_TICK: Duration = Duration::from_millis(20);
 /// How long shards (and a router whose shards are gone) get between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How often a slow startup says what it is waiting for.
@@ -302,7 +305,7 @@ async fn wait_shards(
                 );
                 notice = Instant::now();
             }
-            if let Some(sig) = tick(signals).await {
+            if let Some(sig) = tick(signals, STARTUP_TICK).await {
                 return Some(Interrupt::Signal(sig));
             }
         }
@@ -342,11 +345,11 @@ fn timeout(child: &Child, plan: &Plan, reason: &str) -> SuperviseError {
     }
 }
 
-/// Sleeps one tick; returns the signal if one arrived meanwhile.
-async fn tick(signals: &mut Signals) -> Option<&'static str> {
+/// Sleeps `period`; returns the signal if one arrived meanwhile.
+async fn tick(signals: &mut Signals, period: Duration) -> Option<&'static str> {
     tokio::select! {
         sig = signals.recv() => Some(sig),
-        _ = tokio::time::sleep(TICK) => None,
+        _ = tokio::time::sleep(period) => None,
     }
 }
 
@@ -378,7 +381,7 @@ async fn wait_router(
             tracing::info!("waiting for the router's /health ({reason})");
             notice = Instant::now();
         }
-        if let Some(sig) = tick(signals).await {
+        if let Some(sig) = tick(signals, STARTUP_TICK).await {
             return Some(Interrupt::Signal(sig));
         }
     }
@@ -441,7 +444,7 @@ async fn supervise(
                 Err(_) => {}
             }
         }
-        if let Some(sig) = tick(signals).await {
+        if let Some(sig) = tick(signals, TICK).await {
             return Interrupt::Signal(sig);
         }
     }

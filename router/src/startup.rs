@@ -212,6 +212,10 @@ fn load_tokenizer(path: &Path) -> Result<(Tokenizer, Option<ChatTemplate>)> {
 
 /// Connect, size everything with Warmup, serve until SIGINT/SIGTERM.
 pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
+    // The metrics exporter's clock (quanta) calibrates its TSC against the OS clock on first use,
+    // for up to 200 ms where the TSC is noisy (VMs): begun now, on a thread of its own, it
+    // overlaps loading the tokenizer and warming the shards instead of delaying readiness.
+    std::thread::spawn(quanta::Instant::now);
     // Bound before the shards are reached, so a taken port fails in milliseconds rather than after
     // Warmup; scrapes wait in the backlog until the recorder exists.
     let prometheus = bind_prometheus(&args.server.hostname, args.server.prometheus_port).await?;
