@@ -101,19 +101,16 @@ impl QuantPanels {
         };
         let (panels, groups) = (rows.div_ceil(ROWS), cols / group);
         let per_block = block_lines(group, nibbles, high);
-        let total = panels * groups * per_block;
-        // Each block is assembled in a zeroed local copy and written once, so the matrix's
-        // pages are first touched by the parallel packing (an allocator's zeroing would touch
-        // them all on one thread first: most of the load time of a large model).
-        let mut lines: Vec<Line> = Vec::with_capacity(total);
+        // Zeroed in order on one thread before the parallel packing: pages first touched by
+        // the packing tasks instead made a 1B-shaped Q4_K_M model's 512-token prefill 15%
+        // slower on a 2-core AMD EPYC (111 -> 95 tok/s), for 0.2 s less loading.
+        let mut lines = vec![Line([0; 64]); panels * groups * per_block];
         let quads = group / 4;
-        lines.spare_capacity_mut()[..total]
+        lines
             .par_chunks_mut(groups * per_block)
             .enumerate()
             .for_each(|(p, panel)| {
-                for (g, out) in panel.chunks_exact_mut(per_block).enumerate() {
-                    let mut local = [Line([0; 64]); MAX_BLOCK_LINES];
-                    let block = &mut local[..per_block];
+                for (g, block) in panel.chunks_exact_mut(per_block).enumerate() {
                     let (quant, params) = block.split_at_mut(per_block - 1);
                     for r in 0..ROWS.min(rows - p * ROWS) {
                         let row = p * ROWS + r;
@@ -154,13 +151,9 @@ impl QuantPanels {
                         let off = 2 * (ROWS + r);
                         params[0].0[off..off + 2].copy_from_slice(&o.to_ne_bytes());
                     }
-                    for (dst, line) in out.iter_mut().zip(block.iter()) {
-                        dst.write(*line);
-                    }
                 }
             });
-        // SAFETY: the loop above wrote every one of the `total` lines.
-        unsafe { lines.set_len(total) };
+
         Ok(QuantPanels {
             rows,
             cols,
@@ -273,9 +266,6 @@ impl QuantPanels {
         }
     }
 }
-
-/// The most lines a block takes: groups of 32 one byte per value, and their parameters.
-const MAX_BLOCK_LINES: usize = ROWS * 32 / 64 + 1;
 
 /// Lines of one (panel, group) block: its nibbles and planes (or bytes), then its scales and
 /// offsets.
