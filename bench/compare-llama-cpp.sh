@@ -16,6 +16,9 @@
 #   bash bench/compare-llama-cpp.sh [all|build|quantize|greedy|engine|batched|http]   (default all)
 #
 # Settings (environment): THREADS (2), ISAS ("native avx2"), FORMATS ("Q4_1 Q8_0 Q4_K_M"),
+# SHAPE (smollm2: the default model and requantizations of it; 1b or 7b: a random-weight llama of
+# that shape with SmolLM2's tokenizer, bench/synthetic_gguf.py, quantized from F16 by llama-quantize,
+# whose rows are multiples of 256 so K formats take their real K-quant paths),
 # RUNS (3, repetitions of each tessera-shard bench figure), HTTP_SECONDS (30), CLIENTS (32),
 # JOBS (2, build parallelism). Results also go to .cache/peer/results/<time>/ (raw outputs and
 # table.tsv). Every server it starts listens on 127.0.0.1 and is stopped before it exits.
@@ -31,7 +34,9 @@ FORMATS=${FORMATS:-Q4_1 Q8_0 Q4_K_M}
 RUNS=${RUNS:-3}
 HTTP_SECONDS=${HTTP_SECONDS:-30}
 CLIENTS=${CLIENTS:-32}
+SHAPE=${SHAPE:-smollm2}
 MODELS=$ROOT/.cache/models
+SYNTHETIC=$MODELS/synthetic
 BASE=$MODELS/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 QUANT=$MODELS/quant
 # What the correctness tests need besides the speed figures' files.
@@ -60,23 +65,45 @@ build_all() {
 # Q4_1 file dequantized). Rows of 576 are not a multiple of 256: K formats fall back to legacy
 # types on those tensors, as they do in every SmolLM2-135M K-quant file.
 model_file() {
-    case $1 in
-        Q4_1) echo "$BASE" ;;
-        *) echo "$QUANT/SmolLM2-135M-Instruct.$1.gguf" ;;
+    case $SHAPE:$1 in
+        smollm2:Q4_1) echo "$BASE" ;;
+        smollm2:*) echo "$QUANT/SmolLM2-135M-Instruct.$1.gguf" ;;
+        *) echo "$SYNTHETIC/llama-$SHAPE.$1.gguf" ;;
     esac
+}
+
+# The F16 file every format of a synthetic shape is quantized from (made once).
+synthetic_f16() {
+    local f16=$SYNTHETIC/llama-$SHAPE.F16.gguf src py
+    if [ ! -s "$f16" ]; then
+        src=$(peer_source)
+        py=$(peer_python)
+        "$py" -c 'import numpy' 2>/dev/null || "$py" -m pip install -q numpy >&2
+        mkdir -p "$SYNTHETIC"
+        say "writing a random-weight $SHAPE llama (bench/synthetic_gguf.py)"
+        PYTHONPATH=$src/gguf-py "$py" "$ROOT/bench/synthetic_gguf.py" --base "$BASE" \
+            --shape "$SHAPE" --out "$f16.tmp" >&2
+        mv "$f16.tmp" "$f16"
+    fi
+    echo "$f16"
 }
 
 quantize_all() {
     need_base
-    local bin
+    local bin src=$BASE formats=$TEST_FORMATS
     bin=$(peer_build native)
     mkdir -p "$QUANT"
-    for t in $TEST_FORMATS; do
+    if [ "$SHAPE" != smollm2 ]; then
+        # The batched and HTTP figures serve Q4_1.
+        src=$(synthetic_f16)
+        formats="$FORMATS Q4_1"
+    fi
+    for t in $formats; do
         local f
         f=$(model_file "$t")
         [ -s "$f" ] && continue
         say "llama-quantize --allow-requantize -> $t"
-        "$bin/llama-quantize" --allow-requantize "$BASE" "$f.tmp" "$t" "$THREADS" >"$RESULTS/quantize-$t.log" 2>&1 \
+        "$bin/llama-quantize" --allow-requantize "$src" "$f.tmp" "$t" "$THREADS" >"$RESULTS/quantize-$t.log" 2>&1 \
             || { tail -20 "$RESULTS/quantize-$t.log" >&2; return 1; }
         mv "$f.tmp" "$f"
     done
@@ -106,12 +133,12 @@ engine_figures() {
     say "tessera-shard bench $isa $t"
     TESSERA_CPU_KERNELS=$(kernels_env "$isa") "$TESSERA/tessera-shard" bench --model-id "$f" \
         --prefill-tokens 512 --batch-sizes 1 --context 1 --steps 128 --runs "$RUNS" >"$out" 2>&1 \
-        || { tail -5 "$out" >&2; row "$isa $t prefill 512 tok/s" error "$lpp" ">=1.0"; row "$isa $t decode b1 tok/s" error "$ltg" ">=1.0"; return; }
+        || { tail -5 "$out" >&2; row "$isa $SHAPE $t prefill 512 tok/s" error "$lpp" ">=1.0"; row "$isa $SHAPE $t decode b1 tok/s" error "$ltg" ">=1.0"; return; }
     local tpp ttg
     tpp=$(awk '/^prefill/ {print $(NF-6); exit}' "$out")
     ttg=$(awk '/^decode batch +1 / {print $(NF-6); exit}' "$out")
-    row "$isa $t prefill 512 tok/s" "$tpp" "$lpp" ">=1.0"
-    row "$isa $t decode b1 tok/s" "$ttg" "$ltg" ">=1.0"
+    row "$isa $SHAPE $t prefill 512 tok/s" "$tpp" "$lpp" ">=1.0"
+    row "$isa $SHAPE $t decode b1 tok/s" "$ttg" "$ltg" ">=1.0"
 }
 
 batched_figures() {
@@ -130,7 +157,7 @@ batched_figures() {
         local l t
         l=$( (grep -h '"pl": '"$b"',' "$out" "$out.log" || true) | head -1 | python3 -c 'import json,sys; l=sys.stdin.read().strip(); print(json.loads(l[l.index("{"):])["speed_tg"] if l else "error")')
         t=$(awk -v b="$b" '$1=="decode" && $3==b {print $(NF-6); exit}' "$out2")
-        row "$isa Q4_1 decode b$b tok/s" "${t:-error}" "$l" ">=1.3"
+        row "$isa $SHAPE Q4_1 decode b$b tok/s" "${t:-error}" "$l" ">=1.3"
     done
 }
 
@@ -211,14 +238,14 @@ http_figures() {
     echo "tessera $t" >>"$RESULTS/http-$isa.txt"
     echo "llama-server $l" >>"$RESULTS/http-$isa.txt"
     local tj=${t#* * } lj=${l#* * }
-    row "$isa http $CLIENTS clients output tok/s" "$(field output_tok_s "$tj")" "$(field output_tok_s "$lj")" ">=1.5"
-    row "$isa http tokens per request" "$(field tokens_per_request "$tj")" "$(field tokens_per_request "$lj")" "64"
+    row "$isa $SHAPE http $CLIENTS clients output tok/s" "$(field output_tok_s "$tj")" "$(field output_tok_s "$lj")" ">=1.5"
+    row "$isa $SHAPE http tokens per request" "$(field tokens_per_request "$tj")" "$(field tokens_per_request "$lj")" "64"
     for k in ttft_p50_ms ttft_p99_ms itl_p50_ms itl_p99_ms; do
-        row "$isa http $k" "$(field "$k" "$tj")" "$(field "$k" "$lj")" "lower"
+        row "$isa $SHAPE http $k" "$(field "$k" "$tj")" "$(field "$k" "$lj")" "lower"
     done
-    row "$isa ready-to-serve s" "${t%% *}" "${l%% *}" "lower"
+    row "$isa $SHAPE ready-to-serve s" "${t%% *}" "${l%% *}" "lower"
     local trss=${t#* } lrss=${l#* }
-    row "$isa peak RSS MiB (serving)" "${trss%% *}" "${lrss%% *}" "<=1.1"
+    row "$isa $SHAPE peak RSS MiB (serving)" "${trss%% *}" "${lrss%% *}" "<=1.1"
 }
 
 print_table() {
