@@ -85,6 +85,7 @@ pub fn to_affine(ty: GgmlType, data: &[u8], n: usize) -> Result<Affine, String> 
                 .zip(q.chunks_exact_mut(elems))
                 .zip(s.chunks_exact_mut(groups_per_block))
                 .zip(o.chunks_exact_mut(groups_per_block));
+            // No affine type has blocks of more than 256 elements or 16 groups.
             let (mut qb, mut sb, mut ob) = ([0u8; 256], [0f32; 16], [0f32; 16]);
             for (((b, q), s), o) in blocks {
                 let (qb, sb, ob) = (

@@ -153,7 +153,6 @@ impl QuantPanels {
                     }
                 }
             });
-
         Ok(QuantPanels {
             rows,
             cols,
