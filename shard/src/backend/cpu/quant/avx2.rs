@@ -7,7 +7,8 @@
 //!   one per byte (panels expanded for prefill, `QuantPanels::expand_panel`);
 //! - bytes (7–8 bits): weights are made signed (`v − 128`) and enter as magnitudes, their signs
 //!   moved onto the activations (`|w| · sign(x, w)`: one quad's pair is at most 2 · 128 · 127),
-//!   and the sum starts at `128·Σ qx` so it is `Σ v·qx` exactly as the other kernels compute it.
+//!   and the sum starts at `(128 − zero)·Σ qx` so it is `Σ (v − zero)·qx` exactly as the other
+//!   kernels compute it (`QuantPanels::sum_start`).
 //!
 //! A tile walks a group's quads once and multiplies each loaded line by every token's broadcast
 //! quad, so broadcasts serve both halves and weights are loaded once per tile.
@@ -195,23 +196,44 @@ unsafe fn prefetch(block: &[u8]) {
     }
 }
 
-/// `f[i][h] += d·dx · s[i][h] + o · dx·Σqx` for each token `t0 + i` and half `h` of group `g`
-/// (a macro: as a function LLVM keeps it out of line, a call per group).
+/// `f[i][h] += d·dx · s[i][h] (+ o · dx·Σqx where there are offsets)` for each token `t0 + i`
+/// and half `h` of group `g` (a macro: as a function LLVM keeps it out of line, a call per group).
 #[cfg(target_arch = "x86_64")]
 macro_rules! scale_group {
-    ($f:ident, $s:ident, $params:expr, $acts:expr, $t0:expr, $g:expr) => {
+    ($f:ident, $s:ident, $w:expr, $params:expr, $acts:expr, $t0:expr, $g:expr) => {
         let pp = $params.as_ptr() as *const __m128i;
         for h in 0..2 {
             let d = _mm256_cvtph_ps(_mm_loadu_si128(pp.add(h)));
-            let off = _mm256_cvtph_ps(_mm_loadu_si128(pp.add(2 + h)));
             for i in 0..MR {
-                let (_, dx, sx) = $acts.group($t0 + i, $g);
+                let dx = $acts.group($t0 + i, $g).1;
                 let scale = _mm256_mul_ps(d, _mm256_set1_ps(dx));
                 $f[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps($s[i][h]), scale, $f[i][h]);
-                $f[i][h] = _mm256_fmadd_ps(off, _mm256_set1_ps(sx), $f[i][h]);
+            }
+        }
+        if $w.has_offsets() {
+            for h in 0..2 {
+                let off = _mm256_cvtph_ps(_mm_loadu_si128(pp.add(2 + h)));
+                for i in 0..MR {
+                    let sx = $acts.group($t0 + i, $g).2;
+                    $f[i][h] = _mm256_fmadd_ps(off, _mm256_set1_ps(sx), $f[i][h]);
+                }
             }
         }
     };
+}
+
+/// Each token's i32 sums (both halves) of group `g` at their start, `w.sum_start(.., bias)`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn starts<const MR: usize>(
+    w: &QuantPanels,
+    acts: &QuantActs,
+    t0: usize,
+    g: usize,
+    bias: i32,
+) -> [[__m256i; 2]; MR] {
+    std::array::from_fn(|i| [_mm256_set1_epi32(w.sum_start(acts, t0 + i, g, bias)); 2])
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -241,7 +263,14 @@ unsafe fn nibble_tile<const G: usize, const HB: usize, const MR: usize>(
     for g in 0..w.cols / G {
         let (block, params) = w.block(p, g);
         prefetch(block);
-        let (x, mut s) = (quads::<MR>(acts, t0, g), [[_mm256_setzero_si256(); 2]; MR]);
+        let x = quads::<MR>(acts, t0, g);
+        // Without plane bits the sums are i16 until widened: their start is added then.
+        let start = starts::<MR>(w, acts, t0, g, 0);
+        let mut s = if HB == 0 {
+            [[_mm256_setzero_si256(); 2]; MR]
+        } else {
+            start
+        };
         for c in 0..G / 8 {
             let [lo, hi] = line_quads::<G, HB>(block, c);
             for (i, si) in s.iter_mut().enumerate() {
@@ -260,13 +289,13 @@ unsafe fn nibble_tile<const G: usize, const HB: usize, const MR: usize>(
             }
         }
         if HB == 0 {
-            for si in s.iter_mut() {
-                for v in si.iter_mut() {
-                    *v = _mm256_madd_epi16(*v, ones);
+            for (si, start) in s.iter_mut().zip(&start) {
+                for (v, start) in si.iter_mut().zip(start) {
+                    *v = _mm256_add_epi32(_mm256_madd_epi16(*v, ones), *start);
                 }
             }
         }
-        scale_group!(f, s, params, acts, t0, g);
+        scale_group!(f, s, w, params, acts, t0, g);
     }
     store(&f, acc);
 }
@@ -323,7 +352,7 @@ unsafe fn small_tile<const G: usize, const MR: usize>(
     for g in 0..w.cols / G {
         let (block, params) = w.block(p, g);
         prefetch(block);
-        let (x, mut s) = (quads::<MR>(acts, t0, g), [[_mm256_setzero_si256(); 2]; MR]);
+        let (x, mut s) = (quads::<MR>(acts, t0, g), starts::<MR>(w, acts, t0, g, 0));
         for j in (0..G / 4).step_by(2) {
             let (w0, w1) = (halves(block, j), halves(block, j + 1));
             for (i, si) in s.iter_mut().enumerate() {
@@ -337,7 +366,7 @@ unsafe fn small_tile<const G: usize, const MR: usize>(
                 }
             }
         }
-        scale_group!(f, s, params, acts, t0, g);
+        scale_group!(f, s, w, params, acts, t0, g);
     }
     store(&f, acc);
 }
@@ -358,11 +387,7 @@ unsafe fn byte_tile<const G: usize, const MR: usize>(
     for g in 0..w.cols / G {
         let (block, params) = w.block(p, g);
         prefetch(block);
-        let x = quads::<MR>(acts, t0, g);
-        let mut s = [[_mm256_setzero_si256(); 2]; MR];
-        for (i, si) in s.iter_mut().enumerate() {
-            *si = [_mm256_set1_epi32(128 * acts.total(t0 + i, g)); 2];
-        }
+        let (x, mut s) = (quads::<MR>(acts, t0, g), starts::<MR>(w, acts, t0, g, 128));
         for j in 0..G / 4 {
             let v = halves(block, j);
             let signed = [_mm256_xor_si256(v[0], flip), _mm256_xor_si256(v[1], flip)];
@@ -378,7 +403,7 @@ unsafe fn byte_tile<const G: usize, const MR: usize>(
                 }
             }
         }
-        scale_group!(f, s, params, acts, t0, g);
+        scale_group!(f, s, w, params, acts, t0, g);
     }
     store(&f, acc);
 }

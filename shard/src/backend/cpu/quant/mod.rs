@@ -15,7 +15,14 @@
 //! the 1–2 bits above the nibble (5- and 6-bit formats) follow in "plane" lines, where byte `i`
 //! holds those bits of byte `i` of every quad (`plane_bit`). So the matrix is about as large as the
 //! file it came from. Scales and offsets follow per (panel, group): 16 f16 scales, then 16 f16
-//! offsets.
+//! offsets. Symmetric formats (Q8_0, Q4_0, Q5_0, Q3_K, Q6_K, IQ4: every offset is `−z·d` with the
+//! zero point `z = 2^(bits−1)`) hold no offsets: two groups share a block and its line of 32
+//! scales, and the kernels subtract `z·Σ qx` from each group's i32 sum instead, as llama.cpp's
+//! integer dot products do:
+//!
+//! ```text
+//! y[t, r] = Σ_g  d[r,g]·dx[t,g]·(Σ_i q[r,i]·qx[t,i] − z·Σ_i qx[t,i])
+//! ```
 
 /// Expands `$go!(GROUP, NIBBLES, HIGH)` for the layout of panels `$w`, so a kernel set is
 /// compiled once per layout (defined before the kernel modules so they see it).
@@ -58,21 +65,26 @@ const TOKEN_BLOCK: usize = 64;
 #[repr(C, align(64))]
 struct Line([u8; 64]);
 
-/// A `[rows, cols]` matrix (PyTorch `[out, in]`) in the panel layout above; each (panel, group)
-/// block is its quant lines followed by one line of 16 f16 scales and 16 f16 offsets, so a
-/// decode step reads one sequential stream.
+/// A `[rows, cols]` matrix (PyTorch `[out, in]`) in the panel layout above; each block is one
+/// group's quant lines followed by a line of 16 f16 scales and 16 f16 offsets, or two groups'
+/// quant lines and a line of their 2 × 16 scales (symmetric), so a decode step reads one
+/// sequential stream.
 #[derive(Debug, Clone)]
 pub struct QuantPanels {
     rows: usize,
     cols: usize,
     /// Inputs per (scale, offset) group: 16 or 32.
     group: usize,
+    /// Groups per row, `cols / group`.
+    groups: usize,
     /// Every value is < 2^bits (2..=8); the AVX2 kernels pick their i16 sums by it.
     bits: u32,
     /// Low nibbles two per byte (every value < 64), else one value per byte.
     nibbles: bool,
     /// Bits above the nibble (0–2), in plane lines after the nibble lines.
     high: usize,
+    /// The zero point `z` of symmetric weights (offsets not stored), else 0.
+    zero: i32,
     lines: Vec<Line>,
 }
 
@@ -80,7 +92,7 @@ impl QuantPanels {
     /// Packs `a`, a row-major `[rows, cols]` tensor whose rows are whole groups.
     pub fn pack(rows: usize, cols: usize, a: &Affine) -> Result<Self, String> {
         let group = a.group;
-        if !matches!(group, 16 | 32) || !cols.is_multiple_of(group) || a.bits > 8 {
+        if !matches!(group, 16 | 32) || !cols.is_multiple_of(group) || !(1..=8).contains(&a.bits) {
             return Err(format!(
                 "cannot pack groups of {group} with {} bits into rows of {cols}",
                 a.bits
@@ -99,69 +111,55 @@ impl QuantPanels {
         } else {
             0
         };
-        let (panels, groups) = (rows.div_ceil(ROWS), cols / group);
-        let per_block = block_lines(group, nibbles, high);
-        // Zeroed in order on one thread before the parallel packing: pages first touched by
-        // the packing tasks instead made a 1B-shaped Q4_K_M model's 512-token prefill 15%
-        // slower on a 2-core AMD EPYC (111 -> 95 tok/s), for 0.2 s less loading.
-        let mut lines = vec![Line([0; 64]); panels * groups * per_block];
-        let quads = group / 4;
-        lines
-            .par_chunks_mut(groups * per_block)
-            .enumerate()
-            .for_each(|(p, panel)| {
-                for (g, block) in panel.chunks_exact_mut(per_block).enumerate() {
-                    let (quant, params) = block.split_at_mut(per_block - 1);
-                    for r in 0..ROWS.min(rows - p * ROWS) {
-                        let row = p * ROWS + r;
-                        let values = &a.q[row * cols + g * group..][..group];
-                        // A quad's four values as one word; shifts and masks keep each
-                        // byte's bits in that byte.
-                        let word =
-                            |j: usize| u32::from_ne_bytes(values[4 * j..][..4].try_into().unwrap());
-                        let or_word = |line: &mut Line, word: u32| {
-                            let dst: &mut [u8; 4] =
-                                (&mut line.0[r * 4..r * 4 + 4]).try_into().unwrap();
-                            *dst = (u32::from_ne_bytes(*dst) | word).to_ne_bytes();
-                        };
-                        if nibbles {
-                            // A byte's bits above its nibble (each value < 2^(4 + high)).
-                            let above_mask = 0x0101_0101 * ((1u32 << high) - 1);
-                            for c in 0..quads / 2 {
-                                let (lo, hi) = (word(c), word(c + quads / 2));
-                                let nibs = lo & 0x0F0F_0F0F | (hi & 0x0F0F_0F0F) << 4;
-                                or_word(&mut quant[c], nibs);
-                                if high > 0 {
-                                    // The bits above each nibble, at their place in the plane.
-                                    for (j, w) in [(c, lo), (c + quads / 2, hi)] {
-                                        let (plane, bit) = plane_bit(j, high);
-                                        let above = (w >> 4 & above_mask) << bit;
-                                        or_word(&mut quant[quads / 2 + plane], above);
-                                    }
-                                }
-                            }
-                        } else {
-                            for (line, j) in quant.iter_mut().zip(0..quads) {
-                                or_word(line, word(j));
-                            }
-                        }
-                        let at = row * groups + g;
-                        let (d, o) = (f16::from_f32(a.scale[at]), f16::from_f32(a.offset[at]));
-                        params[0].0[2 * r..2 * r + 2].copy_from_slice(&d.to_ne_bytes());
-                        let off = 2 * (ROWS + r);
-                        params[0].0[off..off + 2].copy_from_slice(&o.to_ne_bytes());
-                    }
-                }
-            });
-        Ok(QuantPanels {
+        let mut packed = QuantPanels {
             rows,
             cols,
             group,
+            groups: cols / group,
             bits: a.bits,
             nibbles,
             high,
-            lines,
-        })
+            zero: symmetric_zero(a),
+            lines: Vec::new(),
+        };
+        let (groups, per, quant_lines) = (cols / group, packed.per_block(), packed.quant_lines());
+        let (block_lines, panel_lines) = (packed.block_lines(), packed.panel_lines());
+        // Zeroed in order on one thread before the parallel packing: pages first touched by
+        // the packing tasks instead made a 1B-shaped Q4_K_M model's 512-token prefill 15%
+        // slower on a 2-core AMD EPYC (111 -> 95 tok/s), for 0.2 s less loading.
+        packed.lines = vec![Line([0; 64]); rows.div_ceil(ROWS) * panel_lines];
+        let quads = group / 4;
+        let symmetric = packed.zero != 0;
+        packed
+            .lines
+            .par_chunks_mut(panel_lines)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for (b, block) in panel.chunks_exact_mut(block_lines).enumerate() {
+                    let (quant, params) = block.split_at_mut(per * quant_lines);
+                    let groups_here = quant.chunks_exact_mut(quant_lines).enumerate();
+                    for (k, quant) in groups_here.take(groups - b * per) {
+                        let g = b * per + k;
+                        for r in 0..ROWS.min(rows - p * ROWS) {
+                            let row = p * ROWS + r;
+                            let values = &a.q[row * cols + g * group..][..group];
+                            pack_values(values, r, nibbles, high, quads, quant);
+                            let at = row * groups + g;
+                            let mut param = |i: usize, v: f32| {
+                                let bytes = f16::from_f32(v).to_ne_bytes();
+                                params[0].0[2 * i..2 * i + 2].copy_from_slice(&bytes);
+                            };
+                            if symmetric {
+                                param(k * ROWS + r, a.scale[at]);
+                            } else {
+                                param(r, a.scale[at]);
+                                param(ROWS + r, a.offset[at]);
+                            }
+                        }
+                    }
+                }
+            });
+        Ok(packed)
     }
 
     pub fn rows(&self) -> usize {
@@ -201,8 +199,11 @@ impl QuantPanels {
             quant[quad * 64 + lane * 4 + t]
         };
         let d = f16::from_bits(params[lane]).to_f32();
-        let o = f16::from_bits(params[ROWS + lane]).to_f32();
-        d * v as f32 + o
+        if self.zero != 0 {
+            d * (v as i32 - self.zero) as f32
+        } else {
+            d * v as f32 + f16::from_bits(params[ROWS + lane]).to_f32()
+        }
     }
 
     /// Row `r` dequantized into `out` (`cols` values): embedding lookups from a tied lm_head.
@@ -216,7 +217,6 @@ impl QuantPanels {
     /// lines are reused: prefill multiplies a panel by many tokens, so it pays to join the bits
     /// once per panel rather than in every kernel call.
     fn expand_panel(&self, p: usize, out: &mut QuantPanels, kernels: Kernels) {
-        let (groups, per_block) = (self.cols / self.group, block_lines(self.group, false, 0));
         *out = QuantPanels {
             rows: ROWS,
             nibbles: false,
@@ -224,9 +224,11 @@ impl QuantPanels {
             lines: std::mem::take(&mut out.lines),
             ..*self
         };
-        out.lines.resize(groups * per_block, Line([0; 64]));
-        for (g, dst) in out.lines.chunks_exact_mut(per_block).enumerate() {
+        out.lines.resize(out.panel_lines(), Line([0; 64]));
+        for g in 0..self.groups {
             let (quant, _) = self.block(p, g);
+            let ((at, params), len) = (out.place(0, g), out.quant_lines());
+            let dst = &mut out.lines[at..at + len];
             macro_rules! go {
                 ($g:literal, $nib:literal, $hb:literal) => {
                     unpack_group::<$g, $nib, $hb>(quant, dst)
@@ -238,41 +240,154 @@ impl QuantPanels {
                 }
                 _ => by_layout!(self, go),
             }
-            dst[per_block - 1] = self.lines[self.block_at(p, g + 1) - 1];
+            out.lines[params] = self.lines[self.place(p, g).1];
         }
     }
 
-    /// Index of the first line of group `g`'s block in panel `p` (`g` may be one past the last).
+    /// Groups per block: two when blocks hold scales only (32 f16 fill their line), else one.
     #[inline(always)]
-    fn block_at(&self, p: usize, g: usize) -> usize {
-        (p * (self.cols / self.group) + g) * block_lines(self.group, self.nibbles, self.high)
+    fn per_block(&self) -> usize {
+        if self.zero != 0 {
+            2
+        } else {
+            1
+        }
     }
 
-    /// The quantized bytes and the f16 (scale, offset) line of group `g` in panel `p`; both
-    /// start on a 64-byte boundary.
+    /// Lines of one block: `per_block()` groups' values and a parameter line.
+    #[inline(always)]
+    fn block_lines(&self) -> usize {
+        self.per_block() * self.quant_lines() + 1
+    }
+
+    /// Lines of one group's values: nibbles and planes, or bytes.
+    #[inline(always)]
+    fn quant_lines(&self) -> usize {
+        if self.nibbles {
+            ROWS * self.group / 2 / 64 + (self.group / 4 * self.high).div_ceil(8)
+        } else {
+            ROWS * self.group / 64
+        }
+    }
+
+    /// Lines of one panel: its blocks (written out per case, so no division by a variable).
+    #[inline(always)]
+    fn panel_lines(&self) -> usize {
+        if self.zero != 0 {
+            self.groups.div_ceil(2) * self.block_lines()
+        } else {
+            self.groups * self.block_lines()
+        }
+    }
+
+    /// Where group `g` of panel `p` lies: the index of its first quant line and of its block's
+    /// parameter line.
+    #[inline(always)]
+    fn place(&self, p: usize, g: usize) -> (usize, usize) {
+        let (quant_lines, panel) = (self.quant_lines(), p * self.panel_lines());
+        if self.zero != 0 {
+            let block = panel + g / 2 * self.block_lines();
+            (block + g % 2 * quant_lines, block + 2 * quant_lines)
+        } else {
+            let block = panel + g * self.block_lines();
+            (block, block + quant_lines)
+        }
+    }
+
+    /// The quantized bytes of group `g` in panel `p`, and its f16 parameters: 16 scales, then 16
+    /// offsets unless the panels are symmetric; both start on a 32-byte boundary.
     #[inline(always)]
     fn block(&self, p: usize, g: usize) -> (&[u8], &[u16]) {
-        let per_block = block_lines(self.group, self.nibbles, self.high);
-        let at = self.block_at(p, g);
-        let (quant, params) = self.lines[at..at + per_block].split_at(per_block - 1);
+        let (at, params) = self.place(p, g);
+        let quant = &self.lines[at..at + self.quant_lines()];
+        let (first, len) = if self.zero != 0 {
+            (g % 2 * ROWS, ROWS)
+        } else {
+            (0, 2 * ROWS)
+        };
+        let params = &self.lines[params].0[2 * first..2 * (first + len)];
         // SAFETY: `Line` is 64 plain bytes (repr C, no padding), so its slices are byte slices,
-        // and its 64-byte alignment satisfies u16's.
+        // and the parameters start 0 or 32 bytes into a 64-byte aligned line, aligned for u16.
         unsafe {
             (
                 std::slice::from_raw_parts(quant.as_ptr() as *const u8, quant.len() * 64),
-                std::slice::from_raw_parts(params.as_ptr() as *const u16, 32),
+                std::slice::from_raw_parts(params.as_ptr() as *const u16, len),
             )
         }
     }
+
+    /// What token `t`'s i32 sum over group `g` starts from in a kernel that multiplies `v − bias`
+    /// (AVX2 and NEON take bytes signed, `bias` 128, and others as they are, `bias` 0), so that
+    /// it comes out as `Σ (v − zero)·qx`: `(bias − zero)·Σ qx`.
+    #[inline(always)]
+    fn sum_start(&self, acts: &QuantActs, t: usize, g: usize, bias: i32) -> i32 {
+        if bias == self.zero {
+            0
+        } else {
+            (bias - self.zero) * acts.total(t, g)
+        }
+    }
+
+    /// Whether the f16 parameters hold offsets (asymmetric formats), added as `o·dx·Σ qx`.
+    #[inline(always)]
+    fn has_offsets(&self) -> bool {
+        self.zero == 0
+    }
 }
 
-/// Lines of one (panel, group) block: its nibbles and planes (or bytes), then its scales and
-/// offsets.
-fn block_lines(group: usize, nibbles: bool, high: usize) -> usize {
-    if nibbles {
-        ROWS * group / 2 / 64 + (group / 4 * high).div_ceil(8) + 1
+/// The zero point of `a` if every group's offset is `−z·scale` with `z = 2^(bits−1)` as stored
+/// (f16), else 0: the symmetric formats, whose blocks then hold scales only.
+fn symmetric_zero(a: &Affine) -> i32 {
+    let zero = 1i32 << (a.bits - 1);
+    let f16_exact = |v: f32| f16::from_f32(v).to_f32();
+    let symmetric = a
+        .scale
+        .iter()
+        .zip(&a.offset)
+        .all(|(&d, &o)| f16_exact(o) == -(zero as f32) * f16_exact(d));
+    if symmetric {
+        zero
     } else {
-        ROWS * group / 64 + 1
+        0
+    }
+}
+
+/// ORs row `r`'s `values` (one group) into a block's quant lines: nibbles with their plane
+/// bits, or bytes.
+fn pack_values(
+    values: &[u8],
+    r: usize,
+    nibbles: bool,
+    high: usize,
+    quads: usize,
+    quant: &mut [Line],
+) {
+    // A quad's four values as one word; shifts and masks keep each byte's bits in that byte.
+    let word = |j: usize| u32::from_ne_bytes(values[4 * j..][..4].try_into().unwrap());
+    let or_word = |line: &mut Line, word: u32| {
+        let dst: &mut [u8; 4] = (&mut line.0[r * 4..r * 4 + 4]).try_into().unwrap();
+        *dst = (u32::from_ne_bytes(*dst) | word).to_ne_bytes();
+    };
+    if nibbles {
+        // A byte's bits above its nibble (each value < 2^(4 + high)).
+        let above_mask = 0x0101_0101 * ((1u32 << high) - 1);
+        for c in 0..quads / 2 {
+            let (lo, hi) = (word(c), word(c + quads / 2));
+            let nibs = lo & 0x0F0F_0F0F | (hi & 0x0F0F_0F0F) << 4;
+            or_word(&mut quant[c], nibs);
+            if high > 0 {
+                // The bits above each nibble, at their place in the plane.
+                for (j, w) in [(c, lo), (c + quads / 2, hi)] {
+                    let (plane, bit) = plane_bit(j, high);
+                    let above = (w >> 4 & above_mask) << bit;
+                    or_word(&mut quant[quads / 2 + plane], above);
+                }
+            }
+        }
+    } else {
+        for (line, j) in quant.iter_mut().zip(0..quads) {
+            or_word(line, word(j));
+        }
     }
 }
 
@@ -312,6 +427,8 @@ fn unpack_group<const G: usize, const NIB: bool, const HB: usize>(block: &[u8], 
 pub struct QuantActs {
     k: usize,
     group: usize,
+    /// `k / group`, kept so kernels index without a division.
+    groups: usize,
     q: Vec<i8>,
     scale: Vec<f32>,
     sum: Vec<f32>,
@@ -325,6 +442,7 @@ impl QuantActs {
         let mut acts = QuantActs {
             k,
             group,
+            groups,
             q: vec![0i8; n * k],
             scale: vec![0f32; n * groups],
             sum: vec![0f32; n * groups],
@@ -356,19 +474,18 @@ impl QuantActs {
     /// Token `t`'s int8 values of group `g`, its `dx` and `dx·Σ qx`.
     #[inline(always)]
     fn group(&self, t: usize, g: usize) -> (&[i8], f32, f32) {
-        let groups = self.k / self.group;
         let at = t * self.k + g * self.group;
         (
             &self.q[at..at + self.group],
-            self.scale[t * groups + g],
-            self.sum[t * groups + g],
+            self.scale[t * self.groups + g],
+            self.sum[t * self.groups + g],
         )
     }
 
     /// Token `t`'s `Σ qx` over group `g`.
     #[inline(always)]
     fn total(&self, t: usize, g: usize) -> i32 {
-        self.total[t * (self.k / self.group) + g]
+        self.total[t * self.groups + g]
     }
 }
 

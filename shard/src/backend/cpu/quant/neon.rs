@@ -5,8 +5,9 @@
 //! 4 i32 lanes, so a line feeds 16 row sums with no horizontal adds, as `vpdpbusd` does on x86.
 //!
 //! `sdot` multiplies signed bytes: values of at most 7 bits are already non-negative i8; 8-bit
-//! values are flipped to `v − 128` and the sum starts at `128·Σ qx`, so it is `Σ v·qx` exactly.
-//! The f32 steps are the VNNI kernel's (`d·dx`, then two fused multiply-adds per group), so both
+//! values are flipped to `v − 128` and the sum starts at `(128 − zero)·Σ qx`, so it is
+//! `Σ (v − zero)·qx` exactly, as elsewhere (`QuantPanels::sum_start`). The f32 steps are the VNNI
+//! kernel's (`d·dx`, then a fused multiply-add per group and one more for offsets), so both
 //! produce the same bits.
 //!
 //! Stable Rust does not expose `sdot` as an intrinsic yet (`stdarch_neon_dotprod`), so it and the
@@ -103,12 +104,9 @@ unsafe fn tile<
     let mut f = [[vdupq_n_f32(0.0); 4]; MR];
     for g in 0..w.cols / G {
         let (block, params) = w.block(p, g);
-        let mut s = [[vdupq_n_s32(0); 4]; MR];
-        if FLIP {
-            for (i, si) in s.iter_mut().enumerate() {
-                *si = [vdupq_n_s32(128 * acts.total(t0 + i, g)); 4];
-            }
-        }
+        let bias = if FLIP { 128 } else { 0 };
+        let mut s: [[int32x4_t; 4]; MR] =
+            std::array::from_fn(|i| [vdupq_n_s32(w.sum_start(acts, t0 + i, g, bias)); 4]);
         // Four quads at a time: one 16-byte activation load per token serves 16 `sdot`s.
         for u in 0..G / 16 {
             let wq: [[int8x16_t; 4]; 4] =
@@ -124,13 +122,22 @@ unsafe fn tile<
             }
         }
         let d: [float32x4_t; 4] = std::array::from_fn(|k| widen(params.as_ptr().add(4 * k)));
-        let o: [float32x4_t; 4] = std::array::from_fn(|k| widen(params.as_ptr().add(ROWS + 4 * k)));
         for (i, (fi, si)) in f.iter_mut().zip(&s).enumerate() {
-            let (_, dx, sx) = acts.group(t0 + i, g);
+            let dx = acts.group(t0 + i, g).1;
             for k in 0..4 {
                 let scale = vmulq_n_f32(d[k], dx);
                 fi[k] = vfmaq_f32(fi[k], vcvtq_f32_s32(si[k]), scale);
-                fi[k] = vfmaq_n_f32(fi[k], o[k], sx);
+            }
+        }
+        // In a loop of its own: a branch inside the one above keeps it from unrolling.
+        if w.has_offsets() {
+            let o: [float32x4_t; 4] =
+                std::array::from_fn(|k| widen(params.as_ptr().add(ROWS + 4 * k)));
+            for (i, fi) in f.iter_mut().enumerate() {
+                let sx = acts.group(t0 + i, g).2;
+                for k in 0..4 {
+                    fi[k] = vfmaq_n_f32(fi[k], o[k], sx);
+                }
             }
         }
     }

@@ -43,9 +43,13 @@ fn tile<const G: usize, const NIB: bool, const HB: usize>(
         let mut quads = [Line([0; 64]); 8];
         unpack_group::<G, NIB, HB>(block, &mut quads);
         let d: [f32; ROWS] = std::array::from_fn(|r| f16::from_bits(params[r]).to_f32());
-        let off: [f32; ROWS] = std::array::from_fn(|r| f16::from_bits(params[ROWS + r]).to_f32());
+        let off: [f32; ROWS] = std::array::from_fn(|r| {
+            let stored = w.has_offsets().then(|| params[ROWS + r]);
+            stored.map_or(0.0, |o| f16::from_bits(o).to_f32())
+        });
         for (i, out) in acc.iter_mut().take(mr).enumerate() {
             let (xq, dx, sx) = acts.group(t0 + i, g);
+            let start = w.sum_start(acts, t0 + i, g, 0);
             let mut lanes = [[0i32; 4]; ROWS];
             for (quad, x) in quads.iter().take(G / 4).zip(xq.chunks_exact(4)) {
                 let quad = &quad.0;
@@ -57,7 +61,7 @@ fn tile<const G: usize, const NIB: bool, const HB: usize>(
                 }
             }
             for (r, (o, lane)) in out.iter_mut().zip(&lanes).enumerate() {
-                let s: i32 = lane.iter().sum();
+                let s: i32 = start + lane.iter().sum::<i32>();
                 *o += s as f32 * (d[r] * dx) + off[r] * sx;
             }
         }

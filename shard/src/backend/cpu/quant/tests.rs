@@ -37,6 +37,18 @@ fn affine(rows: usize, cols: usize, group: usize, bits: u32, seed: u64) -> Affin
     }
 }
 
+/// `a` made symmetric: every offset `−2^(bits−1)·scale`, as in Q8_0, Q4_0, Q5_0, Q3_K and Q6_K.
+fn symmetric(mut a: Affine) -> Affine {
+    let zero = (1 << (a.bits - 1)) as f32;
+    a.offset = a.scale.iter().map(|d| -zero * d).collect();
+    a
+}
+
+/// Each layout test's tensor as generated and made symmetric.
+fn both(a: Affine) -> [Affine; 2] {
+    [a.clone(), symmetric(a)]
+}
+
 fn dequantized(a: &Affine) -> Vec<f32> {
     a.q.iter()
         .enumerate()
@@ -51,8 +63,8 @@ fn activations(n: usize, k: usize) -> Vec<f32> {
 }
 
 /// The kernels' formula in f64: per group, `d·dx·Σ q·qx + o·(dx·Σ qx)` with the stored (f16)
-/// activation scales and sums.
-fn reference(acts: &QuantActs, n: usize, a: &Affine, m: usize, k: usize) -> Vec<f32> {
+/// activation scales and sums, or `d·dx·(Σ q·qx − zero·Σ qx)` for symmetric weights (`zero` > 0).
+fn reference(acts: &QuantActs, n: usize, a: &Affine, zero: i32, m: usize, k: usize) -> Vec<f32> {
     let g = a.group;
     let mut out = vec![0.0; n * m];
     for t in 0..n {
@@ -64,7 +76,12 @@ fn reference(acts: &QuantActs, n: usize, a: &Affine, m: usize, k: usize) -> Vec<
                 let dot: i64 = (0..g)
                     .map(|i| qx[i] as i64 * a.q[j * k + c0 + i] as i64)
                     .sum();
-                y += a.scale[at] as f64 * dx as f64 * dot as f64 + a.offset[at] as f64 * sx as f64;
+                y += if zero != 0 {
+                    let total = acts.total(t, c0 / g) as i64;
+                    a.scale[at] as f64 * dx as f64 * (dot - zero as i64 * total) as f64
+                } else {
+                    a.scale[at] as f64 * dx as f64 * dot as f64 + a.offset[at] as f64 * sx as f64
+                };
             }
             out[t * m + j] = y as f32;
         }
@@ -83,18 +100,36 @@ fn pack_keeps_every_value() {
         (16, 5),
         (16, 6),
     ] {
-        let a = affine(19, 64, group, bits, 7);
-        let packed = QuantPanels::pack(19, 64, &a).unwrap();
-        let want = dequantized(&a);
-        let mut row = vec![0.0; 64];
-        for r in 0..19 {
-            packed.row_f32(r, &mut row);
-            assert_eq!(
-                row,
-                want[r * 64..(r + 1) * 64],
-                "group {group} bits {bits} row {r}"
-            );
+        for a in both(affine(19, 96, group, bits, 7)) {
+            let packed = QuantPanels::pack(19, 96, &a).unwrap();
+            let want = dequantized(&a);
+            let mut row = vec![0.0; 96];
+            for r in 0..19 {
+                packed.row_f32(r, &mut row);
+                assert_eq!(
+                    row,
+                    want[r * 96..(r + 1) * 96],
+                    "group {group} bits {bits} zero {} row {r}",
+                    packed.zero
+                );
+            }
         }
+    }
+}
+
+/// Symmetric weights are recognized and held without offsets: two groups' scales to a line.
+#[test]
+fn symmetric_blocks_hold_no_offsets() {
+    for (group, bits) in [(32, 8), (32, 4), (32, 5), (16, 6), (16, 3)] {
+        let (m, k) = (32, 8 * group);
+        let [asymmetric, symmetric] = both(affine(m, k, group, bits, 5));
+        let (a, s) = (
+            QuantPanels::pack(m, k, &asymmetric).unwrap(),
+            QuantPanels::pack(m, k, &symmetric).unwrap(),
+        );
+        assert_eq!((a.zero, s.zero), (0, 1 << (bits - 1)));
+        let quant = a.nbytes() - 2 * 8 * 64;
+        assert_eq!(s.nbytes(), quant + 2 * 4 * 64, "g{group} b{bits}");
     }
 }
 
@@ -117,18 +152,22 @@ const LAYOUTS: [(usize, u32); 10] = [
 fn every_kernel_set_matches_f32_arithmetic() {
     for (group, bits) in LAYOUTS {
         for (n, m, k) in [(1, 16, 32), (3, 33, 64), (5, 40, 96), (70, 24, 128)] {
-            let a = affine(m, k, group, bits, (n * m + k) as u64);
-            let packed = QuantPanels::pack(m, k, &a).unwrap();
-            let x = activations(n, k);
-            let want = reference(&QuantActs::new(&x, n, k, group), n, &a, m, k);
-            for kernels in Kernels::supported() {
-                let mut out = vec![f32::NAN; n * m];
-                matmul_with(&x, n, &packed, &mut out, kernels);
-                for (i, (a, b)) in out.iter().zip(&want).enumerate() {
-                    assert!(
-                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                        "{kernels:?} g{group} b{bits} n={n} m={m} k={k} at {i}: {a} vs {b}"
-                    );
+            for a in both(affine(m, k, group, bits, (n * m + k) as u64)) {
+                let packed = QuantPanels::pack(m, k, &a).unwrap();
+                let x = activations(n, k);
+                let acts = QuantActs::new(&x, n, k, group);
+                let want = reference(&acts, n, &a, packed.zero, m, k);
+                for kernels in Kernels::supported() {
+                    let mut out = vec![f32::NAN; n * m];
+                    matmul_with(&x, n, &packed, &mut out, kernels);
+                    for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                            "{kernels:?} g{group} b{bits} zero {} n={n} m={m} k={k} at {i}: \
+                             {a} vs {b}",
+                            packed.zero
+                        );
+                    }
                 }
             }
         }
@@ -192,20 +231,22 @@ fn avx2_levels_equal_the_scalar_ones() {
 fn a_token_row_does_not_depend_on_the_others() {
     let (m, k) = (70, 256);
     for (group, bits) in LAYOUTS {
-        let a = affine(m, k, group, bits, 11);
-        let packed = QuantPanels::pack(m, k, &a).unwrap();
-        let x = activations(19, k);
-        for kernels in Kernels::supported() {
-            let mut all = vec![0f32; 19 * m];
-            matmul_with(&x, 19, &packed, &mut all, kernels);
-            for t in [0, 7, 8, 18] {
-                let mut one = vec![0f32; m];
-                matmul_with(&x[t * k..(t + 1) * k], 1, &packed, &mut one, kernels);
-                assert_eq!(
-                    one,
-                    all[t * m..(t + 1) * m],
-                    "{kernels:?} g{group} b{bits} token {t}"
-                );
+        for a in both(affine(m, k, group, bits, 11)) {
+            let packed = QuantPanels::pack(m, k, &a).unwrap();
+            let x = activations(19, k);
+            for kernels in Kernels::supported() {
+                let mut all = vec![0f32; 19 * m];
+                matmul_with(&x, 19, &packed, &mut all, kernels);
+                for t in [0, 7, 8, 18] {
+                    let mut one = vec![0f32; m];
+                    matmul_with(&x[t * k..(t + 1) * k], 1, &packed, &mut one, kernels);
+                    assert_eq!(
+                        one,
+                        all[t * m..(t + 1) * m],
+                        "{kernels:?} g{group} b{bits} zero {} token {t}",
+                        packed.zero
+                    );
+                }
             }
         }
     }

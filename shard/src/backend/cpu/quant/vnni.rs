@@ -1,8 +1,8 @@
 //! AVX-512 VNNI integer kernel: per group, the panel's lines are unpacked once (nibbles, plus the
 //! bits above them from the planes) into up to eight 64-byte registers (u8 weights, 16 rows × one
 //! quad each) and reused by every token, whose
-//! activation quads are broadcast into `vpdpbusd`; one f32 FMA per token and group applies
-//! `d·dx`, a second the offset term.
+//! activation quads are broadcast into `vpdpbusd` on top of the zero point's term; one f32 FMA
+//! per token and group applies `d·dx`, a second the offset term where there are offsets.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -117,20 +117,26 @@ unsafe fn tile<const G: usize, const NIB: bool, const HB: usize, const MR: usize
             }
         }
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(params.as_ptr() as *const __m256i));
-        let off = _mm512_cvtph_ps(_mm256_loadu_si256(
-            params.as_ptr().add(ROWS) as *const __m256i
-        ));
+        let start: [i32; MR] = std::array::from_fn(|i| w.sum_start(acts, t0 + i, g, 0));
         for (i, fi) in f.iter_mut().enumerate() {
-            let (xq, dx, sx) = acts.group(t0 + i, g);
+            let (xq, dx, _) = acts.group(t0 + i, g);
             let quads = xq.as_ptr() as *const i32;
-            let mut s = _mm512_setzero_si512();
+            let mut s = _mm512_set1_epi32(start[i]);
             for (j, line) in lines.iter().take(G / 4).enumerate() {
                 let x = _mm512_set1_epi32(quads.add(j).read_unaligned());
                 s = _mm512_dpbusd_epi32(s, *line, x);
             }
             let scale = _mm512_mul_ps(d, _mm512_set1_ps(dx));
             *fi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, *fi);
-            *fi = _mm512_fmadd_ps(off, _mm512_set1_ps(sx), *fi);
+        }
+        if w.has_offsets() {
+            let off = _mm512_cvtph_ps(_mm256_loadu_si256(
+                params.as_ptr().add(ROWS) as *const __m256i
+            ));
+            for (i, fi) in f.iter_mut().enumerate() {
+                let sx = acts.group(t0 + i, g).2;
+                *fi = _mm512_fmadd_ps(off, _mm512_set1_ps(sx), *fi);
+            }
         }
     }
     for (a, fi) in acc.iter_mut().zip(f) {
