@@ -5,7 +5,8 @@
 //! Work is tiled as (sequence, KV head, block of up to 16 tokens): all query heads of the GQA group
 //! and all tokens of the block share each K/V row, so a row is read once per tile rather than once
 //! per query (the FlashAttention idea of reusing K/V across a query tile, without the online softmax
-//! since a CPU tile's scores fit in cache).
+//! since a CPU tile's scores fit in cache). A decode token over more than `DECODE_PART` positions
+//! is split further into parts of its span, joined by their softmax maxima and sums.
 //!
 //! The cache is read in its own dtype: each K/V row a tile uses is widened to f32 as it is gathered
 //! or, for a decode token, once into a row buffer shared by the whole GQA group.
@@ -22,6 +23,11 @@ use crate::kv_cache::{KvElem, LayerCache};
 
 /// Tokens per query tile.
 const QUERY_BLOCK: usize = 16;
+/// Positions one decode tile attends at most. A longer span is cut into parts of this size,
+/// attended in parallel and joined by their softmax maxima and sums (split-KV decoding): a long
+/// sequence alone would otherwise run one tile per KV head and leave cores idle. The cut
+/// depends on the token's span only, never on its batch, so results stay batch-invariant.
+const DECODE_PART: usize = 256;
 /// How many positions ahead a decode tile asks for K and V rows: a row is a few cache lines at a
 /// stride of the whole KV width, which the hardware prefetchers do not follow far enough.
 const ROWS_AHEAD: usize = 4;
@@ -84,6 +90,10 @@ struct Tile {
     tokens: std::ops::Range<usize>,
     /// A generated token, attended as its decode step did (one query, K/V read in place).
     decoded: bool,
+    /// Which of the decode token's `parts` (`DECODE_PART` positions each) this tile attends;
+    /// query tiles are one part.
+    part: usize,
+    parts: usize,
 }
 
 /// `q` is `[n, heads · head_dim]`; returns the attention output of the same shape.
@@ -125,12 +135,20 @@ fn attention<T: KvElem>(
             let alone = (prompt_end..range.end).map(|t| t..t + 1);
             for tokens in blocks.chain(alone) {
                 let decoded = from.map_or(tokens.len() == 1, |f| tokens.start >= f);
-                tiles.push(Tile {
+                let parts = if decoded {
+                    let (lo, pos) = decode_span(plan, h, tokens.start);
+                    (pos + 1 - lo).div_ceil(DECODE_PART)
+                } else {
+                    1
+                };
+                tiles.extend((0..parts).map(|part| Tile {
                     seq,
                     kv_head,
-                    tokens,
+                    tokens: tokens.clone(),
                     decoded,
-                });
+                    part,
+                    parts,
+                }));
             }
         }
     }
@@ -149,11 +167,48 @@ fn attention<T: KvElem>(
         .collect();
     let (hd, group) = (h.head_dim, h.num_heads / h.num_kv_heads);
     let mut out = vec![0.0; q.len()];
-    for (tile, res) in tiles.iter().zip(&results) {
+    let mut at = 0;
+    while at < tiles.len() {
+        let (tile, parts) = (&tiles[at], tiles[at].parts);
+        let joined;
+        let res = if parts == 1 {
+            &results[at]
+        } else {
+            joined = join_parts(&results[at..at + parts], group, hd);
+            &joined
+        };
         for (i, t) in tile.tokens.clone().enumerate() {
             let dst = (t * h.num_heads + tile.kv_head * group) * hd;
             out[dst..dst + group * hd].copy_from_slice(&res[i * group * hd..(i + 1) * group * hd]);
         }
+        at += parts;
+    }
+    out
+}
+
+/// The positions `lo..=pos` decode token `t` attends (its sliding window, if any).
+fn decode_span(plan: &BatchPlan, h: AttentionSpec, t: usize) -> (usize, usize) {
+    let pos = plan.positions[t];
+    (h.window.map_or(0, |w| (pos + 1).saturating_sub(w)), pos)
+}
+
+/// One decode token's output from its parts, each `[group][head_dim]` weighted by unnormalized
+/// probabilities, then the `group` maxima and the `group` sums they were taken with.
+fn join_parts(parts: &[Vec<f32>], group: usize, hd: usize) -> Vec<f32> {
+    let mut out = vec![0f32; group * hd];
+    for (g, o) in out.chunks_exact_mut(hd).enumerate() {
+        let (max_at, sum_at) = (group * hd + g, group * hd + group + g);
+        let max = parts
+            .iter()
+            .map(|p| p[max_at])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0.0;
+        for p in parts {
+            let weight = (p[max_at] - max).exp();
+            total += weight * p[sum_at];
+            axpy(o, weight, &p[g * hd..(g + 1) * hd]);
+        }
+        o.iter_mut().for_each(|v| *v /= total);
     }
     out
 }
@@ -280,6 +335,8 @@ fn attend<T: KvElem, D: Dot>(
 /// A one-token tile (a decode step): K and V rows are read in place through the block table —
 /// packing them for a GEMM of `group` rows would copy more than it computes. Each row is widened
 /// once (into a row buffer; an f32 cache is read as it is) and used by every head of the group.
+/// A tile of one part returns the output; one of several parts returns its share for
+/// `join_parts`: outputs weighted by unnormalized probabilities, their maxima and sums.
 #[inline(always)]
 fn attend_one<T: KvElem, D: Dot>(
     q: &[f32],
@@ -292,9 +349,9 @@ fn attend_one<T: KvElem, D: Dot>(
     let kv_dim = h.num_kv_heads * hd;
     let kv_off = tile.kv_head * hd;
     let t = tile.tokens.start;
-    let pos = plan.positions[t];
-    let lo = h.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-    let slots = &plan.seq_slots[tile.seq][lo..=pos];
+    let (lo, pos) = decode_span(plan, h, t);
+    let from = lo + tile.part * DECODE_PART;
+    let slots = &plan.seq_slots[tile.seq][from..(from + DECODE_PART).min(pos + 1)];
     let span = slots.len();
     let row = |slot: usize| slot * kv_dim + kv_off..slot * kv_dim + kv_off + hd;
     let q0 = (t * h.num_heads + tile.kv_head * group) * hd;
@@ -315,7 +372,14 @@ fn attend_one<T: KvElem, D: Dot>(
     if let Some(cap) = h.softcap {
         softcap(&mut scores, cap);
     }
-    scores.chunks_exact_mut(span).for_each(softmax);
+    let (maxima, sums): (Vec<f32>, Vec<f32>) =
+        scores.chunks_exact_mut(span).map(exp_shifted).unzip();
+    if tile.parts == 1 {
+        for (x, sum) in scores.chunks_exact_mut(span).zip(&sums) {
+            let inv = 1.0 / sum;
+            x.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
     let mut out = vec![0f32; group * hd];
     for (s, &slot) in slots.iter().enumerate() {
         if let Some(&next) = slots.get(s + ROWS_AHEAD) {
@@ -325,6 +389,10 @@ fn attend_one<T: KvElem, D: Dot>(
         for (g, o) in out.chunks_exact_mut(hd).enumerate() {
             axpy(o, scores[g * span + s], v);
         }
+    }
+    if tile.parts > 1 {
+        out.extend(maxima);
+        out.extend(sums);
     }
     out
 }
@@ -383,11 +451,18 @@ fn softcap(x: &mut [f32], cap: f32) {
 
 #[inline(always)]
 fn softmax(x: &mut [f32]) {
+    let (_, sum) = exp_shifted(x);
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// `x = exp(x − max x)`; returns `(max x, Σ x)`: a softmax before its normalization.
+#[inline(always)]
+fn exp_shifted(x: &mut [f32]) -> (f32, f32) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     x.iter_mut().for_each(|v| *v -= max);
     crate::backend::cpu::exp_in_place(x);
-    let inv = 1.0 / x.iter().sum::<f32>();
-    x.iter_mut().for_each(|v| *v *= inv);
+    (max, x.iter().sum())
 }
 
 #[cfg(test)]
@@ -531,15 +606,19 @@ mod tests {
             .all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 
-    /// Every cache dtype computes exact attention over the values it stored.
+    /// Every cache dtype computes exact attention over the values it stored; 641 tokens end in a
+    /// decode token of three parts (two with a window of 300).
     #[test]
     fn matches_naive_attention_over_the_stored_values() {
         let dtypes = [KvCacheDtype::F32, KvCacheDtype::Bf16, KvCacheDtype::F16];
-        for (n, dtype) in [17, 21].into_iter().flat_map(|n| dtypes.map(|d| (n, d))) {
+        for (n, dtype) in [17, 21, 641]
+            .into_iter()
+            .flat_map(|n| dtypes.map(|d| (n, d)))
+        {
             let c = case(n);
             let (k, v) = (rounded(dtype, &c.k), rounded(dtype, &c.v));
             let group = HEADS / KV_HEADS;
-            for window in [None, Some(1), Some(5)] {
+            for window in [None, Some(1), Some(5), Some(300)] {
                 let out = run(&c, dtype, window);
                 for t in 0..n {
                     let lo = window.map_or(0, |w| (t + 1).saturating_sub(w));
