@@ -6,6 +6,8 @@
 #            on each of $FORMATS
 #   batched  llama-batched-bench (-npp 128 -ntg 128 -npl 8,32, aggregate decode tok/s)
 #            vs  tessera-shard bench --batch-sizes 8,32 --context 128 --steps 128
+#   context  batch-1 decode after a $CONTEXT-token context (2048): llama-bench -p 0 -n 32 -d CONTEXT
+#            vs  tessera-shard bench --batch-sizes 1 --context CONTEXT --steps 32, Q4_1
 #   http     32 concurrent streaming clients, 64 new tokens, the same prompts through one load
 #            generator (bench/http_load.py, OpenAI /v1/completions) against tessera-launcher and
 #            llama-server -np 16 -cb: aggregate output tok/s, TTFT and ITL p50/p99, ready-to-serve
@@ -13,13 +15,13 @@
 # each on every ISA of $ISAS: native (all this CPU has; Tessera TESSERA_CPU_KERNELS=auto) and avx2
 # (llama.cpp built without AVX-512/AMX; Tessera TESSERA_CPU_KERNELS=avx2).
 #
-#   bash bench/compare-llama-cpp.sh [all|build|quantize|greedy|engine|batched|http]   (default all)
+#   bash bench/compare-llama-cpp.sh [all|build|quantize|greedy|engine|batched|context|http]   (default all)
 #
 # Settings (environment): THREADS (2), ISAS ("native avx2"), FORMATS ("Q4_1 Q8_0 Q4_K_M"),
 # SHAPE (smollm2: the default model and requantizations of it; 1b or 7b: a random-weight llama of
 # that shape with SmolLM2's tokenizer, bench/synthetic_gguf.py, quantized from F16 by llama-quantize,
 # whose rows are multiples of 256 so K formats take their real K-quant paths),
-# RUNS (3, repetitions of each tessera-shard bench figure), HTTP_SECONDS (30), CLIENTS (32),
+# RUNS (3, repetitions of each tessera-shard bench figure), CONTEXT (2048), HTTP_SECONDS (30), CLIENTS (32),
 # JOBS (2, build parallelism). Results also go to .cache/peer/results/<time>/ (raw outputs and
 # table.tsv). Every server it starts listens on 127.0.0.1 and is stopped before it exits.
 set -euo pipefail
@@ -32,6 +34,7 @@ THREADS=${THREADS:-2}
 ISAS=${ISAS:-native avx2}
 FORMATS=${FORMATS:-Q4_1 Q8_0 Q4_K_M}
 RUNS=${RUNS:-3}
+CONTEXT=${CONTEXT:-2048}
 HTTP_SECONDS=${HTTP_SECONDS:-30}
 CLIENTS=${CLIENTS:-32}
 SHAPE=${SHAPE:-smollm2}
@@ -159,6 +162,22 @@ batched_figures() {
         t=$(awk -v b="$b" '$1=="decode" && $3==b {print $(NF-6); exit}' "$out2")
         row "$isa $SHAPE Q4_1 decode b$b tok/s" "${t:-error}" "$l" ">=1.3"
     done
+}
+
+context_figures() {
+    local isa=$1 f bin out l t
+    f=$(model_file Q4_1)
+    bin=$(peer_build "$isa")
+    out=$RESULTS/llama-bench-context-$isa.json
+    say "llama-bench $isa decode after $CONTEXT tokens"
+    "$bin/llama-bench" -m "$f" -t "$THREADS" -p 0 -n 32 -d "$CONTEXT" -o json >"$out" 2>"$out.log"
+    l=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["avg_ts"])' "$out" || echo error)
+    out=$RESULTS/tessera-context-$isa.txt
+    say "tessera-shard bench $isa decode after $CONTEXT tokens"
+    TESSERA_CPU_KERNELS=$(kernels_env "$isa") "$TESSERA/tessera-shard" bench --model-id "$f" \
+        --prefill-tokens 16 --batch-sizes 1 --context "$CONTEXT" --steps 32 --runs "$RUNS" >"$out" 2>&1 || tail -5 "$out" >&2
+    t=$(awk '/^decode batch +1 / {print $(NF-6); exit}' "$out")
+    row "$isa $SHAPE Q4_1 decode b1 after $CONTEXT tok/s" "${t:-error}" "$l" ">=1.0"
 }
 
 # Peak RSS in MiB of a process and all its descendants, summed.
@@ -293,8 +312,8 @@ main() {
         build) build_all; return ;;
         quantize) quantize_all; return ;;
         greedy) greedy_fixture; return ;;
-        all | engine | batched | http) ;;
-        *) echo "usage: $0 [all|build|quantize|greedy|engine|batched|http]" >&2; exit 2 ;;
+        all | engine | batched | context | http) ;;
+        *) echo "usage: $0 [all|build|quantize|greedy|engine|batched|context|http]" >&2; exit 2 ;;
     esac
     need_base
     build_all
@@ -305,6 +324,7 @@ main() {
             for t in $FORMATS; do engine_figures "$isa" "$t"; done
         fi
         if [ "$what" = all ] || [ "$what" = batched ]; then batched_figures "$isa"; fi
+        if [ "$what" = all ] || [ "$what" = context ]; then context_figures "$isa"; fi
         if [ "$what" = all ] || [ "$what" = http ]; then http_figures "$isa"; fi
     done
     print_table | tee "$RESULTS/table.txt"
