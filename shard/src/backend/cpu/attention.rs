@@ -372,14 +372,13 @@ fn attend_one<T: KvElem, D: Dot>(
     if let Some(cap) = h.softcap {
         softcap(&mut scores, cap);
     }
-    let (maxima, sums): (Vec<f32>, Vec<f32>) =
-        scores.chunks_exact_mut(span).map(exp_shifted).unzip();
-    if tile.parts == 1 {
-        for (x, sum) in scores.chunks_exact_mut(span).zip(&sums) {
-            let inv = 1.0 / sum;
-            x.iter_mut().for_each(|v| *v *= inv);
-        }
-    }
+    // One part: probabilities. Several: unnormalized, with the (maxima, sums) to join them by.
+    let shares: Option<(Vec<f32>, Vec<f32>)> = if tile.parts == 1 {
+        scores.chunks_exact_mut(span).for_each(softmax);
+        None
+    } else {
+        Some(scores.chunks_exact_mut(span).map(exp_shifted).unzip())
+    };
     let mut out = vec![0f32; group * hd];
     for (s, &slot) in slots.iter().enumerate() {
         if let Some(&next) = slots.get(s + ROWS_AHEAD) {
@@ -390,7 +389,7 @@ fn attend_one<T: KvElem, D: Dot>(
             axpy(o, scores[g * span + s], v);
         }
     }
-    if tile.parts > 1 {
+    if let Some((maxima, sums)) = shares {
         out.extend(maxima);
         out.extend(sums);
     }
