@@ -40,10 +40,11 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 /// in decode attention); portable (the same code on any x86-64 host) 52 and 32, and 71 and 32 on
 /// aarch64 (where the portable float code fuses multiply-adds); NEON `sdot` (integer sums as
 /// VNNI's, portable fused floats; run under qemu-aarch64) 51 and 31. Raise these as numerics
-/// converge; a drop means the quantized engine moved away from llama.cpp.
+/// converge; a drop means the quantized engine moved away from llama.cpp. AMX computes what VNNI
+/// does, bit for bit (its probe checks it before it is used).
 fn floors() -> (usize, usize) {
     match Kernels::chosen() {
-        Kernels::Vnni => (56, 32),
+        Kernels::Amx | Kernels::Vnni => (56, 32),
         Kernels::Avx2 => (56, 32),
         Kernels::Neon => (51, 31),
         Kernels::Portable => (52, 32),

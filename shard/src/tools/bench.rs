@@ -175,7 +175,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let t = Instant::now();
     let (model, config, dtype) = loader::load_model(&args.model_id, &opts)?;
     println!(
-        "model {} ({}, {} layers, hidden {}), weights {} ({:.0} MiB streamed per decode step), KV cache {}, {} threads, loaded in {:.1}s",
+        "model {} ({}, {} layers, hidden {}), weights {} ({:.0} MiB streamed per decode step), KV cache {}, {} threads, integer kernels {:?}, loaded in {:.1}s",
         args.model_id.display(),
         config.architecture,
         config.num_layers,
@@ -184,6 +184,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         model.weight_bytes() as f64 / (1 << 20) as f64,
         args.kv_cache_dtype,
         rayon::current_num_threads(),
+        crate::backend::cpu::quant::Kernels::chosen(),
         t.elapsed().as_secs_f64()
     );
     // One untimed pass warms caches and the thread pool.

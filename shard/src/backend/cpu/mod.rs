@@ -126,7 +126,7 @@ impl Isa {
         static CHOSEN: OnceLock<Isa> = OnceLock::new();
         *CHOSEN.get_or_init(|| match quant::Kernels::cap() {
             Some(quant::Kernels::Portable) => Isa::Portable,
-            None if avx512::available() => Isa::Avx512,
+            None | Some(quant::Kernels::Vnni) if avx512::available() => Isa::Avx512,
             _ if avx2::available() => Isa::Avx2,
             _ => Isa::Portable,
         })

@@ -77,7 +77,7 @@ pub fn kernel(
 }
 
 /// A group's nibbles and plane bits joined into one byte per value, `out[j]` holding quad `j`
-/// (`super::unpack_group` for nibble blocks with plane bits, in AVX2). Only called after
+/// (`super::unpack_group` for nibble blocks, in AVX2). Only called after
 /// `available()`.
 pub fn join_group(block: &[u8], group: usize, high: usize, out: &mut [Line]) {
     #[cfg(target_arch = "x86_64")]
@@ -90,8 +90,10 @@ pub fn join_group(block: &[u8], group: usize, high: usize, out: &mut [Line]) {
         // `out[..G/4]`, both checked by slicing.
         unsafe {
             match (group, high) {
+                (32, 0) => join::<32, 0>(block, out),
                 (32, 1) => join::<32, 1>(block, out),
                 (32, _) => join::<32, 2>(block, out),
+                (16, 0) => join::<16, 0>(block, out),
                 (16, 1) => join::<16, 1>(block, out),
                 _ => join::<16, 2>(block, out),
             }

@@ -41,6 +41,7 @@ macro_rules! by_layout {
     };
 }
 
+mod amx;
 mod avx2;
 mod neon;
 mod portable;
@@ -235,7 +236,7 @@ impl QuantPanels {
                 };
             }
             match kernels {
-                Kernels::Vnni | Kernels::Avx2 => {
+                Kernels::Amx | Kernels::Vnni | Kernels::Avx2 => {
                     avx2::join_group(quant, self.group, self.high, dst)
                 }
                 _ => by_layout!(self, go),
@@ -549,6 +550,8 @@ fn levels(x: &[f32], q: &mut [i8]) -> (f32, i32) {
 /// The instruction set the integer kernels use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernels {
+    /// AMX-INT8 tiles for prefill, AVX-512 VNNI for decode (`amx`).
+    Amx,
     /// AVX-512 VNNI (`vpdpbusd` on 64-byte lines).
     Vnni,
     /// AVX2 (`vpmaddubsw`), the floor of x86-64 servers since 2013.
@@ -567,13 +570,14 @@ impl Kernels {
             let best = Kernels::best_supported();
             match (Kernels::cap(), best) {
                 (Some(Kernels::Portable), _) => Kernels::Portable,
-                (Some(Kernels::Avx2), Kernels::Vnni) => Kernels::Avx2,
+                (Some(Kernels::Avx2), Kernels::Vnni | Kernels::Amx) => Kernels::Avx2,
+                (Some(Kernels::Vnni), Kernels::Amx) => Kernels::Vnni,
                 _ => best,
             }
         })
     }
 
-    /// The cap `TESSERA_CPU_KERNELS=avx2|portable` puts on every CPU kernel, integer and float
+    /// The cap `TESSERA_CPU_KERNELS=vnni|avx2|portable` puts on every CPU kernel, integer and float
     /// (for measuring the paths older CPUs take); `auto` or unset: none, anything else is warned
     /// of once and ignored.
     pub fn cap() -> Option<Kernels> {
@@ -584,11 +588,12 @@ impl Kernels {
                 .as_str()
             {
                 "portable" => Some(Kernels::Portable),
+                "vnni" => Some(Kernels::Vnni),
                 "avx2" => Some(Kernels::Avx2),
                 "" | "auto" => None,
                 other => {
                     tracing::warn!(
-                        "TESSERA_CPU_KERNELS={other} is not one of auto, avx2, portable; \
+                        "TESSERA_CPU_KERNELS={other} is not one of auto, vnni, avx2, portable; \
                          using the best kernels this CPU has"
                     );
                     None
@@ -598,7 +603,9 @@ impl Kernels {
     }
 
     fn best_supported() -> Kernels {
-        if vnni::available() {
+        if amx::available() {
+            Kernels::Amx
+        } else if vnni::available() {
             Kernels::Vnni
         } else if avx2::available() {
             Kernels::Avx2
@@ -614,7 +621,7 @@ impl Kernels {
     /// (`QuantPanels::expand_panel`).
     fn plane_tile_tokens(self) -> usize {
         match self {
-            Kernels::Vnni | Kernels::Portable => TOKENS,
+            Kernels::Amx | Kernels::Vnni | Kernels::Portable => TOKENS,
             Kernels::Avx2 => avx2::PLANE_STEP,
             Kernels::Neon => neon::STEP,
         }
@@ -629,6 +636,9 @@ impl Kernels {
         if vnni::available() {
             all.push(Kernels::Vnni);
         }
+        if amx::available() {
+            all.push(Kernels::Amx);
+        }
         if neon::available() {
             all.push(Kernels::Neon);
         }
@@ -641,6 +651,7 @@ type KernelFn = fn(&QuantActs, usize, usize, &QuantPanels, usize, &mut [[f32; RO
 
 fn kernel_fn(kernels: Kernels) -> KernelFn {
     match kernels {
+        Kernels::Amx => amx::kernel,
         Kernels::Vnni => vnni::kernel,
         Kernels::Avx2 => avx2::kernel,
         Kernels::Neon => neon::kernel,
@@ -682,8 +693,9 @@ pub fn matmul_with(x: &[f32], n: usize, w: &QuantPanels, out: &mut [f32], kernel
     }
     let acts = QuantActs::new(x, n, k, w.group);
     let kernel = kernel_fn(kernels);
-    // Plane bits are joined once per panel for token blocks longer than one tile.
-    let join_above = if w.high > 0 {
+    // Plane bits (and, for AMX's tiles, nibbles) are joined into bytes once per panel for token
+    // blocks longer than one tile.
+    let join_above = if w.high > 0 || (kernels == Kernels::Amx && w.nibbles) {
         kernels.plane_tile_tokens()
     } else {
         usize::MAX

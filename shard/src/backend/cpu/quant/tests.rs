@@ -251,3 +251,87 @@ fn a_token_row_does_not_depend_on_the_others() {
         }
     }
 }
+
+/// AMX's tile logic, run on the tile instructions as emulated from Intel's definitions, multiplies
+/// panels joined to bytes bit for bit like the VNNI and AVX2 kernels (so a token's result does not
+/// depend on which kernel its tile met) and as the f64 reference does within f32 rounding.
+#[test]
+fn amx_tile_logic_matches_the_integer_kernels_bit_for_bit() {
+    let (n, m, k) = (13, 40, 128);
+    let exact: Vec<Kernels> = Kernels::supported()
+        .into_iter()
+        .filter(|k| matches!(k, Kernels::Avx2 | Kernels::Vnni))
+        .collect();
+    for (group, bits) in LAYOUTS {
+        for a in both(affine(m, k, group, bits, 9)) {
+            let packed = QuantPanels::pack(m, k, &a).unwrap();
+            let x = activations(n, k);
+            let acts = QuantActs::new(&x, n, k, group);
+            let want = reference(&acts, n, &a, packed.zero, m, k);
+            let mut joined = QuantPanels {
+                lines: Vec::new(),
+                ..packed
+            };
+            for p in 0..m.div_ceil(ROWS) {
+                packed.expand_panel(p, &mut joined, Kernels::Portable);
+                for t0 in (0..n).step_by(TOKENS) {
+                    let mr = TOKENS.min(n - t0);
+                    let mut tiles = [[f32::NAN; ROWS]; TOKENS];
+                    amx::emulated::kernel(&acts, t0, mr, &joined, 0, &mut tiles);
+                    let case = format!("g{group} b{bits} zero {} panel {p} t0 {t0}", packed.zero);
+                    for kernels in &exact {
+                        let mut acc = [[f32::NAN; ROWS]; TOKENS];
+                        kernel_fn(*kernels)(&acts, t0, mr, &joined, 0, &mut acc);
+                        let bits = |a: &[[f32; ROWS]]| {
+                            a.iter().flatten().map(|v| v.to_bits()).collect::<Vec<_>>()
+                        };
+                        assert_eq!(bits(&tiles[..mr]), bits(&acc[..mr]), "{kernels:?} {case}");
+                    }
+                    for (i, row) in tiles.iter().take(mr).enumerate() {
+                        for (r, y) in row.iter().take(m - p * ROWS).enumerate() {
+                            let b = want[(t0 + i) * m + p * ROWS + r];
+                            assert!(
+                                (y - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                                "{case}: {y} vs {b}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The AMX probe's child process reports each outcome, a crash included, and the parent lives on.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[test]
+fn amx_probe_reports_what_its_child_found() {
+    use amx::probe::{check, Acc};
+    if !avx2::available() {
+        return;
+    }
+    let exact = |a: &QuantActs, t0, mr, w: &QuantPanels, p, acc: &mut Acc| {
+        avx2::kernel(a, t0, mr, w, p, acc)
+    };
+    let off = |a: &QuantActs, t0, mr, w: &QuantPanels, p, acc: &mut Acc| {
+        avx2::kernel(a, t0, mr, w, p, acc);
+        acc[0][0] = f32::from_bits(acc[0][0].to_bits() ^ 1);
+    };
+    let crash = |_: &QuantActs, _, _, _: &QuantPanels, _, _: &mut Acc| std::process::abort();
+    let panics = |_: &QuantActs, _, _, _: &QuantPanels, _, _: &mut Acc| panic!("in the probe");
+    let slow = |a: &QuantActs, t0, mr, w: &QuantPanels, p, acc: &mut Acc| {
+        for _ in 0..3 {
+            avx2::kernel(a, t0, mr, w, p, acc);
+        }
+    };
+    assert!(check(&exact, &slow).is_ok());
+    for (tiles, why) in [
+        (&slow as amx::probe::Kernel, "slower"),
+        (&off, "disagreed"),
+        (&crash, "failed"),
+        (&panics, "failed"),
+    ] {
+        let err = check(tiles, &exact).unwrap_err();
+        assert!(err.contains(why), "{err}");
+    }
+}
