@@ -236,7 +236,7 @@ impl QuantPanels {
                 };
             }
             match kernels {
-                Kernels::Amx | Kernels::Vnni | Kernels::Avx2 => {
+                Kernels::Amx | Kernels::Vnni | Kernels::Avx2 if self.nibbles => {
                     avx2::join_group(quant, self.group, self.high, dst)
                 }
                 _ => by_layout!(self, go),

@@ -252,6 +252,31 @@ fn a_token_row_does_not_depend_on_the_others() {
     }
 }
 
+/// Joining a panel into bytes gives the same lines on every kernel set (AVX2's join for nibbles
+/// with and without plane bits, which AMX prefill uses for every nibble layout).
+#[test]
+fn every_join_gives_the_same_bytes() {
+    let (m, k) = (40, 128);
+    for (group, bits) in LAYOUTS {
+        for a in both(affine(m, k, group, bits, 13)) {
+            let packed = QuantPanels::pack(m, k, &a).unwrap();
+            let blank = || QuantPanels {
+                lines: Vec::new(),
+                ..packed
+            };
+            let (mut want, mut got) = (blank(), blank());
+            for p in 0..m.div_ceil(ROWS) {
+                packed.expand_panel(p, &mut want, Kernels::Portable);
+                for kernels in Kernels::supported() {
+                    packed.expand_panel(p, &mut got, kernels);
+                    let bytes = |w: &QuantPanels| w.lines.iter().map(|l| l.0).collect::<Vec<_>>();
+                    assert!(bytes(&got) == bytes(&want), "{kernels:?} g{group} b{bits} panel {p}");
+                }
+            }
+        }
+    }
+}
+
 /// AMX's tile logic, run on the tile instructions as emulated from Intel's definitions, multiplies
 /// panels joined to bytes bit for bit like the VNNI and AVX2 kernels (so a token's result does not
 /// depend on which kernel its tile met) and as the f64 reference does within f32 rounding.
