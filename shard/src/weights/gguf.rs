@@ -100,7 +100,7 @@ impl<'a> GgufSource<'a> {
         let path = self.gguf.path();
         if self.keep_quantized && !dense && affine_layout(ty).is_some() {
             let a = to_affine(ty, bytes, n).map_err(|m| Error::tensor(path, g, m))?;
-            return Ok(TensorData::Quant(a));
+            return Ok(TensorData::Quant(vec![a]));
         }
         let v = dequantize(ty, bytes, n).map_err(|m| Error::tensor(path, g, m))?;
         Ok(TensorData::F32(v))

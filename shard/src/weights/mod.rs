@@ -43,8 +43,10 @@ pub enum TensorData {
     F32(Vec<f32>),
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
-    /// Unsigned integers with a scale and offset per group of a row's elements.
-    Quant(Affine),
+    /// Unsigned integers with a scale and offset per group of a row's elements, in blocks of
+    /// whole rows, top to bottom: one block, unless the parts of a fused matrix are stored in
+    /// different formats (`quant::stack`), which then keep their own.
+    Quant(Vec<Affine>),
 }
 
 impl TensorData {
@@ -53,7 +55,7 @@ impl TensorData {
             TensorData::F32(v) => v.len(),
             TensorData::F16(v) => v.len(),
             TensorData::Bf16(v) => v.len(),
-            TensorData::Quant(a) => a.q.len(),
+            TensorData::Quant(blocks) => blocks.iter().map(|a| a.q.len()).sum(),
         }
     }
 
@@ -76,15 +78,13 @@ impl TensorData {
             TensorData::F32(v) => v[start..end].to_vec(),
             TensorData::F16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
             TensorData::Bf16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
-            TensorData::Quant(a) => (start..end)
-                .map(|i| a.scale[i / a.group] * a.q[i] as f32 + a.offset[i / a.group])
-                .collect(),
+            TensorData::Quant(blocks) => quant::dequantize_range(blocks, start..end),
         }
     }
 
     pub fn to_f32(&self) -> Vec<f32> {
         match self {
-            TensorData::Quant(a) => quant::dequantize(a),
+            TensorData::Quant(blocks) => blocks.iter().flat_map(quant::dequantize).collect(),
             _ => self.f32_range(0, self.len()),
         }
     }
@@ -109,7 +109,7 @@ impl TensorData {
         match (dtype, self) {
             (DType::Quantized { at_load: Some(s) }, TensorData::F32(_) | TensorData::F16(_))
             | (DType::Quantized { at_load: Some(s) }, TensorData::Bf16(_)) => {
-                quant::quantize(&self.to_f32(), cols, s).map(TensorData::Quant)
+                quant::quantize(&self.to_f32(), cols, s).map(|a| TensorData::Quant(vec![a]))
             }
             _ => None,
         }
@@ -126,7 +126,7 @@ impl TensorData {
             TensorData::F32(v) => TensorData::F32(v[a..b].to_vec()),
             TensorData::F16(v) => TensorData::F16(v[a..b].to_vec()),
             TensorData::Bf16(v) => TensorData::Bf16(v[a..b].to_vec()),
-            TensorData::Quant(q) => TensorData::Quant(quant::slice_rows(q, rows, cols)),
+            TensorData::Quant(blocks) => TensorData::Quant(quant::slice_rows(blocks, rows, cols)),
         }
     }
 
@@ -136,7 +136,7 @@ impl TensorData {
             TensorData::F32(v) => TensorData::F32(gather(v, order, cols)),
             TensorData::F16(v) => TensorData::F16(gather(v, order, cols)),
             TensorData::Bf16(v) => TensorData::Bf16(gather(v, order, cols)),
-            TensorData::Quant(q) => TensorData::Quant(quant::gather_rows(q, order, cols)),
+            TensorData::Quant(blocks) => TensorData::Quant(quant::gather_rows(blocks, order, cols)),
         }
     }
 }
@@ -154,23 +154,23 @@ impl TensorData {
             TensorData::F16(v) => TensorData::F16(pick(v, &range, cols)),
             TensorData::Bf16(v) => TensorData::Bf16(pick(v, &range, cols)),
             // A range that splits a group is served dense (exact).
-            TensorData::Quant(q) => match quant::slice_cols(q, range.clone(), cols) {
-                Some(a) => TensorData::Quant(a),
-                None => TensorData::F32(pick(&quant::dequantize(q), &range, cols)),
+            TensorData::Quant(blocks) => match quant::slice_cols(blocks, range.clone(), cols) {
+                Some(sliced) => TensorData::Quant(sliced),
+                None => TensorData::F32(pick(&self.to_f32(), &range, cols)),
             },
         }
     }
 }
 
 /// Stacks row-major matrices by rows after converting each to `dtype` (fused q/k/v, gate/up).
-/// Quantized parts stay quantized together; a mix of quantized and dense parts, or of dense
+/// Quantized parts stay quantized, each in its own format; a mix of quantized and dense parts, or of dense
 /// dtypes, meets in f32.
 pub fn stack_rows(parts: Vec<TensorData>, dtype: DType) -> TensorData {
     let parts: Vec<TensorData> = parts.into_iter().map(|p| p.convert(dtype)).collect();
     if !parts.is_empty() && parts.iter().all(|p| matches!(p, TensorData::Quant(_))) {
-        let all = parts.into_iter().filter_map(|p| match p {
-            TensorData::Quant(a) => Some(a),
-            _ => None,
+        let all = parts.into_iter().flat_map(|p| match p {
+            TensorData::Quant(blocks) => blocks,
+            _ => Vec::new(),
         });
         return TensorData::Quant(quant::stack(all.collect()));
     }

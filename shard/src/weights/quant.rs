@@ -32,8 +32,41 @@ pub fn dequantize(a: &Affine) -> Vec<f32> {
     out
 }
 
-/// Rows `rows` of a `[_, cols]` tensor.
-pub fn slice_rows(a: &Affine, rows: Range<usize>, cols: usize) -> Affine {
+/// Elements `range` of row blocks (`TensorData::Quant`) dequantized, in order.
+pub fn dequantize_range(blocks: &[Affine], range: Range<usize>) -> Vec<f32> {
+    let mut out = Vec::with_capacity(range.len());
+    let mut first = 0;
+    for a in blocks {
+        let here = range.start.max(first)..range.end.min(first + a.q.len());
+        out.extend(here.map(|i| {
+            let (q, g) = (a.q[i - first], (i - first) / a.group);
+            a.scale[g] * q as f32 + a.offset[g]
+        }));
+        first += a.q.len();
+    }
+    out
+}
+
+/// Rows `rows` of row blocks of `cols` columns (an empty slice keeps the first block's format).
+pub fn slice_rows(blocks: &[Affine], rows: Range<usize>, cols: usize) -> Vec<Affine> {
+    let mut out = Vec::new();
+    let mut first = 0;
+    for a in blocks {
+        let n = a.q.len() / cols;
+        let (lo, hi) = (rows.start.max(first), rows.end.min(first + n));
+        if lo < hi {
+            out.push(block_rows(a, lo - first..hi - first, cols));
+        }
+        first += n;
+    }
+    if out.is_empty() {
+        out.extend(blocks.first().map(|a| block_rows(a, 0..0, cols)));
+    }
+    out
+}
+
+/// Rows `rows` of one block.
+fn block_rows(a: &Affine, rows: Range<usize>, cols: usize) -> Affine {
     let per_row = cols / a.group;
     Affine {
         group: a.group,
@@ -44,9 +77,37 @@ pub fn slice_rows(a: &Affine, rows: Range<usize>, cols: usize) -> Affine {
     }
 }
 
-/// Rows of a `[_, cols]` tensor in the order `order` names them (row `i` of the result is row
-/// `order[i]` of `a`).
-pub fn gather_rows(a: &Affine, order: &[usize], cols: usize) -> Affine {
+/// Rows of row blocks of `cols` columns in the order `order` names them (row `i` of the result
+/// is row `order[i]`); rows that come from different formats stay in blocks of their own.
+pub fn gather_rows(blocks: &[Affine], order: &[usize], cols: usize) -> Vec<Affine> {
+    // Each row's block and its row there, then runs of rows from one block gathered at once.
+    let mut starts = Vec::with_capacity(blocks.len());
+    let mut first = 0;
+    for a in blocks {
+        starts.push(first);
+        first += a.q.len() / cols;
+    }
+    let block_of = |r: usize| starts.partition_point(|&s| s <= r) - 1;
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < order.len() {
+        let b = block_of(order[at]);
+        let run = order[at..]
+            .iter()
+            .take_while(|&&r| block_of(r) == b)
+            .count();
+        let local: Vec<usize> = order[at..at + run].iter().map(|r| r - starts[b]).collect();
+        out.push(block_gather(&blocks[b], &local, cols));
+        at += run;
+    }
+    if out.is_empty() {
+        out.extend(blocks.first().map(|a| block_rows(a, 0..0, cols)));
+    }
+    stack(out)
+}
+
+/// Rows `order` of one block.
+fn block_gather(a: &Affine, order: &[usize], cols: usize) -> Affine {
     let per_row = cols / a.group;
     Affine {
         group: a.group,
@@ -57,8 +118,16 @@ pub fn gather_rows(a: &Affine, order: &[usize], cols: usize) -> Affine {
     }
 }
 
-/// Columns `range` of a `[_, cols]` tensor, if the range keeps whole groups.
-pub fn slice_cols(a: &Affine, range: Range<usize>, cols: usize) -> Option<Affine> {
+/// Columns `range` of row blocks of `cols` columns, if the range keeps whole groups of each.
+pub fn slice_cols(blocks: &[Affine], range: Range<usize>, cols: usize) -> Option<Vec<Affine>> {
+    blocks
+        .iter()
+        .map(|a| block_cols(a, range.clone(), cols))
+        .collect()
+}
+
+/// Columns `range` of one block, if the range keeps whole groups.
+fn block_cols(a: &Affine, range: Range<usize>, cols: usize) -> Option<Affine> {
     let g = a.group;
     if !range.start.is_multiple_of(g) || !range.end.is_multiple_of(g) {
         return None;
@@ -84,46 +153,22 @@ pub fn slice_cols(a: &Affine, range: Range<usize>, cols: usize) -> Option<Affine
     Some(out)
 }
 
-/// Stacks tensors by rows. Parts of different types (Q4_K_M files mix Q4_K and Q6_K in one
-/// fused q/k/v) meet at the smaller group and the wider values, which represents each exactly.
-pub fn stack(parts: Vec<Affine>) -> Affine {
-    let group = parts.iter().map(|a| a.group).min().unwrap_or(32);
-    let bits = parts.iter().map(|a| a.bits).max().unwrap_or(4);
-    // The first part's buffers become the result's (a fused gate/up copies only the up half).
-    let mut parts = parts.into_iter().map(|a| regroup(a, group));
-    let mut out = parts.next().unwrap_or(Affine {
-        group,
-        bits,
-        q: Vec::new(),
-        scale: Vec::new(),
-        offset: Vec::new(),
-    });
-    out.bits = bits;
-    for a in parts {
-        out.q.extend_from_slice(&a.q);
-        out.scale.extend_from_slice(&a.scale);
-        out.offset.extend_from_slice(&a.offset);
+/// Stacks blocks by rows: neighbours of one format (group and width) join into one block; parts
+/// of different formats (Q4_K_M files mix Q4_K with Q6_K or Q8_0 in one fused q/k/v) stay
+/// blocks of their own, so none is held wider than its file stores it.
+pub fn stack(blocks: Vec<Affine>) -> Vec<Affine> {
+    let mut out: Vec<Affine> = Vec::with_capacity(blocks.len());
+    for a in blocks {
+        match out.last_mut() {
+            Some(last) if (last.group, last.bits) == (a.group, a.bits) => {
+                last.q.extend_from_slice(&a.q);
+                last.scale.extend_from_slice(&a.scale);
+                last.offset.extend_from_slice(&a.offset);
+            }
+            _ => out.push(a),
+        }
     }
     out
-}
-
-/// `a` with groups of `group` (a divisor of its own): each scale and offset repeated.
-fn regroup(a: Affine, group: usize) -> Affine {
-    let repeat = a.group / group;
-    if repeat == 1 {
-        return a;
-    }
-    let spread = |v: &[f32]| {
-        v.iter()
-            .flat_map(|&x| std::iter::repeat_n(x, repeat))
-            .collect()
-    };
-    Affine {
-        group,
-        scale: spread(&a.scale),
-        offset: spread(&a.offset),
-        ..a
-    }
 }
 
 /// Quantizes a dense row-major `[_, cols]` tensor with groups of 32, or `None` when rows are not
@@ -212,27 +257,43 @@ mod tests {
     #[test]
     fn slicing_and_stacking_keep_values() {
         let x = ramp(6 * 64);
-        let a = quantize(&x, 64, Scheme::Q4K).unwrap();
-        let full = dequantize(&a);
-        let rows = dequantize(&slice_rows(&a, 2..5, 64));
-        assert_eq!(rows, full[2 * 64..5 * 64]);
-        let cols = dequantize(&slice_cols(&a, 32..64, 64).unwrap());
+        let a = vec![quantize(&x, 64, Scheme::Q4K).unwrap()];
+        let full = dequantize(&a[0]);
+        let values = |blocks: &[Affine]| blocks.iter().flat_map(dequantize).collect::<Vec<_>>();
+        assert_eq!(values(&slice_rows(&a, 2..5, 64)), full[2 * 64..5 * 64]);
+        let cols = values(&slice_cols(&a, 32..64, 64).unwrap());
         let want: Vec<f32> = full.chunks(64).flat_map(|r| r[32..].to_vec()).collect();
         assert_eq!(cols, want);
         assert!(slice_cols(&a, 16..48, 64).is_none());
         let order = [5, 0, 3];
-        let gathered = dequantize(&gather_rows(&a, &order, 64));
-        let want: Vec<f32> = order
-            .iter()
-            .flat_map(|&r| full[r * 64..(r + 1) * 64].to_vec())
-            .collect();
-        assert_eq!(gathered, want);
-        let mut fine = quantize(&x[..64], 64, Scheme::Q8_0).unwrap();
+        let gathered = values(&gather_rows(&a, &order, 64));
+        let rows_of = |v: &[f32], order: &[usize]| -> Vec<f32> {
+            order
+                .iter()
+                .flat_map(|&r| v[r * 64..(r + 1) * 64].to_vec())
+                .collect()
+        };
+        assert_eq!(gathered, rows_of(&full, &order));
+        // A wider part stays a block of its own: slicing and gathering cross the seam.
+        let mut fine = quantize(&x[..2 * 64], 64, Scheme::Q8_0).unwrap();
         fine.group = 16;
         fine.scale = fine.scale.iter().flat_map(|&d| [d, d]).collect();
         fine.offset = fine.offset.iter().flat_map(|&m| [m, m]).collect();
-        let both = stack(vec![a.clone(), fine.clone()]);
-        assert_eq!((both.group, both.bits), (16, 8));
-        assert_eq!(dequantize(&both), [full, dequantize(&fine)].concat());
+        let both = stack(vec![a[0].clone(), fine.clone(), a[0].clone()]);
+        let layouts: Vec<_> = both.iter().map(|b| (b.group, b.bits)).collect();
+        assert_eq!(layouts, [(32, 4), (16, 8), (32, 4)]);
+        let all = [full.clone(), dequantize(&fine), full.clone()].concat();
+        assert_eq!(values(&both), all);
+        assert_eq!(dequantize_range(&both, 300..500), all[300..500]);
+        assert_eq!(values(&slice_rows(&both, 5..9, 64)), all[5 * 64..9 * 64]);
+        assert!(values(&slice_rows(&both, 3..3, 64)).is_empty());
+        let order = [7, 0, 6, 1, 13, 8];
+        let gathered = gather_rows(&both, &order, 64);
+        assert_eq!(values(&gathered), rows_of(&all, &order));
+        assert_eq!(gathered.len(), 4, "neighbouring rows of one format join");
+        assert_eq!(
+            values(&slice_cols(&both, 32..64, 64).unwrap()).len(),
+            14 * 32
+        );
     }
 }

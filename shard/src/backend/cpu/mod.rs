@@ -61,7 +61,8 @@ pub(crate) enum Packed {
     F32(Vec<f32>),
     Bf16(Vec<u16>),
     F16(Vec<u16>),
-    Quant(quant::QuantPanels),
+    /// Row blocks, top to bottom (`TensorData::Quant`).
+    Quant(Vec<quant::QuantPanels>),
 }
 
 /// A `[rows, cols]` weight matrix (PyTorch `[out, in]`) packed for `matmul`.
@@ -189,7 +190,19 @@ impl PackedMatrix {
                 let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
                 Packed::F16(pack_generic(&bits, rows, cols))
             }
-            TensorData::Quant(a) => Packed::Quant(quant::QuantPanels::pack(rows, cols, a)?),
+            TensorData::Quant(blocks) => {
+                let packed = blocks
+                    .iter()
+                    .map(|a| quant::QuantPanels::pack(a.q.len() / cols.max(1), cols, a))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let held: usize = packed.iter().map(|b| b.rows()).sum();
+                if held != rows {
+                    return Err(format!(
+                        "{held} quantized rows for a [{rows}, {cols}] matrix"
+                    ));
+                }
+                Packed::Quant(packed)
+            }
         };
         Ok(PackedMatrix { rows, cols, data })
     }
@@ -231,7 +244,7 @@ impl PackedMatrix {
         match &self.data {
             Packed::F32(v) => v.len() * 4,
             Packed::Bf16(v) | Packed::F16(v) => v.len() * 2,
-            Packed::Quant(q) => q.nbytes(),
+            Packed::Quant(blocks) => blocks.iter().map(|b| b.nbytes()).sum(),
         }
     }
 
@@ -262,7 +275,7 @@ impl PackedMatrix {
                 let pairs = self.cols.div_ceil(2);
                 bf16::from_bits(v[((p * pairs + c / 2) * NR + lane) * 2 + c % 2]).to_f32()
             }
-            Packed::Quant(q) => q.get(r, c),
+            Packed::Quant(blocks) => quant::get(blocks, r, c),
         }
     }
 }
@@ -284,8 +297,8 @@ pub fn matmul(x: &[f32], n: usize, w: &PackedMatrix, out: &mut [f32]) {
     if n == 0 || m == 0 {
         return;
     }
-    if let Packed::Quant(q) = &w.data {
-        return quant::matmul(x, n, q, out);
+    if let Packed::Quant(blocks) = &w.data {
+        return quant::matmul(x, n, blocks, out);
     }
     let panels = m.div_ceil(NR);
     let tblocks = n.div_ceil(TOKEN_BLOCK);
@@ -313,8 +326,8 @@ pub fn matmul_serial(x: &[f32], n: usize, w: &PackedMatrix, out: &mut [f32]) {
         x.len() >= n * w.cols && out.len() >= n * w.rows,
         "matmul_serial: buffers too small"
     );
-    if let Packed::Quant(q) = &w.data {
-        return quant::matmul(x, n, q, out);
+    if let Packed::Quant(blocks) = &w.data {
+        return quant::matmul(x, n, blocks, out);
     }
     let ptr = OutPtr(out.as_mut_ptr());
     let path = Path::for_weights(&w.data);

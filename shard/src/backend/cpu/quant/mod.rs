@@ -676,48 +676,77 @@ impl OutPtr {
     }
 }
 
-/// `out[t, j] = Σ_c x[t, c] · W[j, c]` for `n` tokens: `x` is `[n, cols]`, `out` is `[n, rows]`.
-pub fn matmul(x: &[f32], n: usize, w: &QuantPanels, out: &mut [f32]) {
-    matmul_with(x, n, w, out, Kernels::chosen());
+/// `out[t, j] = Σ_c x[t, c] · W[j, c]` for `n` tokens: `x` is `[n, cols]`, `out` is `[n, rows]`,
+/// and `W` is `blocks` stacked by rows (one block, or the parts of a fused matrix stored in
+/// different formats).
+pub fn matmul(x: &[f32], n: usize, blocks: &[QuantPanels], out: &mut [f32]) {
+    matmul_with(x, n, blocks, out, Kernels::chosen());
 }
 
-/// `matmul` on an explicit kernel set (tests and benchmarks).
-pub fn matmul_with(x: &[f32], n: usize, w: &QuantPanels, out: &mut [f32], kernels: Kernels) {
-    let (k, m) = (w.cols, w.rows);
+/// Element `(r, c)` of `blocks` stacked by rows.
+pub fn get(blocks: &[QuantPanels], mut r: usize, c: usize) -> f32 {
+    for w in blocks {
+        if r < w.rows {
+            return w.get(r, c);
+        }
+        r -= w.rows;
+    }
+    panic!("row {r} past the last block");
+}
+
+/// `matmul` on an explicit kernel set (tests and benchmarks). One parallel pass covers every
+/// block's panels; activations are quantized once per group size among the blocks.
+pub fn matmul_with(x: &[f32], n: usize, blocks: &[QuantPanels], out: &mut [f32], kernels: Kernels) {
+    let k = blocks.first().map_or(0, |w| w.cols);
+    let m: usize = blocks.iter().map(|w| w.rows).sum();
     assert!(
-        x.len() >= n * k && out.len() >= n * m,
-        "quant matmul: buffers too small"
+        blocks.iter().all(|w| w.cols == k) && x.len() >= n * k && out.len() >= n * m,
+        "quant matmul: blocks of unequal width, or buffers too small"
     );
     if n == 0 || m == 0 {
         return;
     }
-    let acts = QuantActs::new(x, n, k, w.group);
+    let mut acts: Vec<QuantActs> = Vec::with_capacity(2);
+    for w in blocks {
+        if !acts.iter().any(|a| a.group == w.group) {
+            acts.push(QuantActs::new(x, n, k, w.group));
+        }
+    }
     let kernel = kernel_fn(kernels);
-    // Plane bits (and, for AMX's tiles, nibbles) are joined into bytes once per panel for token
-    // blocks longer than one tile.
-    let join_above = if w.high > 0 || (kernels == Kernels::Amx && w.nibbles) {
-        kernels.plane_tile_tokens()
-    } else {
-        usize::MAX
-    };
-    let panels = m.div_ceil(ROWS);
+    // (block, panel in it, first output column) of every panel.
+    let mut panels = Vec::with_capacity(m.div_ceil(ROWS) + blocks.len());
+    let mut column = 0;
+    for (b, w) in blocks.iter().enumerate() {
+        panels.extend((0..w.rows.div_ceil(ROWS)).map(|p| (b, p, column + p * ROWS)));
+        column += w.rows;
+    }
     let tblocks = n.div_ceil(TOKEN_BLOCK);
     let want = rayon::current_num_threads().max(1) * 4;
-    let per_group = panels.div_ceil(want.div_ceil(tblocks).clamp(1, panels));
-    let groups = panels.div_ceil(per_group);
+    let per_group = panels
+        .len()
+        .div_ceil(want.div_ceil(tblocks).clamp(1, panels.len()));
+    let groups = panels.len().div_ceil(per_group);
     let ptr = OutPtr(out.as_mut_ptr());
     let scratch = || QuantPanels {
         lines: Vec::new(),
-        ..*w
+        ..blocks[0]
     };
     (0..tblocks * groups)
         .into_par_iter()
         .for_each_init(scratch, |expanded, task| {
             let (tb, g) = (task / groups, task % groups);
             let tokens = tb * TOKEN_BLOCK..((tb + 1) * TOKEN_BLOCK).min(n);
-            for p in g * per_group..((g + 1) * per_group).min(panels) {
-                let width = ROWS.min(m - p * ROWS);
-                let (panel, at) = if tokens.len() > join_above {
+            for &(b, p, column) in &panels[g * per_group..((g + 1) * per_group).min(panels.len())] {
+                let w = &blocks[b];
+                let acts = acts
+                    .iter()
+                    .find(|a| a.group == w.group)
+                    .expect("quantized above");
+                let width = ROWS.min(w.rows - p * ROWS);
+                // Plane bits (and, for AMX's tiles, nibbles) are joined into bytes once per
+                // panel for token blocks longer than one tile.
+                let joins = w.high > 0 || (kernels == Kernels::Amx && w.nibbles);
+                let (panel, at) = if joins && tokens.len() > kernels.plane_tile_tokens() {
                     w.expand_panel(p, expanded, kernels);
                     (&*expanded, 0)
                 } else {
@@ -727,12 +756,12 @@ pub fn matmul_with(x: &[f32], n: usize, w: &QuantPanels, out: &mut [f32], kernel
                 let mut t0 = tokens.start;
                 while t0 < tokens.end {
                     let mr = TOKENS.min(tokens.end - t0);
-                    kernel(&acts, t0, mr, panel, at, &mut acc);
+                    kernel(acts, t0, mr, panel, at, &mut acc);
                     for (i, row) in acc.iter().take(mr).enumerate() {
-                        // SAFETY: token t0+i < n and columns p·16..p·16+width < m lie inside
+                        // SAFETY: token t0+i < n and columns column..column+width < m lie inside
                         // `out`, and no other task writes this (token, panel) tile.
                         unsafe {
-                            let dst = ptr.at((t0 + i) * m + p * ROWS);
+                            let dst = ptr.at((t0 + i) * m + column);
                             if width == ROWS {
                                 // A whole row of the tile: a fixed-size move, not a memcpy call.
                                 dst.cast::<[f32; ROWS]>().write_unaligned(*row);

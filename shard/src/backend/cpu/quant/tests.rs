@@ -159,7 +159,7 @@ fn every_kernel_set_matches_f32_arithmetic() {
                 let want = reference(&acts, n, &a, packed.zero, m, k);
                 for kernels in Kernels::supported() {
                     let mut out = vec![f32::NAN; n * m];
-                    matmul_with(&x, n, &packed, &mut out, kernels);
+                    matmul_with(&x, n, std::slice::from_ref(&packed), &mut out, kernels);
                     for (i, (a, b)) in out.iter().zip(&want).enumerate() {
                         assert!(
                             (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
@@ -174,6 +174,53 @@ fn every_kernel_set_matches_f32_arithmetic() {
     }
 }
 
+/// Blocks of different layouts stacked by rows (a fused q/k/v whose parts differ in format)
+/// multiply as each block alone, into its own columns, bit for bit.
+#[test]
+fn stacked_blocks_multiply_as_each_alone() {
+    let k = 128;
+    let parts = [(40, 32, 5), (16, 16, 6), (8, 32, 8), (24, 32, 4)];
+    let blocks: Vec<QuantPanels> = parts
+        .iter()
+        .map(|&(rows, group, bits)| {
+            let a = affine(rows, k, group, bits, rows as u64);
+            QuantPanels::pack(rows, k, &a).unwrap()
+        })
+        .collect();
+    let m: usize = blocks.iter().map(|b| b.rows).sum();
+    for n in [1, 9, 70] {
+        let x = activations(n, k);
+        for kernels in Kernels::supported() {
+            let mut all = vec![f32::NAN; n * m];
+            matmul_with(&x, n, &blocks, &mut all, kernels);
+            let mut column = 0;
+            for b in &blocks {
+                let mut alone = vec![f32::NAN; n * b.rows];
+                matmul_with(&x, n, std::slice::from_ref(b), &mut alone, kernels);
+                for t in 0..n {
+                    let got = &all[t * m + column..t * m + column + b.rows];
+                    let want = &alone[t * b.rows..(t + 1) * b.rows];
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(got), bits(want), "{kernels:?} n={n} block at {column}");
+                }
+                column += b.rows;
+            }
+            for (r, c) in [(0, 5), (45, 17), (63, 127), (87, 64)] {
+                let (mut row, mut before) = (r, 0);
+                let b = blocks.iter().find(|b| {
+                    let inside = row < b.rows;
+                    if !inside {
+                        row -= b.rows;
+                        before += b.rows;
+                    }
+                    inside
+                });
+                assert_eq!(get(&blocks, r, c), b.unwrap().get(r - before, c));
+            }
+        }
+    }
+}
+
 /// Quantizing activations to int8 per group costs well under 1% of the output's norm.
 #[test]
 fn activation_quantization_error_is_small() {
@@ -183,7 +230,7 @@ fn activation_quantization_error_is_small() {
     let packed = QuantPanels::pack(m, k, &a).unwrap();
     let x = activations(n, k);
     let mut out = vec![0.0; n * m];
-    matmul(&x, n, &packed, &mut out);
+    matmul(&x, n, std::slice::from_ref(&packed), &mut out);
     let (mut err, mut norm) = (0f64, 0f64);
     for t in 0..n {
         for j in 0..m {
@@ -236,10 +283,11 @@ fn a_token_row_does_not_depend_on_the_others() {
             let x = activations(19, k);
             for kernels in Kernels::supported() {
                 let mut all = vec![0f32; 19 * m];
-                matmul_with(&x, 19, &packed, &mut all, kernels);
+                matmul_with(&x, 19, std::slice::from_ref(&packed), &mut all, kernels);
                 for t in [0, 7, 8, 18] {
                     let mut one = vec![0f32; m];
-                    matmul_with(&x[t * k..(t + 1) * k], 1, &packed, &mut one, kernels);
+                    let one_block = std::slice::from_ref(&packed);
+                    matmul_with(&x[t * k..(t + 1) * k], 1, one_block, &mut one, kernels);
                     assert_eq!(
                         one,
                         all[t * m..(t + 1) * m],
@@ -270,7 +318,10 @@ fn every_join_gives_the_same_bytes() {
                 for kernels in Kernels::supported() {
                     packed.expand_panel(p, &mut got, kernels);
                     let bytes = |w: &QuantPanels| w.lines.iter().map(|l| l.0).collect::<Vec<_>>();
-                    assert!(bytes(&got) == bytes(&want), "{kernels:?} g{group} b{bits} panel {p}");
+                    assert!(
+                        bytes(&got) == bytes(&want),
+                        "{kernels:?} g{group} b{bits} panel {p}"
+                    );
                 }
             }
         }
