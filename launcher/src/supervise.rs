@@ -1,6 +1,7 @@
 //! The lifecycle: start every shard, wait until each answers Health, start the router, wait for /health 200,
 //! then supervise. A shard dying restarts the whole shard group (its ranks share collectives) with a
-//! backoff, while the router holds its requests and resumes them once the shards are back; past
+//! backoff, while the router holds its requests and resumes them once the shards are back (restarted
+//! ranks are awaited by `Info` alone: the router's Warmup, in its lockstep, is their first forward); past
 //! `shard_restart_limit` restarts in `RESTART_WINDOW`, and for the router or any child during startup,
 //! a child exiting stops the rest (non-zero exit naming it); SIGINT/SIGTERM drains the
 //! router within the graceful timeout, then stops the shards (exit 0). Polling every 100 ms keeps every
@@ -166,7 +167,7 @@ pub async fn run(plan: Plan) -> Result<(), SuperviseError> {
             Err(e) => return finish(shards, None, Interrupt::Failed(e), &mut signals).await,
         }
     }
-    if let Some(stop) = wait_shards(&mut shards, &plan, &mut signals).await {
+    if let Some(stop) = wait_shards(&mut shards, &plan, &mut signals, true).await {
         return finish(shards, None, stop, &mut signals).await;
     }
     tracing::info!(
@@ -265,12 +266,13 @@ async fn first_exit<'a>(
     None
 }
 
-/// Polls every shard until all serve, then sends Health to every rank at once (it is a forward
-/// that joins their collectives); `Some` when startup must stop instead.
+/// Polls every shard until all serve, then, with `health_forward`, sends Health to every rank at
+/// once (it is a forward that joins their collectives); `Some` when startup must stop instead.
 async fn wait_shards(
     shards: &mut [Child],
     plan: &Plan,
     signals: &mut Signals,
+    health_forward: bool,
 ) -> Option<Interrupt> {
     let started = Instant::now();
     let mut ready = vec![false; shards.len()];
@@ -309,6 +311,9 @@ async fn wait_shards(
                 return Some(Interrupt::Signal(sig));
             }
         }
+    }
+    if !health_forward {
+        return None;
     }
     first_health(shards, plan)
         .await
@@ -471,7 +476,11 @@ async fn restart_shards(
             Err(e) => return Some(Interrupt::Failed(e)),
         }
     }
-    let stop = wait_shards(shards, plan, signals).await;
+    // No Health forward here: the router is live, reconnects as soon as the ranks serve and runs
+    // its Warmup and Prefill through its own lockstep, so a Health sent from here could meet one
+    // rank before the router's forward and another after it, and their collectives would pair
+    // different forwards (seen: rank 1 in a 1-token Health while rank 0 ran a 256-token Prefill).
+    let stop = wait_shards(shards, plan, signals, false).await;
     if stop.is_none() {
         tracing::info!("shard group restarted in {:.1} s", secs(started));
     }
