@@ -84,7 +84,11 @@ impl TensorData {
 
     pub fn to_f32(&self) -> Vec<f32> {
         match self {
-            TensorData::Quant(blocks) => blocks.iter().flat_map(quant::dequantize).collect(),
+            // One block (almost always): its parallel dequantization is the result, no copy.
+            TensorData::Quant(blocks) => match blocks.as_slice() {
+                [one] => quant::dequantize(one),
+                _ => blocks.iter().flat_map(quant::dequantize).collect(),
+            },
             _ => self.f32_range(0, self.len()),
         }
     }
